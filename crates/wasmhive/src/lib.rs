@@ -1,1 +1,142 @@
+//! wasmhive: serve `wasi:http` components from a pool of instance workers.
+//!
+//! [`ProxyHandler`] takes HTTP requests and dispatches each to a worker
+//! owning one wasmtime `Store` and one instance of a WASIp2
+//! (`wasi:http/proxy`) or WASIp3 (`wasi:http/service`) component. The
+//! traits of [`policy`](HandlerState) say how instances are made, what each
+//! accepts and when each ends; [`App`] and [`Limits`] implement them for the
+//! common case.
+//!
+//! # Embedding
+//!
+//! ```no_run
+//! use wasmhive::{App, PoolLimits, ProxyHandler, Runtime, RuntimeConfig};
+//!
+//! # async fn demo(request: wasmhive::Request) -> Result<(), Box<dyn std::error::Error>> {
+//! let runtime = Runtime::new(&RuntimeConfig::default())?;
+//! let component = runtime.load_file("app.wasm")?;
+//! let app = App::new(&runtime, &component)?;
+//! let handler = ProxyHandler::new(app, PoolLimits::default());
+//! // In your hyper/axum service, with a request id of your choosing:
+//! let response = handler.handle(1, request).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! `examples/embed.rs` is a complete hyper server in about 30 lines.
+//!
+//! # The request path
+//!
+//! 1. [`ProxyHandler::handle`] asks the [`Pool`](PoolLimits) to admit the
+//!    request. Under one lock the pool hands it to the most recently
+//!    advertised worker with spare capacity, or reserves a new worker for it
+//!    (within `max_instances`), or queues it (within `max_queue_len`), or
+//!    rejects it at once with [`Overloaded`] (or [`ShuttingDown`]).
+//! 2. A queued request waits at most `max_queue_wait`, then leaves the queue
+//!    with [`Overloaded`]. Dropping the `handle` future also takes it out of
+//!    the queue: it never reaches a guest.
+//! 3. The worker starts the request as a guest task in its store
+//!    (`start_call_concurrent`: p3 `handler.handle`, or p2
+//!    `incoming-handler.handle` with a `response-outparam`) and asks its
+//!    [`WorkerState::on_request_start`] for the request's deadline.
+//! 4. The response head goes back to `handle` as soon as the guest produces
+//!    it (for p2, when the outparam is set); the body then streams from the
+//!    guest as the caller reads it.
+//! 5. Failures come back typed: [`ExpirationError`] when the deadline passes,
+//!    [`TrapOrPanicError`] when the instance traps before responding (a trap
+//!    after the head aborts the body instead), [`InstantiationError`] with
+//!    the request handed back when no instance could be created.
+//!
+//! # The worker lifecycle
+//!
+//! * **Instantiation.** [`HandlerState::instantiate`] is retried with
+//!   exponential backoff (`instantiation_retries`, `retry_backoff`). Too
+//!   many failures within `circuit_window` open a circuit: for
+//!   `circuit_cooldown`, requests needing a new instance fail fast. With
+//!   `prewarm > 0`, instances are created ahead of demand and refilled in
+//!   the background whenever one is taken or ends.
+//! * **Acceptance.** After each event the worker asks
+//!   [`WorkerState::should_accept_request`]: `Yes` (advertise capacity),
+//!   `No` (not now), `Never` (this instance is done). Concurrency is
+//!   earned: after taking a request the worker advertises again only once
+//!   its event loop is idle, i.e. every guest task waits on I/O.
+//! * **Two-level expiration.** Level one is the per-request deadline, polled
+//!   inside the store's event loop; when it fires the request fails and the
+//!   instance takes no more requests. Level two is the instance's
+//!   [`WorkerExpiration`], polled outside the event loop with the worker's
+//!   [`WorkerStatus`] (`Idle`, `Requests` since the most recent request,
+//!   `PostReturn`). The store's epoch deadline makes a running guest yield
+//!   at every engine tick ([`RuntimeConfig::epoch_tick`]), so a guest
+//!   spinning on the CPU or blocked in a host call cannot starve it; when it
+//!   fires, the store is dropped with whatever it was running.
+//! * **Disposal.** When the worker ends (idle, reuse spent, expired, trapped,
+//!   shut down) it returns any request it had received but not started to
+//!   the pool (they are re-dispatched: they never reached a guest, so this
+//!   is safe), passes its store to [`WorkerState::drop`] together with an
+//!   [`InstanceReport`] (incarnation, lifetime, requests, peak concurrency,
+//!   exit reason, peak memory), and reports it to the [`Recorder`]. Requests
+//!   still outstanding get [`ExpirationError`] or [`TrapOrPanicError`],
+//!   whichever ended the instance. A request the guest saw is never
+//!   replayed.
+//!
+//! The scheduling core (`pool.rs`) has no wasmtime in it and is tested on
+//! its own with randomized runs; `worker.rs` holds the event loops.
 
+#![deny(missing_docs)]
+
+mod app;
+mod call;
+mod error;
+mod handler;
+mod limits;
+mod metrics;
+mod policy;
+mod pool;
+mod runtime;
+mod worker;
+
+pub use app::{App, AppWorker, Host};
+pub use error::{
+    Error, ExpirationError, InstantiationError, Overloaded, ShuttingDown, TrapOrPanicError,
+};
+pub use handler::ProxyHandler;
+pub use limits::{Limits, LimitsExpiration, World};
+pub use metrics::{ExitReason, InstanceReport, Outcome, Recorder, RequestReport, Stats};
+pub use policy::{
+    HandlerState, Instance, Proxy, RequestDeadline, ShouldAccept, WorkerExpiration, WorkerState,
+    WorkerStatus,
+};
+pub use pool::PoolLimits;
+pub use runtime::{LoadError, Runtime, RuntimeConfig};
+
+/// The body of requests and responses: a boxed stream of bytes, as
+/// `wasmtime-wasi-http` uses. [`into_body`] makes one from any body, such as
+/// hyper's `Incoming`.
+pub type Body = wasmtime_wasi_http::WasiBody;
+
+/// The error type of a [`Body`].
+pub type BodyError = wasmtime_wasi_http::Error;
+
+/// Boxes `body` into a [`Body`], e.g. `request.map(wasmhive::into_body)` for
+/// a request from hyper.
+pub fn into_body<B>(body: B) -> Body
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BodyError>,
+{
+    use http_body_util::BodyExt as _;
+    body.map_err(Into::into).boxed_unsync()
+}
+
+/// A request for [`ProxyHandler::handle`].
+pub type Request = http::Request<Body>;
+
+/// A response from [`ProxyHandler::handle`].
+pub type Response = http::Response<Body>;
+
+/// One line describing a trap or error, for logs and reports.
+pub(crate) fn describe(error: &wasmtime::Error) -> String {
+    match error.downcast_ref::<wasmtime::Trap>() {
+        Some(trap) => format!("wasm trap: {trap}"),
+        None => error.to_string(),
+    }
+}

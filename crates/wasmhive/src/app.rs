@@ -1,0 +1,467 @@
+//! [`App`]: a ready [`HandlerState`] serving one component with [`Limits`],
+//! and [`Host`], the store data of its instances (WASI p2 and p3,
+//! `wasi:http`, a memory limiter, labelled guest output, and an outbound
+//! HTTP allowlist).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use wasmtime::component::{Component, GuestTaskId, Linker, ResourceTable};
+use wasmtime::{ResourceLimiter, Store, StoreContextMut};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p3::bindings::ServicePre;
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
+
+use crate::limits::{Limits, LimitsExpiration, World};
+use crate::metrics::InstanceReport;
+use crate::policy::{HandlerState, Instance, Proxy, RequestDeadline, ShouldAccept, WorkerState};
+use crate::runtime::{LoadError, Runtime};
+
+/// Serves one `wasi:http` component (p2 or p3, detected when it is made)
+/// with [`Limits`]: the [`HandlerState`] for the common case.
+///
+/// Instances get the full WASI p2 and p3 interfaces (standard-library
+/// guests import `wasi:cli`), no filesystem, no sockets, environment
+/// variables from [`App::with_env`], and outbound HTTP only to the hosts of
+/// [`App::allow_outbound`]. The request data is a request id, used to label
+/// the guest's output.
+pub struct App {
+    runtime: Runtime,
+    pre: Pre,
+    limits: Limits,
+    env: Vec<(String, String)>,
+    outbound: Arc<[Authority]>,
+    label_output: bool,
+}
+
+enum Pre {
+    P2(ProxyPre<Host>),
+    P3(ServicePre<Host>),
+}
+
+impl App {
+    /// Prepares `component` for instantiation: links it and finds which
+    /// `wasi:http` world it exports. Limits default to
+    /// [`Limits::for_world`] of that world.
+    pub fn new(runtime: &Runtime, component: &Component) -> Result<App, LoadError> {
+        let mut linker = Linker::<Host>::new(runtime.engine());
+        let link = |e: wasmtime::Error| LoadError::Engine(format!("{e:#}"));
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(link)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(link)?;
+        wasmtime_wasi::p3::add_to_linker(&mut linker).map_err(link)?;
+        wasmtime_wasi_http::p3::add_to_linker(&mut linker).map_err(link)?;
+        let pre = linker
+            .instantiate_pre(component)
+            .map_err(|e| LoadError::UnsupportedImport(format!("{e:#}")))?;
+        let pre = match ServicePre::new(pre.clone()) {
+            Ok(pre) => Pre::P3(pre),
+            Err(_) => Pre::P2(ProxyPre::new(pre).map_err(|_| LoadError::NoHandler)?),
+        };
+        let world = match pre {
+            Pre::P2(_) => World::P2,
+            Pre::P3(_) => World::P3,
+        };
+        Ok(App {
+            runtime: runtime.clone(),
+            pre,
+            limits: Limits::for_world(world),
+            env: Vec::new(),
+            outbound: Arc::from([]),
+            label_output: true,
+        })
+    }
+
+    /// The component's `wasi:http` world.
+    pub fn world(&self) -> World {
+        match self.pre {
+            Pre::P2(_) => World::P2,
+            Pre::P3(_) => World::P3,
+        }
+    }
+
+    /// The limits instances run with.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Replaces the limits.
+    pub fn with_limits(mut self, limits: Limits) -> App {
+        self.limits = limits;
+        self
+    }
+
+    /// Adds an environment variable every instance sees.
+    pub fn with_env(mut self, key: impl Into<String>, value: impl Into<String>) -> App {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Lets guests send HTTP requests to `authority` (`host` for any port,
+    /// or `host:port`). Everything else is denied with `HTTP-request-denied`.
+    pub fn allow_outbound(mut self, authority: &str) -> App {
+        let mut allowed = self.outbound.to_vec();
+        allowed.push(Authority::parse(authority));
+        self.outbound = allowed.into();
+        self
+    }
+
+    /// Whether guest stdout/stderr lines are prefixed with the instance and
+    /// request they come from. Default: true.
+    pub fn label_output(mut self, label: bool) -> App {
+        self.label_output = label;
+        self
+    }
+}
+
+impl HandlerState for App {
+    type StoreData = Host;
+    type WorkerExpiration = LimitsExpiration;
+    type WorkerState = AppWorker;
+
+    async fn instantiate(&self, incarnation: u64) -> wasmtime::Result<Instance<App>> {
+        let label = Arc::new(Label {
+            incarnation,
+            request: AtomicU64::new(0),
+            enabled: self.label_output,
+        });
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.envs(&self.env)
+            .stdout(GuestOutput::new(Stream::Stdout, label.clone()))
+            .stderr(GuestOutput::new(Stream::Stderr, label.clone()));
+        let host = Host {
+            table: ResourceTable::new(),
+            wasi: wasi.build(),
+            http: WasiHttpCtx::new(),
+            hooks: OutboundHooks {
+                allowed: self.outbound.clone(),
+            },
+            memory: MemoryLimiter::new(self.limits.max_memory),
+        };
+        let mut store = Store::new(self.runtime.engine(), host);
+        store.limiter(|host| &mut host.memory);
+        // Yield to the host at every epoch tick, so that the worker can poll
+        // the instance-level deadline even while the guest spins.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_async_yield_and_update(1);
+        let proxy = match &self.pre {
+            Pre::P2(pre) => Proxy::P2(pre.instantiate_async(&mut store).await?),
+            Pre::P3(pre) => Proxy::P3(pre.instantiate_async(&mut store).await?),
+        };
+        Ok(Instance {
+            store,
+            proxy,
+            view: Host::http_view,
+            expiration: self.limits.expiration(),
+            state: AppWorker {
+                limits: self.limits.clone(),
+                label,
+            },
+        })
+    }
+}
+
+/// The [`WorkerState`] of an [`App`] instance.
+pub struct AppWorker {
+    limits: Limits,
+    label: Arc<Label>,
+}
+
+impl WorkerState for AppWorker {
+    type StoreData = Host;
+    type RequestData = u64;
+
+    fn should_accept_request(&self, concurrent: usize, total: usize) -> ShouldAccept {
+        self.limits.should_accept(concurrent, total)
+    }
+
+    fn on_request_start(
+        &self,
+        _store: StoreContextMut<'_, Host>,
+        request_id: u64,
+        _task: GuestTaskId,
+    ) -> RequestDeadline {
+        self.label.request.store(request_id, Relaxed);
+        self.limits.request_deadline()
+    }
+
+    fn drop(&self, store: Store<Host>, exit: &mut InstanceReport) {
+        let memory = &store.data().memory;
+        exit.peak_memory = Some(memory.peak);
+        if memory.denied
+            && let Some(error) = &mut exit.error
+        {
+            error.push_str(&format!(
+                " (after reaching the memory limit of {} bytes)",
+                memory.limit
+            ));
+        }
+    }
+}
+
+/// The data of an [`App`] instance's store.
+pub struct Host {
+    table: ResourceTable,
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    hooks: OutboundHooks,
+    memory: MemoryLimiter,
+}
+
+impl Host {
+    fn http_view(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
+    }
+}
+
+impl WasiView for Host {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for Host {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        self.http_view()
+    }
+}
+
+/// Caps an instance's linear memory in total (across its memories) and
+/// remembers the peak.
+struct MemoryLimiter {
+    limit: usize,
+    used: usize,
+    peak: usize,
+    denied: bool,
+}
+
+impl MemoryLimiter {
+    fn new(limit: usize) -> Self {
+        MemoryLimiter {
+            limit,
+            used: 0,
+            peak: 0,
+            denied: false,
+        }
+    }
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let used = self.used - current.min(self.used) + desired;
+        if used > self.limit {
+            self.denied = true;
+            return Ok(false);
+        }
+        self.used = used;
+        self.peak = self.peak.max(used);
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1 << 20)
+    }
+}
+
+/// A `host` or `host:port` guests may send requests to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Authority {
+    host: String,
+    port: Option<u16>,
+}
+
+impl Authority {
+    fn parse(authority: &str) -> Authority {
+        let authority = authority.trim().to_ascii_lowercase();
+        match authority.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Authority {
+                host: host.to_string(),
+                port: port.parse().ok(),
+            },
+            _ => Authority {
+                host: authority,
+                port: None,
+            },
+        }
+    }
+
+    fn allows(&self, uri: &http::Uri) -> bool {
+        let Some(host) = uri.host() else {
+            return false;
+        };
+        let port = uri.port_u16().or(match uri.scheme_str() {
+            Some("https") => Some(443),
+            _ => Some(80),
+        });
+        host.eq_ignore_ascii_case(&self.host) && (self.port.is_none() || self.port == port)
+    }
+}
+
+struct OutboundHooks {
+    allowed: Arc<[Authority]>,
+}
+
+type SendResult = wasmtime_wasi_http::Result<(
+    http::Response<wasmtime_wasi_http::WasiBody>,
+    Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+)>;
+
+impl WasiHttpHooks for OutboundHooks {
+    fn send_request(
+        &mut self,
+        request: http::Request<wasmtime_wasi_http::WasiBody>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
+        _fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+    ) -> Box<dyn Future<Output = SendResult> + Send> {
+        if !self.allowed.iter().any(|a| a.allows(request.uri())) {
+            tracing::info!(uri = %request.uri(), "outbound request denied");
+            return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
+        }
+        Box::new(async move {
+            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+            Ok((
+                response.map(http_body_util::BodyExt::boxed_unsync),
+                Box::new(io) as Box<dyn Future<Output = _> + Send>,
+            ))
+        })
+    }
+}
+
+/// Who is writing: the instance, and the request it most recently started.
+struct Label {
+    incarnation: u64,
+    request: AtomicU64,
+    enabled: bool,
+}
+
+#[derive(Clone, Copy)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// A guest's stdout or stderr, written through to the host's, each line
+/// prefixed with `[stdout instance=N request=M]` (when labelling is on).
+/// With concurrent requests in one instance, the request is the most
+/// recently started one.
+#[derive(Clone)]
+struct GuestOutput {
+    stream: Stream,
+    label: Arc<Label>,
+    at_line_start: Arc<AtomicBool>,
+}
+
+impl GuestOutput {
+    fn new(stream: Stream, label: Arc<Label>) -> Self {
+        GuestOutput {
+            stream,
+            label,
+            at_line_start: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    fn write_all(&self, mut bytes: &[u8]) -> std::io::Result<()> {
+        let (mut stdout, mut stderr);
+        let out: &mut dyn std::io::Write = match self.stream {
+            Stream::Stdout => {
+                stdout = std::io::stdout().lock();
+                &mut stdout
+            }
+            Stream::Stderr => {
+                stderr = std::io::stderr().lock();
+                &mut stderr
+            }
+        };
+        while !bytes.is_empty() {
+            if self.label.enabled && self.at_line_start.load(Relaxed) {
+                let name = match self.stream {
+                    Stream::Stdout => "stdout",
+                    Stream::Stderr => "stderr",
+                };
+                write!(
+                    out,
+                    "[{name} instance={} request={}] ",
+                    self.label.incarnation,
+                    self.label.request.load(Relaxed)
+                )?;
+            }
+            let end = bytes.iter().position(|b| *b == b'\n').map_or(bytes.len(), |i| i + 1);
+            out.write_all(&bytes[..end])?;
+            self.at_line_start.store(bytes[end - 1] == b'\n', Relaxed);
+            bytes = &bytes[end..];
+        }
+        Ok(())
+    }
+}
+
+impl StdoutStream for GuestOutput {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+impl IsTerminal for GuestOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl OutputStream for GuestOutput {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        self.write_all(&bytes)
+            .map_err(|e| StreamError::LastOperationFailed(e.into()))
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(64 * 1024)
+    }
+}
+
+#[async_trait::async_trait]
+impl Pollable for GuestOutput {
+    async fn ready(&mut self) {}
+}
+
+impl tokio::io::AsyncWrite for GuestOutput {
+    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Poll::Ready(self.write_all(buf).map(|()| buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}

@@ -1,0 +1,155 @@
+//! The errors [`ProxyHandler::handle`](crate::ProxyHandler::handle) returns.
+//!
+//! [`Error`] is one enum of small, typed errors. Each variant wraps a public
+//! struct, so callers can match on the kind (to choose an HTTP status) and
+//! still reach the details (the request handed back by
+//! [`InstantiationError`], the reason of a [`TrapOrPanicError`]).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::Request;
+
+/// Why a request did not produce a response.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No instance could be created for the request; see [`InstantiationError`].
+    #[error(transparent)]
+    Instantiation(#[from] InstantiationError),
+    /// The guest did not respond before its deadline; see [`ExpirationError`].
+    #[error(transparent)]
+    Expired(#[from] ExpirationError),
+    /// The guest trapped or the worker panicked before responding; see
+    /// [`TrapOrPanicError`].
+    #[error(transparent)]
+    TrapOrPanic(#[from] TrapOrPanicError),
+    /// The pool and its queue are full; see [`Overloaded`].
+    #[error(transparent)]
+    Overloaded(#[from] Overloaded),
+    /// The handler is shutting down; see [`ShuttingDown`].
+    #[error(transparent)]
+    ShuttingDown(#[from] ShuttingDown),
+    /// The guest answered with a `wasi:http` `error-code` instead of a response.
+    #[error("the guest returned an error: {0}")]
+    Guest(String),
+    /// The request could not be handed to the guest (e.g. an HTTP/1.0 request
+    /// with neither an authority nor a `Host` header).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+}
+
+impl Error {
+    /// Whether retrying the same request later may succeed: the handler was
+    /// overloaded or shutting down, or instances could not be created for a
+    /// while. Clients can be told so with `503` and `Retry-After`.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Error::Overloaded(_) | Error::ShuttingDown(_) | Error::Instantiation(_)
+        )
+    }
+}
+
+/// No instance could be created to handle the request, even after the
+/// configured retries, or the instantiation circuit is open after repeated
+/// failures.
+///
+/// The request never reached a guest, so it is handed back intact: the caller
+/// may retry it elsewhere.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", self.describe())]
+pub struct InstantiationError {
+    request: Mutex<Option<Request>>,
+    cause: Arc<wasmtime::Error>,
+    circuit_open: bool,
+}
+
+impl InstantiationError {
+    pub(crate) fn new(request: Request, cause: Arc<wasmtime::Error>, circuit_open: bool) -> Self {
+        InstantiationError {
+            request: Mutex::new(Some(request)),
+            cause,
+            circuit_open,
+        }
+    }
+
+    /// Takes back the request that could not be handled (once; later calls
+    /// return `None`).
+    pub fn take_request(&self) -> Option<Request> {
+        self.request.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// The last instantiation failure.
+    pub fn cause(&self) -> &wasmtime::Error {
+        &self.cause
+    }
+
+    /// Whether the request failed fast because repeated instantiation
+    /// failures opened the circuit (no instantiation was attempted for it).
+    pub fn is_circuit_open(&self) -> bool {
+        self.circuit_open
+    }
+
+    fn describe(&self) -> String {
+        if self.circuit_open {
+            format!("instantiation circuit open after repeated failures; last: {:#}", self.cause)
+        } else {
+            format!("instantiation failed: {:#}", self.cause)
+        }
+    }
+}
+
+/// The guest did not produce a response before the request's deadline, or
+/// its instance expired while the request was outstanding.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the guest did not respond in time")]
+pub struct ExpirationError;
+
+/// The instance trapped (or the worker panicked) before the request got a
+/// response. A trap after the response head was sent shows up instead as an
+/// aborted response body.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the guest failed: {reason}")]
+pub struct TrapOrPanicError {
+    reason: String,
+}
+
+impl TrapOrPanicError {
+    pub(crate) fn new(reason: impl Into<String>) -> Self {
+        TrapOrPanicError {
+            reason: reason.into(),
+        }
+    }
+
+    /// A one-line description of the trap or panic, for logs (not for
+    /// clients: it describes guest internals).
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}
+
+/// Every instance is busy, no more may be created, and the wait queue is
+/// full (or the request waited in it longer than allowed).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("overloaded: no instance available and the queue is full or too slow")]
+pub struct Overloaded {
+    retry_after: Duration,
+}
+
+impl Overloaded {
+    pub(crate) fn new(retry_after: Duration) -> Self {
+        Overloaded { retry_after }
+    }
+
+    /// A suggested delay before retrying (the queue's maximum wait, at least
+    /// one second), suitable for a `Retry-After` header.
+    pub fn retry_after(&self) -> Duration {
+        self.retry_after
+    }
+}
+
+/// The handler is shutting down and admits no new requests.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("shutting down")]
+pub struct ShuttingDown;

@@ -1,0 +1,165 @@
+//! What the handler reports about requests and instances.
+//!
+//! The library keeps no metrics registry of its own: it hands a
+//! [`RequestReport`] for every request and an [`InstanceReport`] for every
+//! instance to the [`Recorder`] given to
+//! [`ProxyHandler::with_recorder`](crate::ProxyHandler::with_recorder), and
+//! keeps a few live gauges and totals readable with
+//! [`ProxyHandler::stats`](crate::ProxyHandler::stats). Exporting them (as
+//! Prometheus text, say) is the embedder's business.
+
+use std::time::Duration;
+
+/// Why an instance ended.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum ExitReason {
+    /// It stayed idle past its idle timeout.
+    Idle,
+    /// It took as many requests as it may ([`ShouldAccept::Never`](crate::ShouldAccept)).
+    ReuseSpent,
+    /// A request or the instance itself passed its deadline.
+    Expired,
+    /// The guest trapped (including a panic, a stack overflow, or running out
+    /// of memory).
+    Trapped,
+    /// The handler shut down.
+    Shutdown,
+    /// Instantiation failed; the instance never served.
+    InstantiationFailed,
+}
+
+impl ExitReason {
+    /// Every reason, in a fixed order (the order of [`Stats::exits`]).
+    pub const ALL: [ExitReason; 6] = [
+        ExitReason::Idle,
+        ExitReason::ReuseSpent,
+        ExitReason::Expired,
+        ExitReason::Trapped,
+        ExitReason::Shutdown,
+        ExitReason::InstantiationFailed,
+    ];
+
+    /// A short snake_case label, e.g. for a metrics label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExitReason::Idle => "idle",
+            ExitReason::ReuseSpent => "reuse_spent",
+            ExitReason::Expired => "expired",
+            ExitReason::Trapped => "trapped",
+            ExitReason::Shutdown => "shutdown",
+            ExitReason::InstantiationFailed => "instantiation_failed",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        ExitReason::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+}
+
+/// The life of one instance, reported when it ends.
+#[derive(Clone, Debug)]
+pub struct InstanceReport {
+    /// The worker's incarnation id, unique and increasing within a handler.
+    pub incarnation: u64,
+    /// Time spent instantiating (including retries).
+    pub instantiation_time: Duration,
+    /// Time from the end of instantiation to the end of the instance.
+    pub lifetime: Duration,
+    /// Requests the guest was given.
+    pub requests_served: u64,
+    /// Most requests outstanding at once.
+    pub peak_concurrency: usize,
+    /// Why it ended.
+    pub reason: ExitReason,
+    /// The trap or error that ended it, if any, as one line.
+    pub error: Option<String>,
+    /// Peak linear memory of the instance in bytes, when the
+    /// [`WorkerState`](crate::WorkerState) knows it.
+    pub peak_memory: Option<usize>,
+}
+
+/// How a request ended, as far as the handler is concerned.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Outcome {
+    /// The guest produced a response head with this status.
+    Responded(u16),
+    /// See [`ExpirationError`](crate::ExpirationError).
+    Expired,
+    /// See [`TrapOrPanicError`](crate::TrapOrPanicError).
+    Trapped,
+    /// The guest returned a `wasi:http` error code.
+    GuestError,
+    /// See [`Overloaded`](crate::Overloaded).
+    Overloaded,
+    /// See [`ShuttingDown`](crate::ShuttingDown).
+    ShuttingDown,
+    /// See [`InstantiationError`](crate::InstantiationError).
+    InstantiationFailed,
+    /// The request could not be converted for the guest.
+    InvalidRequest,
+    /// The caller dropped the request before it got a response.
+    Cancelled,
+}
+
+/// Timings of one request, reported when it gets its response head or fails.
+#[derive(Clone, Debug)]
+pub struct RequestReport {
+    /// The instance that handled it, if it reached one.
+    pub incarnation: Option<u64>,
+    /// Time from admission until a worker took it.
+    pub queue_wait: Duration,
+    /// Instantiation time, when this request had to wait for a new instance.
+    pub instantiation: Option<Duration>,
+    /// Time from the worker taking it until the response head (or failure).
+    pub guest_time: Duration,
+    /// How it ended.
+    pub outcome: Outcome,
+}
+
+/// Receives reports from a [`ProxyHandler`](crate::ProxyHandler).
+///
+/// Called on the request path: implementations must be quick and must not
+/// block (update counters and histograms, send to a channel).
+pub trait Recorder: Send + Sync + 'static {
+    /// A request got its response head, or failed.
+    fn request(&self, report: &RequestReport) {
+        let _ = report;
+    }
+    /// An instance ended.
+    fn instance(&self, report: &InstanceReport) {
+        let _ = report;
+    }
+}
+
+/// A recorder that drops everything.
+pub(crate) struct NoRecorder;
+
+impl Recorder for NoRecorder {}
+
+/// Live gauges and running totals of a handler.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Instances alive, including those being instantiated.
+    pub live_instances: usize,
+    /// Instances advertising spare capacity right now.
+    pub available_instances: usize,
+    /// Requests waiting in the queue.
+    pub queued_requests: usize,
+    /// Successful instantiations so far.
+    pub instantiations: u64,
+    /// Failed instantiation attempts so far (each retry counts).
+    pub instantiation_failures: u64,
+    /// Requests handed to a guest so far.
+    pub requests_started: u64,
+    /// Requests rejected with [`Overloaded`](crate::Overloaded) so far.
+    pub overloaded: u64,
+    /// Instances ended so far, by reason, in the order of [`ExitReason::ALL`].
+    pub exits: [u64; ExitReason::ALL.len()],
+}
+
+impl Stats {
+    /// Instances ended so far for `reason`.
+    pub fn exits(&self, reason: ExitReason) -> u64 {
+        self.exits[reason.index()]
+    }
+}

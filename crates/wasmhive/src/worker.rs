@@ -1,0 +1,376 @@
+//! A worker: one store, one instance, the requests it takes, and its end.
+//!
+//! The worker runs the store's event loop (`Store::run_concurrent`). Inside
+//! it, a `poll_fn` loop reaps finished calls, advertises spare capacity to
+//! the pool, takes jobs from its mailbox and starts them as guest tasks,
+//! each with its per-request deadline (level one). Around it, a second
+//! `poll_fn` polls the instance-level [`WorkerExpiration`] every time the
+//! event loop yields (level two); epoch interruption makes a spinning guest
+//! yield at every engine tick, so this poll cannot be starved. When level two
+//! fires, the store is dropped with whatever it was running.
+//!
+//! Concurrency is earned: taking a job clears `accept_more`, assuming the new
+//! task is CPU-bound. Only when the event loop returns `Pending` (every task
+//! waits on I/O) does the outer loop set it again and let the inner loop
+//! advertise. A CPU-bound guest so never hoards requests.
+
+use std::collections::BTreeMap;
+use std::future::poll_fn;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+use futures::stream::FuturesUnordered;
+use tokio::sync::mpsc;
+use tracing::Instrument as _;
+use wasmtime::AsContextMut as _;
+use wasmtime::component::Accessor;
+
+use crate::call::{Dispatch, Ended, Fate, GuestCall, Responder};
+use crate::handler::{Job, Shared};
+use crate::metrics::{ExitReason, InstanceReport};
+use crate::policy::{
+    HandlerState, Instance, Proxy, ShouldAccept, WorkerExpiration, WorkerState, WorkerStatus,
+};
+use crate::pool::WorkerId;
+use crate::{ExpirationError, InstantiationError, TrapOrPanicError};
+
+/// Runs worker `id` from instantiation to disposal. `first` is the job it
+/// was started for (`None` for a prewarmed worker).
+pub(crate) async fn run<S: HandlerState>(shared: Arc<Shared<S>>, id: WorkerId, first: Option<Job<S>>) {
+    let span = tracing::info_span!("instance", incarnation = id);
+    let mut exit = ExitGuard {
+        shared: shared.clone(),
+        id,
+        unstarted: Vec::new(),
+        report: None,
+    };
+    async {
+        let began = Instant::now();
+        let instance = match shared.instantiate(id).await {
+            Ok(instance) => instance,
+            Err(failure) => {
+                tracing::warn!(error = %format_args!("{:#}", failure.cause), "instantiation failed");
+                if let Some(Job { request, tx, .. }) = first {
+                    let error = InstantiationError::new(request, failure.cause.clone(), failure.circuit_open);
+                    Job::<S>::reply_early(tx, error.into());
+                }
+                exit.report = Some(InstanceReport {
+                    incarnation: id,
+                    instantiation_time: began.elapsed(),
+                    lifetime: Duration::ZERO,
+                    requests_served: 0,
+                    peak_concurrency: 0,
+                    reason: ExitReason::InstantiationFailed,
+                    error: Some(format!("{:#}", failure.cause)),
+                    peak_memory: None,
+                });
+                return;
+            }
+        };
+        let instantiation_time = began.elapsed();
+        tracing::debug!(?instantiation_time, "instantiated");
+        serve(&shared, id, instance, first, instantiation_time, &mut exit).await;
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Makes sure the pool hears of the worker's end, even if it panicked.
+struct ExitGuard<S: HandlerState> {
+    shared: Arc<Shared<S>>,
+    id: WorkerId,
+    unstarted: Vec<Job<S>>,
+    report: Option<InstanceReport>,
+}
+
+impl<S: HandlerState> Drop for ExitGuard<S> {
+    fn drop(&mut self) {
+        let report = self.report.take().unwrap_or_else(|| InstanceReport {
+            incarnation: self.id,
+            instantiation_time: Duration::ZERO,
+            lifetime: Duration::ZERO,
+            requests_served: 0,
+            peak_concurrency: 0,
+            reason: ExitReason::Trapped,
+            error: Some("the worker panicked".into()),
+            peak_memory: None,
+        });
+        self.shared.worker_exited(self.id, std::mem::take(&mut self.unstarted), report);
+    }
+}
+
+/// Start times of outstanding requests; the most recent one is what the
+/// level-two expiration measures from.
+#[derive(Default)]
+struct StartTimes(BTreeMap<Instant, usize>);
+
+impl StartTimes {
+    fn add(&mut self, at: Instant) {
+        *self.0.entry(at).or_default() += 1;
+    }
+
+    fn remove(&mut self, at: Instant) {
+        if let Some(count) = self.0.get_mut(&at) {
+            *count -= 1;
+            if *count == 0 {
+                self.0.remove(&at);
+            }
+        }
+    }
+
+    fn most_recent(&self) -> Option<Instant> {
+        self.0.last_key_value().map(|(at, _)| *at)
+    }
+}
+
+/// How the inner loop ended on its own.
+enum Finished {
+    ReuseSpent,
+    Expired,
+    Shutdown,
+}
+
+/// How the worker ended, seen from outside the event loop.
+enum Outcome {
+    Finished(Finished),
+    Trapped(wasmtime::Error),
+    ExpiredWhile(WorkerStatus),
+}
+
+async fn serve<S: HandlerState>(
+    shared: &Arc<Shared<S>>,
+    id: WorkerId,
+    instance: Instance<S>,
+    first: Option<Job<S>>,
+    instantiation_time: Duration,
+    exit: &mut ExitGuard<S>,
+) {
+    let Instance {
+        mut store,
+        proxy,
+        view,
+        expiration,
+        state,
+    } = instance;
+    let born = Instant::now();
+    let fate = Arc::new(Fate::default());
+    let (mailbox, mut inbox) = mpsc::unbounded_channel::<Job<S>>();
+    let status = Mutex::new((WorkerStatus::Idle, born));
+    let accept_more = AtomicBool::new(true);
+    let served = AtomicU64::new(0);
+    let peak = AtomicUsize::new(0);
+    let prewarmed = first.is_none();
+    let func = match &proxy {
+        Proxy::P2(guest) => *guest.wasi_http_incoming_handler().func_handle().func(),
+        Proxy::P3(guest) => *guest.wasi_http_handler().func_handle().func(),
+    };
+    let (proxy, state) = (&proxy, &state);
+    let (fate_ref, status_ref, accept_ref, served_ref, peak_ref) =
+        (&fate, &status, &accept_more, &served, &peak);
+    let inbox_ref = &mut inbox;
+
+    let inner = async move |accessor: &Accessor<S::StoreData>| -> wasmtime::Result<Finished> {
+        let mut calls = FuturesUnordered::new();
+        let mut starts = StartTimes::default();
+        let mut total = 0usize;
+        let mut may_accept = true;
+        let mut advertised = false;
+        let mut reason = Finished::ReuseSpent;
+        let mut shutdown = pin!(shared.shutdown.cancelled());
+
+        let accept = |job: Job<S>,
+                          calls: &mut FuturesUnordered<_>,
+                          starts: &mut StartTimes,
+                          total: &mut usize| {
+            let Job { data, request, tx } = job;
+            if tx.is_closed() {
+                // The caller left while the job was on its way.
+                return;
+            }
+            accept_ref.store(false, Relaxed);
+            *total += 1;
+            served_ref.fetch_add(1, Relaxed);
+            let accepted_at = Instant::now();
+            let mut responder = Responder::new(
+                tx,
+                fate_ref.clone(),
+                Dispatch {
+                    incarnation: id,
+                    accepted_at,
+                    instantiation: (*total == 1 && !prewarmed).then_some(instantiation_time),
+                },
+            );
+            let started = accessor.with(|mut store| {
+                let call = GuestCall::start(store.as_context_mut(), proxy, view, request)?;
+                let deadline = state.on_request_start(store.as_context_mut(), data, call.task());
+                Ok::<_, crate::Error>((call, deadline))
+            });
+            let (call, deadline) = match started {
+                Ok(started) => started,
+                Err(error) => {
+                    responder.send(Err(error));
+                    return;
+                }
+            };
+            starts.add(accepted_at);
+            *status_ref.lock().unwrap_or_else(|e| e.into_inner()) = (WorkerStatus::Requests, accepted_at);
+            calls.push(async move {
+                let ended = call.run(accessor, proxy, view, deadline, responder).await?;
+                Ok::<_, wasmtime::Error>((ended, accepted_at))
+            });
+            peak_ref.fetch_max(calls.len(), Relaxed);
+        };
+
+        if let Some(job) = first {
+            accept(job, &mut calls, &mut starts, &mut total);
+        }
+
+        poll_fn(|cx| {
+            loop {
+                // Reap finished calls first: an expiry must stop this
+                // instance accepting before it takes anything new.
+                while let Poll::Ready(Some(result)) = calls.poll_next_unpin(cx) {
+                    let (ended, started) = result?;
+                    starts.remove(started);
+                    *status_ref.lock().unwrap_or_else(|e| e.into_inner()) = match starts.most_recent() {
+                        Some(at) => (WorkerStatus::Requests, at),
+                        None => (WorkerStatus::PostReturn, Instant::now()),
+                    };
+                    if ended == Ended::Expired {
+                        may_accept = false;
+                        reason = Finished::Expired;
+                    }
+                }
+
+                if may_accept && shutdown.as_mut().poll(cx).is_ready() {
+                    may_accept = false;
+                    reason = Finished::Shutdown;
+                }
+                let ready = accessor.poll_ready_for_concurrent_call(func, cx).is_ready();
+                let want = may_accept
+                    && ready
+                    && match state.should_accept_request(calls.len(), total) {
+                        ShouldAccept::Yes => calls.is_empty() || accept_ref.load(Relaxed),
+                        ShouldAccept::No => false,
+                        ShouldAccept::Never => {
+                            may_accept = false;
+                            false
+                        }
+                    };
+                if want && !advertised {
+                    if let Some(job) = shared.pool.advertise(id, &mailbox) {
+                        accept(job, &mut calls, &mut starts, &mut total);
+                        continue;
+                    }
+                    advertised = true;
+                } else if !want && advertised {
+                    shared.pool.withdraw(id);
+                    advertised = false;
+                }
+
+                // Jobs mailed while this worker was advertised.
+                if let Poll::Ready(Some(job)) = inbox_ref.poll_recv(cx) {
+                    advertised = false;
+                    if want {
+                        accept(job, &mut calls, &mut starts, &mut total);
+                    } else {
+                        // Capacity went away as the job arrived: pass it on.
+                        shared.redispatch(job);
+                    }
+                    continue;
+                }
+
+                if !calls.is_empty() {
+                    return Poll::Pending;
+                }
+                // No request outstanding; the guest may still be working
+                // for earlier ones (streaming a body, say).
+                if accessor.poll_no_interesting_tasks(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                if !(may_accept && ready) {
+                    if advertised {
+                        shared.pool.withdraw(id);
+                    }
+                    return Poll::Ready(Ok(std::mem::replace(&mut reason, Finished::ReuseSpent)));
+                }
+                let mut status = status_ref.lock().unwrap_or_else(|e| e.into_inner());
+                if status.0 != WorkerStatus::Idle {
+                    *status = (WorkerStatus::Idle, Instant::now());
+                }
+                return Poll::Pending;
+            }
+        })
+        .await
+    };
+
+    let outcome = {
+        let mut event_loop = pin!(store.run_concurrent(inner));
+        let mut expiration = pin!(expiration);
+        poll_fn(|cx| {
+            let mut poll = event_loop.as_mut().poll(cx);
+            if poll.is_pending() {
+                // Level two: polled here, outside the event loop, so that a
+                // guest stuck on the CPU or in a host call cannot hide.
+                let (current, since) = *status.lock().unwrap_or_else(|e| e.into_inner());
+                let untouched_prewarm = prewarmed && served.load(Relaxed) == 0;
+                if !(untouched_prewarm && current == WorkerStatus::Idle)
+                    && expiration.as_mut().poll(cx, current, since).is_ready()
+                {
+                    if current != WorkerStatus::Idle {
+                        fate.set(ExpirationError.into());
+                    }
+                    return Poll::Ready(Outcome::ExpiredWhile(current));
+                }
+                // Every task waits on I/O: the instance may take more work.
+                if !accept_more.swap(true, Relaxed) {
+                    poll = event_loop.as_mut().poll(cx);
+                }
+            }
+            poll.map(|result| match result.and_then(|inner| inner) {
+                Ok(finished) => Outcome::Finished(finished),
+                Err(trap) => {
+                    fate.set(TrapOrPanicError::new(crate::describe(&trap)).into());
+                    Outcome::Trapped(trap)
+                }
+            })
+        })
+        .await
+    };
+
+    // Jobs mailed but never started go back to the pool. Withdrawing first
+    // means none can arrive after the mailbox is drained.
+    shared.pool.withdraw(id);
+    while let Ok(job) = inbox.try_recv() {
+        exit.unstarted.push(job);
+    }
+
+    let (reason, error) = match outcome {
+        Outcome::Finished(Finished::ReuseSpent) => (ExitReason::ReuseSpent, None),
+        Outcome::Finished(Finished::Expired) => (ExitReason::Expired, None),
+        Outcome::Finished(Finished::Shutdown) => (ExitReason::Shutdown, None),
+        Outcome::ExpiredWhile(WorkerStatus::Idle) => (ExitReason::Idle, None),
+        Outcome::ExpiredWhile(_) => (ExitReason::Expired, None),
+        Outcome::Trapped(trap) => (ExitReason::Trapped, Some(crate::describe(&trap))),
+    };
+    match &error {
+        Some(error) => tracing::warn!(reason = reason.as_str(), %error, "instance ended"),
+        None => tracing::debug!(reason = reason.as_str(), "instance ended"),
+    }
+    let mut report = InstanceReport {
+        incarnation: id,
+        instantiation_time,
+        lifetime: born.elapsed(),
+        requests_served: served.load(Relaxed),
+        peak_concurrency: peak.load(Relaxed),
+        reason,
+        error,
+        peak_memory: None,
+    };
+    state.drop(store, &mut report);
+    exit.report = Some(report);
+}
