@@ -7,7 +7,7 @@
 
 use std::env;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
@@ -18,13 +18,22 @@ fn main() {
     let target_dir = out_dir.ancestors().nth(4).unwrap().join("guests");
 
     for watched in ["Cargo.toml", "Cargo.lock", "src", "components"] {
-        println!("cargo:rerun-if-changed={}", guests_dir.join(watched).display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            guests_dir.join(watched).display()
+        );
     }
 
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&guests_dir)
-        .args(["build", "--release", "--examples", "--target", "wasm32-wasip2"])
+        .args([
+            "build",
+            "--release",
+            "--examples",
+            "--target",
+            "wasm32-wasip2",
+        ])
         .arg("--target-dir")
         .arg(&target_dir);
     // The outer build's flags are for the host, not for wasm.
@@ -78,4 +87,3 @@ fn example_names(manifest: &str) -> Vec<String> {
     }
     names
 }
-

@@ -71,9 +71,21 @@ async fn p3_concurrency_spreads_requests_over_instances_within_max() {
         let response = response.expect("every sleep request is served");
         assert_eq!(read_body(response).await, "slept 300 ms\n");
     }
-    let used: HashSet<_> = reports.requests().iter().filter_map(|r| r.incarnation).collect();
-    assert!(used.len() >= 4, "64 requests at 16 per instance need >= 4 instances, used {}", used.len());
-    assert!(used.len() <= max_instances, "used {} instances, max {max_instances}", used.len());
+    let used: HashSet<_> = reports
+        .requests()
+        .iter()
+        .filter_map(|r| r.incarnation)
+        .collect();
+    assert!(
+        used.len() >= 4,
+        "64 requests at 16 per instance need >= 4 instances, used {}",
+        used.len()
+    );
+    assert!(
+        used.len() <= max_instances,
+        "used {} instances, max {max_instances}",
+        used.len()
+    );
     assert!(watcher.await.unwrap() <= max_instances);
     let peak = reports
         .requests()
@@ -83,7 +95,10 @@ async fn p3_concurrency_spreads_requests_over_instances_within_max() {
             *m.entry(i).or_insert(0) += 1;
             m
         });
-    assert!(peak.values().all(|&n| n <= 128), "reuse limit respected: {peak:?}");
+    assert!(
+        peak.values().all(|&n| n <= 128),
+        "reuse limit respected: {peak:?}"
+    );
 }
 
 #[tokio::test]

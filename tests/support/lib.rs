@@ -118,14 +118,20 @@ impl Reports {
     }
 
     /// Waits (up to 10 s) until an instance report satisfies `check`.
-    pub async fn wait_for_instance(&self, check: impl Fn(&InstanceReport) -> bool) -> InstanceReport {
+    pub async fn wait_for_instance(
+        &self,
+        check: impl Fn(&InstanceReport) -> bool,
+    ) -> InstanceReport {
         for _ in 0..1000 {
             if let Some(found) = self.instances().into_iter().find(|r| check(r)) {
                 return found;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        panic!("no matching instance report within 10 s: {:?}", self.instances());
+        panic!(
+            "no matching instance report within 10 s: {:?}",
+            self.instances()
+        );
     }
 }
 
@@ -142,42 +148,66 @@ pub async fn serve(handler: ProxyHandler<App>) -> SocketAddr {
             };
             let (handler, ids) = (handler.clone(), ids.clone());
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
-                    let handler = handler.clone();
-                    let id = ids.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    async move {
-                        let request = request.map(wasmhive::into_body);
-                        Ok::<_, std::convert::Infallible>(match handler.handle(id, request).await {
-                            Ok(response) => response,
-                            Err(error) => http::Response::builder()
-                                .status(500)
-                                .body(wasmhive::into_body(Full::new(Bytes::from(error.to_string()))))
-                                .unwrap(),
-                        })
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
+                let service = hyper::service::service_fn(
+                    move |request: http::Request<hyper::body::Incoming>| {
+                        let handler = handler.clone();
+                        let id = ids.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        async move {
+                            let request = request.map(wasmhive::into_body);
+                            Ok::<_, std::convert::Infallible>(
+                                match handler.handle(id, request).await {
+                                    Ok(response) => response,
+                                    Err(error) => http::Response::builder()
+                                        .status(500)
+                                        .body(wasmhive::into_body(Full::new(Bytes::from(
+                                            error.to_string(),
+                                        ))))
+                                        .unwrap(),
+                                },
+                            )
+                        }
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
             });
         }
     });
     addr
 }
 
-/// Sends a request over loopback with hyper's client and returns the status
-/// and whole body.
-pub async fn http_call(addr: SocketAddr, method: &str, path: &str, body: Bytes) -> (u16, http::HeaderMap, Bytes) {
+/// Sends a request with extra `headers` over loopback with hyper's client
+/// and returns the status, headers and whole body.
+pub async fn http_call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> (u16, http::HeaderMap, Bytes) {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Full<Bytes>>();
-    let request = http::Request::builder()
+    let mut request = http::Request::builder()
         .method(method)
-        .uri(format!("http://{addr}{path}"))
-        .body(Full::new(body))
-        .unwrap();
-    let response = client.request(request).await.expect("request over loopback");
+        .uri(format!("http://{addr}{path}"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(Full::new(body)).unwrap();
+    let response = client
+        .request(request)
+        .await
+        .expect("request over loopback");
     let status = response.status().as_u16();
     let headers = response.headers().clone();
-    let body = response.into_body().collect().await.expect("body").to_bytes();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
     (status, headers, body)
 }

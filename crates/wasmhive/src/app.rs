@@ -407,7 +407,10 @@ impl GuestOutput {
                     self.label.request.load(Relaxed)
                 )?;
             }
-            let end = bytes.iter().position(|b| *b == b'\n').map_or(bytes.len(), |i| i + 1);
+            let end = bytes
+                .iter()
+                .position(|b| *b == b'\n')
+                .map_or(bytes.len(), |i| i + 1);
             out.write_all(&bytes[..end])?;
             self.at_line_start.store(bytes[end - 1] == b'\n', Relaxed);
             bytes = &bytes[end..];
@@ -453,7 +456,11 @@ impl Pollable for GuestOutput {
 }
 
 impl tokio::io::AsyncWrite for GuestOutput {
-    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Poll::Ready(self.write_all(buf).map(|()| buf.len()))
     }
 

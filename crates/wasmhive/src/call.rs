@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt as _;
+
 use tokio::sync::oneshot;
 use wasmtime::StoreContextMut;
 use wasmtime::component::{Accessor, GuestTaskId, Resource, TypedFuncCallConcurrent};
@@ -60,6 +61,11 @@ impl Fate {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
     }
 
+    /// Whether the instance ended abnormally (trapped or killed).
+    fn is_set(&self) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
     fn error(&self) -> Error {
         match &*self.0.lock().unwrap_or_else(|e| e.into_inner()) {
             Some(Error::Expired(e)) => Error::Expired(e.clone()),
@@ -69,9 +75,17 @@ impl Fate {
     }
 }
 
-/// The sending half of a request's delivery. If dropped unsent (the worker
-/// tore down, or panicked), the caller gets the worker's [`Fate`] instead.
-pub(crate) struct Responder {
+/// The sending half of a request's delivery, shared by the call and (for
+/// p2) the `response-outparam` callback, so that a p2 response head reaches
+/// the caller the moment the guest sets it, even while the guest goes on
+/// writing the body in a host call that keeps the event loop from running.
+///
+/// If every clone is dropped unsent (the worker tore down, or panicked), the
+/// caller gets the worker's [`Fate`] instead.
+#[derive(Clone)]
+pub(crate) struct Responder(Arc<Mutex<ResponderInner>>);
+
+struct ResponderInner {
     tx: Option<oneshot::Sender<Reply>>,
     fate: Arc<Fate>,
     dispatch: Dispatch,
@@ -79,14 +93,38 @@ pub(crate) struct Responder {
 
 impl Responder {
     pub(crate) fn new(tx: oneshot::Sender<Reply>, fate: Arc<Fate>, dispatch: Dispatch) -> Self {
-        Responder {
+        Responder(Arc::new(Mutex::new(ResponderInner {
             tx: Some(tx),
             fate,
             dispatch,
-        }
+        })))
     }
 
-    pub(crate) fn send(&mut self, delivery: Delivery) {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ResponderInner> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Delivers `delivery`, unless something was delivered already.
+    pub(crate) fn send(&self, delivery: Delivery) {
+        self.lock().send(delivery);
+    }
+
+    fn fate(&self) -> Arc<Fate> {
+        self.lock().fate.clone()
+    }
+
+    /// Resolves when the caller has gone away before anything was sent.
+    async fn closed(&self) {
+        std::future::poll_fn(|cx| match &mut self.lock().tx {
+            Some(tx) => tx.poll_closed(cx),
+            None => std::task::Poll::Pending,
+        })
+        .await
+    }
+}
+
+impl ResponderInner {
+    fn send(&mut self, delivery: Delivery) {
         if let Some(tx) = self.tx.take() {
             let _ = tx.send(Reply {
                 delivery,
@@ -94,16 +132,9 @@ impl Responder {
             });
         }
     }
-
-    async fn closed(&mut self) {
-        match &mut self.tx {
-            Some(tx) => tx.closed().await,
-            None => std::future::pending().await,
-        }
-    }
 }
 
-impl Drop for Responder {
+impl Drop for ResponderInner {
     fn drop(&mut self) {
         let error = self.fate.error();
         self.send(Err(error));
@@ -118,19 +149,22 @@ type P2Call<T> = TypedFuncCallConcurrent<
     ),
     (),
 >;
-type P2Response = Result<hyper::Response<wasmtime_wasi_http::p2::body::HyperOutgoingBody>, p2_types::ErrorCode>;
+type P2Response =
+    Result<hyper::Response<wasmtime_wasi_http::p2::body::HyperOutgoingBody>, p2_types::ErrorCode>;
 type P3Call<T> = TypedFuncCallConcurrent<
     T,
     (Resource<p3_types::Request>,),
     (Result<Resource<p3_types::Response>, p3_types::ErrorCode>,),
 >;
-type RequestIo = std::pin::Pin<Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>>;
+type RequestIo =
+    std::pin::Pin<Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>>;
 
 /// A call started in the store but not yet run.
 pub(crate) enum GuestCall<T: 'static> {
     P2 {
         call: P2Call<T>,
-        response: oneshot::Receiver<P2Response>,
+        /// Tells the response body whether the handler returned normally.
+        returned: oneshot::Sender<bool>,
     },
     P3 {
         call: P3Call<T>,
@@ -145,6 +179,7 @@ impl<T: Send + 'static> GuestCall<T> {
         proxy: &Proxy,
         view: fn(&mut T) -> WasiHttpCtxView<'_>,
         request: Request,
+        responder: &Responder,
     ) -> Result<GuestCall<T>, Error> {
         let invalid = |e: wasmtime::Error| Error::InvalidRequest(format!("{e:#}"));
         match proxy {
@@ -153,10 +188,14 @@ impl<T: Send + 'static> GuestCall<T> {
                 let incoming = http
                     .new_incoming_request(p2_types::Scheme::Http, request)
                     .map_err(invalid)?;
-                let (tx, response) = oneshot::channel();
+                let responder = responder.clone();
+                let (returned, outcome) = oneshot::channel();
                 let outparam = http
                     .new_response_outparam_from_callback(move |value| {
-                        let _ = tx.send(value);
+                        let guard = Guard::Returned(Some(outcome));
+                        let value = value
+                            .map(|response| response.map(|body| GuardedBody::wrap(body, guard)));
+                        responder.send(p2_delivery(Some(value)));
                     })
                     .map_err(invalid)?;
                 let call = guest
@@ -164,11 +203,12 @@ impl<T: Send + 'static> GuestCall<T> {
                     .func_handle()
                     .start_call_concurrent(store, (incoming, outparam))
                     .map_err(invalid)?;
-                Ok(GuestCall::P2 { call, response })
+                Ok(GuestCall::P2 { call, returned })
             }
             Proxy::P3(guest) => {
                 let http = view(store.data_mut());
-                let (request, request_io) = wasmtime_wasi_http::p3::Request::from_http(http.hooks, request);
+                let (request, request_io) =
+                    wasmtime_wasi_http::p3::Request::from_http(http.hooks, request);
                 let request = http.table.push(request).map_err(|e| invalid(e.into()))?;
                 let call = guest
                     .wasi_http_handler()
@@ -200,7 +240,7 @@ impl<T: Send + 'static> GuestCall<T> {
         proxy: &Proxy,
         view: fn(&mut T) -> WasiHttpCtxView<'_>,
         deadline: RequestDeadline,
-        mut responder: Responder,
+        responder: Responder,
     ) -> wasmtime::Result<Ended> {
         let mut deadline = deadline.fuse();
         match (self, proxy) {
@@ -216,12 +256,15 @@ impl<T: Send + 'static> GuestCall<T> {
                             let response = view(store.get()).table.delete(response)?;
                             response
                                 .into_http_with_getter(&mut store, request_io, view)
-                                .map(Ok)
+                                .map(|response| {
+                                    let guard = Guard::Instance(responder.fate());
+                                    Ok(response.map(|body| GuardedBody::wrap(body, guard)))
+                                })
                         })?,
                         Err(code) => Err(Error::Guest(format!("{code:?}"))),
                     })
                 };
-                match race(response, &mut deadline, &mut responder).await {
+                match race(response, &mut deadline, &responder).await {
                     First::Done(Ok(delivery)) => {
                         responder.send(delivery);
                         Ok(Ended::Responded)
@@ -237,66 +280,34 @@ impl<T: Send + 'static> GuestCall<T> {
                     First::Abandoned => Ok(Ended::Abandoned),
                 }
             }
-            (GuestCall::P2 { call, response }, Proxy::P2(guest)) => {
-                let mut finished = pin!(
-                    guest
-                        .wasi_http_incoming_handler()
-                        .func_handle()
-                        .finish_call_concurrent(accessor, call)
-                        .fuse()
-                );
-                let mut response = response.fuse();
-                // Until the response head, the outparam and the call's return
-                // race each other, the deadline and the caller.
-                let head = async {
-                    futures::select_biased! {
-                        value = response => Head::Set(value.ok()),
-                        result = finished => Head::Returned(result),
-                    }
-                };
-                let returned = match race(head, &mut deadline, &mut responder).await {
-                    First::Done(Head::Set(value)) => {
-                        responder.send(p2_delivery(value));
-                        None
-                    }
-                    First::Done(Head::Returned(result)) => Some(result),
-                    First::Expired => {
-                        responder.send(Err(ExpirationError.into()));
-                        return Ok(Ended::Expired);
-                    }
-                    First::Abandoned => return Ok(Ended::Abandoned),
-                };
-                // After the head, the call goes on writing the body until it
-                // returns, still within the deadline; a trap there aborts the
-                // body.
-                let result = match returned {
-                    Some(result) => result,
-                    None => match race(finished, &mut deadline, &mut responder).await {
-                        First::Done(result) => result,
-                        First::Expired => return Ok(Ended::Expired),
-                        First::Abandoned => return Ok(Ended::Abandoned),
-                    },
-                };
-                match result {
-                    Ok(()) => {
-                        // Returned: the outparam may have been set just before.
-                        responder.send(p2_delivery(response.now_or_never().and_then(Result::ok)));
+            (GuestCall::P2 { call, returned }, Proxy::P2(guest)) => {
+                // The outparam callback delivers the head; the call goes on
+                // writing the body until it returns, within the deadline. A
+                // trap after the head aborts the body.
+                let finished = guest
+                    .wasi_http_incoming_handler()
+                    .func_handle()
+                    .finish_call_concurrent(accessor, call);
+                match race(finished, &mut deadline, &responder).await {
+                    First::Done(Ok(())) => {
+                        let _ = returned.send(true);
+                        responder.send(p2_delivery(None));
                         Ok(Ended::Responded)
                     }
-                    Err(trap) => {
+                    First::Done(Err(trap)) => {
                         responder.send(Err(TrapOrPanicError::new(crate::describe(&trap)).into()));
                         Err(trap)
                     }
+                    First::Expired => {
+                        responder.send(Err(ExpirationError.into()));
+                        Ok(Ended::Expired)
+                    }
+                    First::Abandoned => Ok(Ended::Abandoned),
                 }
             }
             _ => unreachable!("a call always runs on the proxy that started it"),
         }
     }
-}
-
-enum Head {
-    Set(Option<P2Response>),
-    Returned(wasmtime::Result<()>),
 }
 
 enum First<R> {
@@ -310,7 +321,7 @@ enum First<R> {
 async fn race<R>(
     work: impl Future<Output = R>,
     mut deadline: &mut futures::future::Fuse<RequestDeadline>,
-    responder: &mut Responder,
+    responder: &Responder,
 ) -> First<R> {
     let mut work = pin!(work.fuse());
     let mut abandoned = pin!(responder.closed().fuse());
@@ -326,6 +337,75 @@ fn p2_delivery(value: Option<P2Response>) -> Delivery {
     match value {
         Some(Ok(response)) => Ok(response),
         Some(Err(code)) => Err(Error::Guest(format!("{code:?}"))),
-        None => Err(Error::Guest("the guest returned without setting a response".into())),
+        None => Err(Error::Guest(
+            "the guest returned without setting a response".into(),
+        )),
+    }
+}
+
+/// A response body that ends in an error, instead of cleanly, when the guest
+/// did not finish it.
+///
+/// wasmtime ends a body cleanly when the store behind it goes away, so a
+/// guest that trapped (or was killed) halfway through its body would look to
+/// the client like one that sent a short, complete body. At its end, this
+/// body checks the [`Guard`] and reports the truncation instead.
+struct GuardedBody {
+    inner: crate::Body,
+    guard: Guard,
+}
+
+/// How a [`GuardedBody`] tells a finished body from a cut-off one.
+enum Guard {
+    /// p2: the body is the handler's to finish before it returns, so wait
+    /// for the handler's outcome (`true`: returned normally).
+    Returned(Option<oneshot::Receiver<bool>>),
+    /// p3: a task of the instance writes the body after the handler
+    /// returned; the body is cut off if the instance ended abnormally. (A
+    /// body complete but not yet read when its instance traps for another
+    /// request is reported as cut off too: the safe side.)
+    Instance(Arc<Fate>),
+}
+
+impl GuardedBody {
+    fn wrap(inner: crate::Body, guard: Guard) -> crate::Body {
+        use http_body_util::BodyExt as _;
+        GuardedBody { inner, guard }.boxed_unsync()
+    }
+}
+
+impl http_body::Body for GuardedBody {
+    type Data = bytes::Bytes;
+    type Error = wasmtime_wasi_http::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        use std::task::Poll;
+        match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(None) => {}
+            other => return other,
+        }
+        let finished = match &mut self.guard {
+            Guard::Returned(None) => true,
+            Guard::Returned(Some(outcome)) => {
+                let returned = std::task::ready!(std::pin::Pin::new(outcome).poll(cx));
+                self.guard = Guard::Returned(None);
+                returned == Ok(true)
+            }
+            Guard::Instance(fate) => !fate.is_set(),
+        };
+        if finished {
+            Poll::Ready(None)
+        } else {
+            Poll::Ready(Some(Err(wasmtime_wasi_http::Error::InternalError(Some(
+                "the guest failed before finishing the response body".into(),
+            )))))
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -40,6 +40,34 @@ pub enum Error {
 }
 
 impl Error {
+    /// The HTTP status to answer with: `503` when the handler is overloaded,
+    /// shutting down, or its instantiation circuit is open; `504` when the
+    /// guest did not respond in time; `400` for a request the guest cannot
+    /// be given; `500` for traps, guest errors and instantiation failures.
+    pub fn status(&self) -> http::StatusCode {
+        use http::StatusCode;
+        match self {
+            Error::Overloaded(_) | Error::ShuttingDown(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Instantiation(e) if e.is_circuit_open() => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Expired(_) => StatusCode::GATEWAY_TIMEOUT,
+            Error::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            Error::Instantiation(_) | Error::TrapOrPanic(_) | Error::Guest(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        }
+    }
+
+    /// For a `503`, how long the client should wait before retrying (for a
+    /// `Retry-After` header).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Error::Overloaded(o) => Some(o.retry_after()),
+            Error::ShuttingDown(_) => Some(Duration::from_secs(1)),
+            Error::Instantiation(e) if e.is_circuit_open() => Some(Duration::from_secs(1)),
+            _ => None,
+        }
+    }
+
     /// Whether retrying the same request later may succeed: the handler was
     /// overloaded or shutting down, or instances could not be created for a
     /// while. Clients can be told so with `503` and `Retry-After`.
@@ -77,7 +105,10 @@ impl InstantiationError {
     /// Takes back the request that could not be handled (once; later calls
     /// return `None`).
     pub fn take_request(&self) -> Option<Request> {
-        self.request.lock().unwrap_or_else(|e| e.into_inner()).take()
+        self.request
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     /// The last instantiation failure.
@@ -93,7 +124,10 @@ impl InstantiationError {
 
     fn describe(&self) -> String {
         if self.circuit_open {
-            format!("instantiation circuit open after repeated failures; last: {:#}", self.cause)
+            format!(
+                "instantiation circuit open after repeated failures; last: {:#}",
+                self.cause
+            )
         } else {
             format!("instantiation failed: {:#}", self.cause)
         }

@@ -10,7 +10,9 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::call::{Delivery, Reply};
-use crate::metrics::{ExitReason, InstanceReport, NoRecorder, Outcome, Recorder, RequestReport, Stats};
+use crate::metrics::{
+    ExitReason, InstanceReport, NoRecorder, Outcome, Recorder, RequestReport, Stats,
+};
 use crate::policy::{HandlerState, Instance, WorkerState};
 use crate::pool::{Admission, Pool, PoolLimits, Ticket, WorkerId};
 use crate::{Error, Overloaded, Request, Response, ShuttingDown, TrapOrPanicError, worker};
@@ -231,7 +233,10 @@ impl<S: HandlerState> Shared<S> {
 
     /// Creates an instance for worker `id`, retrying with backoff, unless the
     /// circuit is open.
-    pub(crate) async fn instantiate(&self, id: WorkerId) -> Result<Instance<S>, InstantiationFailure> {
+    pub(crate) async fn instantiate(
+        &self,
+        id: WorkerId,
+    ) -> Result<Instance<S>, InstantiationFailure> {
         if let Err(cause) = self.circuit.admit() {
             return Err(InstantiationFailure {
                 cause,
@@ -252,7 +257,10 @@ impl<S: HandlerState> Shared<S> {
                     self.counters.instantiation_failures.fetch_add(1, Relaxed);
                     let cause = Arc::new(error);
                     let opened = self.circuit.failed(&cause);
-                    if opened || attempt >= limits.instantiation_retries || self.shutdown.is_cancelled() {
+                    if opened
+                        || attempt >= limits.instantiation_retries
+                        || self.shutdown.is_cancelled()
+                    {
                         return Err(InstantiationFailure {
                             cause,
                             circuit_open: false,
@@ -274,7 +282,12 @@ impl<S: HandlerState> Shared<S> {
         }
     }
 
-    pub(crate) fn worker_exited(self: &Arc<Self>, id: WorkerId, unstarted: Vec<Job<S>>, report: InstanceReport) {
+    pub(crate) fn worker_exited(
+        self: &Arc<Self>,
+        id: WorkerId,
+        unstarted: Vec<Job<S>>,
+        report: InstanceReport,
+    ) {
         self.counters.exits[report.reason.index()].fetch_add(1, Relaxed);
         self.recorder.instance(&report);
         for (id, job) in self.pool.exited(id, unstarted) {
@@ -403,7 +416,11 @@ impl Circuit {
         let mut state = self.lock();
         state.last_error = Some(error.clone());
         state.failures.push_back(now);
-        while state.failures.front().is_some_and(|at| now - *at > self.window) {
+        while state
+            .failures
+            .front()
+            .is_some_and(|at| now - *at > self.window)
+        {
             state.failures.pop_front();
         }
         if state.failures.len() >= self.threshold {

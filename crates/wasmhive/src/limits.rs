@@ -39,8 +39,9 @@ pub struct Limits {
     /// more requests; the instance is killed once its most recent request is
     /// this old. Default: 30 s.
     pub request_timeout: Duration,
-    /// How long an instance may keep working after its last response (e.g.
-    /// streaming a body) before it is killed. Default: 30 s.
+    /// How long an instance may keep working with no request outstanding
+    /// before it is killed: streaming a body after its response, or a task
+    /// left running by a request that expired. Default: 10 s.
     pub post_return_timeout: Duration,
     /// Linear memory an instance may use in all, in bytes; growing beyond it
     /// fails inside the guest (usually a trap). Default: 128 MiB.
@@ -60,7 +61,7 @@ impl Limits {
             max_concurrency,
             idle_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(30),
-            post_return_timeout: Duration::from_secs(30),
+            post_return_timeout: Duration::from_secs(10),
             max_memory: 128 << 20,
         }
     }

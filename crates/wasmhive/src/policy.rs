@@ -163,5 +163,4 @@ pub trait HandlerState: Send + Sync + Sized + 'static {
         &self,
         incarnation: u64,
     ) -> impl Future<Output = wasmtime::Result<Instance<Self>>> + Send;
-
 }

@@ -83,7 +83,9 @@ pub enum LoadError {
     #[error("invalid component: {0}")]
     Invalid(String),
     /// A precompiled component made by another wasmtime or with other settings.
-    #[error("precompiled component cannot be used here (recompile it with `wasmhive compile`): {0}")]
+    #[error(
+        "precompiled component cannot be used here (recompile it with `wasmhive compile`): {0}"
+    )]
     Incompatible(String),
     /// The component imports something this host does not provide.
     #[error("the component needs an import wasmhive does not provide: {0}")]
@@ -113,11 +115,17 @@ impl Runtime {
                         "cannot reserve address space for the pooling allocator; \
                          falling back to on-demand allocation"
                     );
-                    (Engine::new(&engine_config(config, false)).map_err(engine_error)?, false)
+                    (
+                        Engine::new(&engine_config(config, false)).map_err(engine_error)?,
+                        false,
+                    )
                 }
             }
         } else {
-            (Engine::new(&engine_config(config, false)).map_err(engine_error)?, false)
+            (
+                Engine::new(&engine_config(config, false)).map_err(engine_error)?,
+                false,
+            )
         };
         let ticker = EpochTicker::start(engine.clone(), config.epoch_tick)
             .map_err(|e| LoadError::Engine(format!("cannot start the epoch ticker: {e}")))?;

@@ -40,7 +40,11 @@ use crate::{ExpirationError, InstantiationError, TrapOrPanicError};
 
 /// Runs worker `id` from instantiation to disposal. `first` is the job it
 /// was started for (`None` for a prewarmed worker).
-pub(crate) async fn run<S: HandlerState>(shared: Arc<Shared<S>>, id: WorkerId, first: Option<Job<S>>) {
+pub(crate) async fn run<S: HandlerState>(
+    shared: Arc<Shared<S>>,
+    id: WorkerId,
+    first: Option<Job<S>>,
+) {
     let span = tracing::info_span!("instance", incarnation = id);
     let mut exit = ExitGuard {
         shared: shared.clone(),
@@ -99,7 +103,8 @@ impl<S: HandlerState> Drop for ExitGuard<S> {
             error: Some("the worker panicked".into()),
             peak_memory: None,
         });
-        self.shared.worker_exited(self.id, std::mem::take(&mut self.unstarted), report);
+        self.shared
+            .worker_exited(self.id, std::mem::take(&mut self.unstarted), report);
     }
 }
 
@@ -183,9 +188,9 @@ async fn serve<S: HandlerState>(
         let mut shutdown = pin!(shared.shutdown.cancelled());
 
         let accept = |job: Job<S>,
-                          calls: &mut FuturesUnordered<_>,
-                          starts: &mut StartTimes,
-                          total: &mut usize| {
+                      calls: &mut FuturesUnordered<_>,
+                      starts: &mut StartTimes,
+                      total: &mut usize| {
             let Job { data, request, tx } = job;
             if tx.is_closed() {
                 // The caller left while the job was on its way.
@@ -195,7 +200,7 @@ async fn serve<S: HandlerState>(
             *total += 1;
             served_ref.fetch_add(1, Relaxed);
             let accepted_at = Instant::now();
-            let mut responder = Responder::new(
+            let responder = Responder::new(
                 tx,
                 fate_ref.clone(),
                 Dispatch {
@@ -205,7 +210,8 @@ async fn serve<S: HandlerState>(
                 },
             );
             let started = accessor.with(|mut store| {
-                let call = GuestCall::start(store.as_context_mut(), proxy, view, request)?;
+                let call =
+                    GuestCall::start(store.as_context_mut(), proxy, view, request, &responder)?;
                 let deadline = state.on_request_start(store.as_context_mut(), data, call.task());
                 Ok::<_, crate::Error>((call, deadline))
             });
@@ -217,7 +223,8 @@ async fn serve<S: HandlerState>(
                 }
             };
             starts.add(accepted_at);
-            *status_ref.lock().unwrap_or_else(|e| e.into_inner()) = (WorkerStatus::Requests, accepted_at);
+            *status_ref.lock().unwrap_or_else(|e| e.into_inner()) =
+                (WorkerStatus::Requests, accepted_at);
             calls.push(async move {
                 let ended = call.run(accessor, proxy, view, deadline, responder).await?;
                 Ok::<_, wasmtime::Error>((ended, accepted_at))
@@ -236,10 +243,11 @@ async fn serve<S: HandlerState>(
                 while let Poll::Ready(Some(result)) = calls.poll_next_unpin(cx) {
                     let (ended, started) = result?;
                     starts.remove(started);
-                    *status_ref.lock().unwrap_or_else(|e| e.into_inner()) = match starts.most_recent() {
-                        Some(at) => (WorkerStatus::Requests, at),
-                        None => (WorkerStatus::PostReturn, Instant::now()),
-                    };
+                    *status_ref.lock().unwrap_or_else(|e| e.into_inner()) =
+                        match starts.most_recent() {
+                            Some(at) => (WorkerStatus::Requests, at),
+                            None => (WorkerStatus::PostReturn, Instant::now()),
+                        };
                     if ended == Ended::Expired {
                         may_accept = false;
                         reason = Finished::Expired;

@@ -180,8 +180,14 @@ impl Sim {
         assert_eq!(occupancy.live, self.workers.len());
         assert!(occupancy.live <= self.max_instances);
         if occupancy.queued > 0 {
-            assert_eq!(occupancy.advertised, 0, "queued jobs while a worker is free");
-            assert_eq!(occupancy.live, self.max_instances, "queued jobs while room to start");
+            assert_eq!(
+                occupancy.advertised, 0,
+                "queued jobs while a worker is free"
+            );
+            assert_eq!(
+                occupancy.live, self.max_instances,
+                "queued jobs while room to start"
+            );
         }
         for worker in self.workers.values() {
             assert!(worker.running.len() <= worker.capacity);
@@ -313,7 +319,10 @@ impl Sim {
                 self.check();
             }
             if self.pool.occupancy().queued == 0
-                && self.workers.values().all(|w| w.running.is_empty() && w.inbox.is_empty())
+                && self
+                    .workers
+                    .values()
+                    .all(|w| w.running.is_empty() && w.inbox.is_empty())
             {
                 return;
             }
@@ -339,7 +348,11 @@ fn randomized_stress_loses_and_orphans_nothing() {
             sim.step(&mut rng);
         }
         sim.drain();
-        let pending: Vec<_> = sim.fates.iter().filter(|(_, f)| **f == Fate::Pending).collect();
+        let pending: Vec<_> = sim
+            .fates
+            .iter()
+            .filter(|(_, f)| **f == Fate::Pending)
+            .collect();
         assert!(pending.is_empty(), "seed {seed}: jobs lost: {pending:?}");
         assert!(sim.next_job > 1_000, "seed {seed}: too few jobs exercised");
         assert!(

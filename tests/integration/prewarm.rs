@@ -1,0 +1,51 @@
+//! Prewarm: instances ready ahead of demand, taken without paying
+//! instantiation on the request path, and refilled.
+
+use std::time::Duration;
+
+use wasmhive::{PoolLimits, ProxyHandler, Stats};
+use wasmhive_tests::{get, guests, handler, read_body};
+
+async fn wait_for(handler: &ProxyHandler<wasmhive::App>, check: impl Fn(&Stats) -> bool) -> Stats {
+    for _ in 0..1000 {
+        let stats = handler.stats();
+        if check(&stats) {
+            return stats;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("stats never matched: {:?}", handler.stats());
+}
+
+#[tokio::test]
+async fn prewarmed_instances_serve_without_instantiation_and_are_refilled() {
+    let (handler, reports) = handler(
+        guests::COUNTER_P2,
+        |_| {},
+        PoolLimits {
+            prewarm: 2,
+            ..PoolLimits::default()
+        },
+    );
+    wait_for(&handler, |s| s.available_instances == 2).await;
+    // Prewarmed instances do not idle out: the idle timeout is 1 s.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(handler.stats().available_instances, 2);
+
+    for _ in 0..5 {
+        let response = handler.handle(1, get("/")).await.expect("served");
+        assert_eq!(
+            read_body(response).await,
+            "1",
+            "reuse 1: a fresh instance each time"
+        );
+        wait_for(&handler, |s| s.available_instances == 2).await;
+    }
+    let requests = reports.requests();
+    assert_eq!(requests.len(), 5);
+    assert!(
+        requests.iter().all(|r| r.instantiation.is_none()),
+        "no request waited for an instantiation: {requests:?}"
+    );
+    assert!(handler.stats().instantiations >= 7, "2 + 5 refills");
+}
