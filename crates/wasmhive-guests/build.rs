@@ -70,6 +70,16 @@ fn main() {
             path = file.display().to_string(),
         )
         .unwrap();
+        if name == "demo" {
+            // The CLI embeds the demo app in its binary.
+            writeln!(
+                generated,
+                "/// The bytes of the `demo` component, embedded at compile time.\n\
+                 pub static DEMO_WASM: &[u8] = include_bytes!({path:?});",
+                path = file.display().to_string(),
+            )
+            .unwrap();
+        }
     }
     std::fs::write(out_dir.join("guests.rs"), generated).unwrap();
 }

@@ -88,7 +88,8 @@ impl Error {
 #[derive(Debug, thiserror::Error)]
 #[error("{}", self.describe())]
 pub struct InstantiationError {
-    request: Mutex<Option<Request>>,
+    // Boxed: a request is large, and errors travel by value.
+    request: Box<Mutex<Option<Request>>>,
     cause: Arc<wasmtime::Error>,
     circuit_open: bool,
 }
@@ -96,7 +97,7 @@ pub struct InstantiationError {
 impl InstantiationError {
     pub(crate) fn new(request: Request, cause: Arc<wasmtime::Error>, circuit_open: bool) -> Self {
         InstantiationError {
-            request: Mutex::new(Some(request)),
+            request: Box::new(Mutex::new(Some(request))),
             cause,
             circuit_open,
         }

@@ -1,0 +1,239 @@
+//! The command line: subcommands, flags with their defaults, and the parsers
+//! of flag values (addresses, durations, sizes, `KEY=VALUE`).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Serve WebAssembly `wasi:http` components (WASIp2 and WASIp3) over HTTP.
+#[derive(Parser, Debug)]
+#[command(name = "wasmhive", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve a component over HTTP/1.1 and HTTP/2 (h2c).
+    Serve(Box<ServeArgs>),
+    /// Precompile a component for this host, so that `serve` starts without
+    /// compiling it.
+    Compile(CompileArgs),
+}
+
+/// `wasmhive serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// The component to serve: a `.wasm` component exporting
+    /// `wasi:http/incoming-handler@0.2` or `wasi:http/handler@0.3`, or a
+    /// `.cwasm` from `wasmhive compile`. Without one, the bundled demo app.
+    pub component: Option<PathBuf>,
+
+    /// Address to listen on; `:PORT` means 127.0.0.1:PORT, and port 0
+    /// picks a free one.
+    #[arg(long, default_value = "127.0.0.1:8080", value_parser = parse_addr)]
+    pub addr: SocketAddr,
+
+    /// Instances alive at once, busy or idle.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_instances: u32,
+
+    /// Requests one instance handles at once [default: 1 for WASIp2, 16 for
+    /// WASIp3].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_per_instance: Option<u32>,
+
+    /// Requests one instance takes in all before it is replaced; 1 gives each
+    /// request a fresh instance [default: 1 for WASIp2, 128 for WASIp3].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_reuse: Option<u32>,
+
+    /// How long an instance with nothing to do is kept for reuse.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// How long a request may take to get its response head; past it the
+    /// client gets 504 and the instance is retired.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+
+    /// Requests that may wait for an instance when all are busy; beyond it
+    /// requests get 503 at once.
+    #[arg(long, default_value_t = 1024)]
+    pub queue_len: usize,
+
+    /// How long a request may wait for an instance before it gets 503.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub queue_timeout: Duration,
+
+    /// Idle instances kept ready ahead of requests.
+    #[arg(long, default_value_t = 0)]
+    pub prewarm: usize,
+
+    /// Linear memory one instance may use (e.g. `64MiB`).
+    #[arg(long, default_value = "128MiB", value_parser = parse_size)]
+    pub max_memory: u64,
+
+    /// Client connections open at once; further clients wait to be
+    /// accepted.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Largest request body accepted (e.g. `16MiB`); larger ones get 413.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    pub max_body_size: u64,
+
+    /// How long a client may take to send a request's headers (HTTP/1).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+
+    /// On SIGINT or SIGTERM, how long in-flight requests may take to finish
+    /// before the server exits anyway.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// An environment variable for the component (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+
+    /// A host (or host:port) the component may send HTTP requests to
+    /// (repeatable); all others are denied.
+    #[arg(long = "allow-outbound", value_name = "HOST[:PORT]")]
+    pub allow_outbound: Vec<String>,
+
+    /// Address of the admin endpoint (`/metrics`, `/healthz`, `/readyz`);
+    /// off unless given.
+    #[arg(long, value_parser = parse_addr)]
+    pub admin_addr: Option<SocketAddr>,
+
+    /// Log format on stderr; filter with RUST_LOG (default `info`).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Do not prefix the component's stdout and stderr lines with
+    /// `[stdout instance=N request=M]`.
+    #[arg(long)]
+    pub no_logging_prefix: bool,
+
+    /// Allocate instances on demand instead of from the pooling allocator.
+    #[arg(long)]
+    pub no_pooling: bool,
+}
+
+/// `wasmhive compile`.
+#[derive(Args, Debug)]
+pub struct CompileArgs {
+    /// The `.wasm` component to compile.
+    pub component: PathBuf,
+    /// Where to write the precompiled component [default: COMPONENT with a
+    /// `.cwasm` extension].
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+}
+
+/// How log lines are written.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `HOST:PORT`, or `:PORT` for 127.0.0.1.
+pub fn parse_addr(value: &str) -> Result<SocketAddr, String> {
+    if let Some(port) = value.strip_prefix(':') {
+        let port = port
+            .parse::<u16>()
+            .map_err(|_| format!("`{port}` is not a port number"))?;
+        return Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+    }
+    value
+        .parse()
+        .map_err(|_| format!("`{value}` is not an address like 127.0.0.1:8080 or :8080"))
+}
+
+/// A human duration: `250ms`, `2s`, `1m 30s`.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    humantime::parse_duration(value)
+        .map_err(|e| format!("`{value}` is not a duration like 250ms or 2s ({e})"))
+}
+
+/// A size in bytes: `1048576`, `64KiB`, `16MiB`, `1GB`.
+pub fn parse_size(value: &str) -> Result<u64, String> {
+    value
+        .parse::<bytesize::ByteSize>()
+        .map(|size| size.as_u64())
+        .map_err(|e| format!("`{value}` is not a size like 64MiB ({e})"))
+}
+
+/// `KEY=VALUE`, with a non-empty key.
+pub fn parse_env(value: &str) -> Result<(String, String), String> {
+    match value.split_once('=') {
+        Some((key, val)) if !key.is_empty() => Ok((key.to_string(), val.to_string())),
+        _ => Err(format!("`{value}` is not KEY=VALUE")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(parse_addr(":0").unwrap(), "127.0.0.1:0".parse().unwrap());
+        assert_eq!(
+            parse_addr("0.0.0.0:80").unwrap(),
+            "0.0.0.0:80".parse().unwrap()
+        );
+        assert!(parse_addr(":http").is_err());
+        assert!(parse_addr("localhost").is_err());
+        assert!(parse_addr(":70000").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("1m 30s").unwrap(), Duration::from_secs(90));
+        assert!(parse_duration("2").is_err());
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_size("1024").unwrap(), 1024);
+        assert_eq!(parse_size("1 KiB").unwrap(), 1024);
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("-1").is_err());
+    }
+
+    #[test]
+    fn env_pairs() {
+        assert_eq!(
+            parse_env("A=b=c").unwrap(),
+            ("A".to_string(), "b=c".to_string())
+        );
+        assert_eq!(parse_env("A=").unwrap(), ("A".to_string(), String::new()));
+        assert!(parse_env("=x").is_err());
+        assert!(parse_env("A").is_err());
+    }
+
+    #[test]
+    fn defaults_parse() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["wasmhive", "serve"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(args.addr, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(args.max_memory, 128 << 20);
+        assert_eq!(args.queue_timeout, Duration::from_secs(2));
+    }
+}

@@ -1,0 +1,391 @@
+//! `wasmhive serve`: loads the component, accepts connections (HTTP/1.1 and
+//! h2c), hands each request to the library's [`ProxyHandler`], maps its
+//! typed errors to statuses, and drains on SIGINT or SIGTERM.
+//!
+//! Per connection: hyper-util's auto builder, a header read timeout, a
+//! connection cap (`--max-connections`, enforced by not accepting). Per
+//! request: an id, a `request` span, the body-size limit (413 from
+//! `Content-Length` at once; a body without one is cut off at the limit),
+//! then `ProxyHandler::handle`.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode, header};
+use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tracing::Instrument as _;
+use wasmhive::{App, BodyError, Error, Limits, PoolLimits, ProxyHandler, Runtime, RuntimeConfig};
+
+use crate::admin::Admin;
+use crate::args::ServeArgs;
+use crate::telemetry;
+
+/// Largest request head (request line and headers) an HTTP/1 client may
+/// send; beyond it hyper answers 431.
+const MAX_HEAD_SIZE: usize = 64 * 1024;
+
+/// Runs the server until it has drained after a signal.
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    telemetry::init_logging(args.log_format);
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(serve(args))
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if args.prewarm > args.max_instances as usize {
+        anyhow::bail!(
+            "--prewarm ({}) cannot exceed --max-instances ({})",
+            args.prewarm,
+            args.max_instances
+        );
+    }
+    let app = load_app(&args)?;
+    // Metrics are only collected when something can read them.
+    let metrics = match args.admin_addr {
+        Some(_) => Some(telemetry::init_metrics()?),
+        None => None,
+    };
+    let pool = PoolLimits {
+        max_instances: args.max_instances as usize,
+        max_queue_len: args.queue_len,
+        max_queue_wait: args.queue_timeout,
+        prewarm: args.prewarm,
+        ..PoolLimits::default()
+    };
+    let handler = ProxyHandler::with_recorder(app, pool, Arc::new(telemetry::MetricsRecorder));
+
+    let listener = TcpListener::bind(args.addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.addr))?;
+    let admin_listener = match args.admin_addr {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (--admin-addr)"))?,
+        ),
+        None => None,
+    };
+    eprintln!("Serving HTTP on http://{}/", listener.local_addr()?);
+
+    let draining = Arc::new(AtomicBool::new(false));
+    if let (Some(admin_listener), Some(metrics)) = (admin_listener, metrics) {
+        tracing::info!(
+            "admin endpoint on http://{}/ (/metrics, /healthz, /readyz)",
+            admin_listener.local_addr()?
+        );
+        let admin = Admin {
+            handler: handler.clone(),
+            metrics,
+            draining: draining.clone(),
+        };
+        tokio::spawn(admin.serve(admin_listener));
+    }
+
+    let server = Arc::new(Server {
+        handler: handler.clone(),
+        max_body_size: args.max_body_size,
+        next_id: AtomicU64::new(0),
+    });
+    let graceful = GracefulShutdown::new();
+    let mut signal = std::pin::pin!(shutdown_signal());
+    accept(&listener, &server, &args, &graceful, signal.as_mut()).await;
+
+    // Drain: stop accepting, answer new requests on open connections with
+    // 503, let in-flight ones finish, close idle connections.
+    draining.store(true, Ordering::Relaxed);
+    drop(listener);
+    handler.shutdown();
+    tracing::info!(
+        deadline = %humantime::format_duration(args.drain_timeout),
+        "draining in-flight requests (signal again to exit at once)"
+    );
+    tokio::spawn(async {
+        shutdown_signal().await;
+        eprintln!("second signal: exiting without draining");
+        std::process::exit(130);
+    });
+    let drained = async {
+        graceful.shutdown().await;
+        handler.drained().await;
+    };
+    match tokio::time::timeout(args.drain_timeout, drained).await {
+        Ok(()) => tracing::info!("drained; exiting"),
+        Err(_) => tracing::warn!(
+            live_instances = handler.stats().live_instances,
+            "drain deadline passed; exiting with requests still in flight"
+        ),
+    }
+    Ok(())
+}
+
+/// The component with the limits, environment and outbound allowlist of
+/// the flags.
+fn load_app(args: &ServeArgs) -> anyhow::Result<App> {
+    let runtime = Runtime::new(&RuntimeConfig {
+        pooling: !args.no_pooling,
+        max_instances: args.max_instances as usize,
+        max_memory: usize::try_from(args.max_memory).unwrap_or(usize::MAX),
+        ..RuntimeConfig::default()
+    })?;
+    let (component, name) = match &args.component {
+        Some(path) => (runtime.load_file(path)?, path.display().to_string()),
+        None => (
+            runtime.load_bytes(wasmhive_guests::DEMO_WASM)?,
+            "the bundled demo app".to_string(),
+        ),
+    };
+    let app = App::new(&runtime, &component).with_context(|| format!("cannot serve {name}"))?;
+    let defaults = Limits::for_world(app.world());
+    let limits = Limits {
+        max_reuse: args.max_reuse.map_or(defaults.max_reuse, |n| n as usize),
+        max_concurrency: args
+            .max_concurrent_per_instance
+            .map_or(defaults.max_concurrency, |n| n as usize),
+        idle_timeout: args.idle_timeout,
+        request_timeout: args.request_timeout,
+        max_memory: usize::try_from(args.max_memory).unwrap_or(usize::MAX),
+        ..defaults
+    };
+    tracing::debug!(component = %name, world = ?app.world(), ?limits, "loaded");
+    let mut app = app
+        .with_limits(limits)
+        .label_output(!args.no_logging_prefix);
+    for (key, value) in &args.env {
+        app = app.with_env(key, value);
+    }
+    for authority in &args.allow_outbound {
+        app = app.allow_outbound(authority);
+    }
+    Ok(app)
+}
+
+/// Accepts connections until `signal` fires, within `--max-connections`.
+async fn accept(
+    listener: &TcpListener,
+    server: &Arc<Server>,
+    args: &ServeArgs,
+    graceful: &GracefulShutdown,
+    mut signal: Pin<&mut impl Future<Output = ()>>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(args.header_timeout)
+        .max_buf_size(MAX_HEAD_SIZE);
+    builder.http2().timer(TokioTimer::new());
+    let permits = Arc::new(Semaphore::new(args.max_connections as usize));
+    let open = metrics::gauge!("wasmhive_connections_open");
+    loop {
+        let permit = tokio::select! {
+            biased;
+            () = signal.as_mut() => return,
+            permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+        };
+        let stream = tokio::select! {
+            biased;
+            () = signal.as_mut() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(error) => {
+                    // Out of file descriptors, say: back off rather than spin.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper::service::service_fn({
+            let server = server.clone();
+            move |request| {
+                let server = server.clone();
+                async move { Ok::<_, Infallible>(server.respond(request).await) }
+            }
+        });
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        let open = open.clone();
+        open.increment(1.0);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(error = %error, "connection ended with an error");
+            }
+            open.decrement(1.0);
+            drop(permit);
+        });
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}
+
+/// What every request needs.
+struct Server {
+    handler: ProxyHandler<App>,
+    max_body_size: u64,
+    next_id: AtomicU64,
+}
+
+type Response = http::Response<wasmhive::Body>;
+
+impl Server {
+    /// Answers one request; never fails (errors become statuses).
+    async fn respond(&self, request: hyper::Request<Incoming>) -> Response {
+        let started = Instant::now();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::info_span!(
+            "request",
+            id,
+            method = %request.method(),
+            path = %request.uri().path(),
+        );
+        let response = self.dispatch(id, request).instrument(span).await;
+        telemetry::record_response(response.status().as_u16(), started.elapsed());
+        response
+    }
+
+    async fn dispatch(&self, id: u64, request: hyper::Request<Incoming>) -> Response {
+        let limit = self.max_body_size;
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|length| length > limit) {
+            return too_large(limit);
+        }
+        // hyper holds a body with a Content-Length to it; a body without one
+        // (chunked, or HTTP/2 frames) is counted as the guest reads it.
+        let exceeded = match declared {
+            None if !request.body().is_end_stream() => Some(Arc::new(AtomicBool::new(false))),
+            _ => None,
+        };
+        let request = match &exceeded {
+            Some(flag) => request.map(|body| {
+                wasmhive::into_body(LimitedBody {
+                    inner: body,
+                    remaining: limit,
+                    exceeded: flag.clone(),
+                })
+            }),
+            None => request.map(wasmhive::into_body),
+        };
+        let result = self.handler.handle(id, request).await;
+        if exceeded.is_some_and(|flag| flag.load(Ordering::Relaxed)) {
+            // The guest read past the limit before it answered.
+            return too_large(limit);
+        }
+        match result {
+            Ok(response) => response,
+            Err(error) => error_response(&error),
+        }
+    }
+}
+
+/// A short plain-text answer for a request the guest did not answer.
+fn error_response(error: &Error) -> Response {
+    let status = error.status();
+    match error {
+        Error::Overloaded(_) | Error::ShuttingDown(_) | Error::InvalidRequest(_) => {
+            tracing::debug!(%error, status = status.as_u16(), "request refused");
+        }
+        _ => tracing::warn!(%error, status = status.as_u16(), "request failed"),
+    }
+    let mut response = plain(status, format!("{error}\n"));
+    if let Some(after) = error.retry_after() {
+        let seconds = after.as_secs_f64().ceil().max(1.0) as u64;
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    response
+}
+
+fn too_large(limit: u64) -> Response {
+    let mut response = plain(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("request body larger than {limit} bytes\n"),
+    );
+    // The rest of the body is not read: do not reuse the connection.
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+fn plain(status: StatusCode, body: String) -> Response {
+    let mut response = http::Response::new(wasmhive::into_body(Full::new(Bytes::from(body))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// A request body without a declared length, failing once more than
+/// `remaining` bytes arrive (and flagging it, so that the client gets 413).
+struct LimitedBody {
+    inner: Incoming,
+    remaining: u64,
+    exceeded: Arc<AtomicBool>,
+}
+
+impl http_body::Body for LimitedBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error.into()))),
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
+        };
+        if let Some(data) = frame.data_ref() {
+            let len = data.len() as u64;
+            if len > self.remaining {
+                self.exceeded.store(true, Ordering::Relaxed);
+                return Poll::Ready(Some(Err(BodyError::HttpRequestBodySize(None))));
+            }
+            self.remaining -= len;
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,145 @@
+//! Logs (`tracing` to stderr) and metrics (the `metrics` facade, exported in
+//! Prometheus text format by the admin endpoint).
+
+use std::time::Duration;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+use wasmhive::{InstanceReport, Recorder, RequestReport, Stats};
+
+use crate::args::LogFormat;
+
+/// Installs the global `tracing` subscriber: stderr, filtered by `RUST_LOG`
+/// (default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Seconds buckets for every histogram: 100 us to 30 s.
+const BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+
+/// Installs the global metrics recorder and describes wasmhive's metrics.
+pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets(BUCKETS)?
+        .install_recorder()?;
+    describe_counter!(
+        "wasmhive_http_requests_total",
+        "HTTP requests answered, by status code"
+    );
+    describe_histogram!(
+        "wasmhive_http_request_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time from a request's arrival to its response head"
+    );
+    describe_histogram!(
+        "wasmhive_queue_wait_seconds",
+        metrics::Unit::Seconds,
+        "Time a request waited for an instance"
+    );
+    describe_histogram!(
+        "wasmhive_instantiation_seconds",
+        metrics::Unit::Seconds,
+        "Time to create an instance"
+    );
+    describe_counter!(
+        "wasmhive_instance_exits_total",
+        "Instances ended, by reason"
+    );
+    describe_counter!("wasmhive_instantiations_total", "Instances created");
+    describe_counter!(
+        "wasmhive_instantiation_failures_total",
+        "Failed attempts to create an instance"
+    );
+    describe_counter!(
+        "wasmhive_overloaded_total",
+        "Requests refused with 503 because the pool and its queue were full"
+    );
+    describe_gauge!("wasmhive_instances_live", "Instances alive, busy or idle");
+    describe_gauge!(
+        "wasmhive_instances_available",
+        "Instances with spare capacity (idle ones, and busy ones below their concurrency)"
+    );
+    describe_gauge!(
+        "wasmhive_requests_queued",
+        "Requests waiting for an instance"
+    );
+    describe_gauge!(
+        "wasmhive_connections_open",
+        "Client connections open on the HTTP listener"
+    );
+    Ok(handle)
+}
+
+/// Records an answered request.
+pub fn record_response(status: u16, elapsed: Duration) {
+    counter!("wasmhive_http_requests_total", "status" => status_label(status)).increment(1);
+    histogram!("wasmhive_http_request_duration_seconds").record(elapsed);
+}
+
+/// Copies the handler's gauges and totals into the registry, just before a
+/// scrape renders it.
+pub fn record_stats(stats: &Stats) {
+    gauge!("wasmhive_instances_live").set(stats.live_instances as f64);
+    gauge!("wasmhive_instances_available").set(stats.available_instances as f64);
+    gauge!("wasmhive_requests_queued").set(stats.queued_requests as f64);
+    counter!("wasmhive_instantiations_total").absolute(stats.instantiations);
+    counter!("wasmhive_instantiation_failures_total").absolute(stats.instantiation_failures);
+    counter!("wasmhive_overloaded_total").absolute(stats.overloaded);
+    for reason in wasmhive::ExitReason::ALL {
+        counter!("wasmhive_instance_exits_total", "reason" => reason.as_str())
+            .absolute(stats.exits(reason));
+    }
+}
+
+/// The handler's [`Recorder`]: per-request and per-instance timings into
+/// histograms.
+pub struct MetricsRecorder;
+
+impl Recorder for MetricsRecorder {
+    fn request(&self, report: &RequestReport) {
+        if report.incarnation.is_some() {
+            histogram!("wasmhive_queue_wait_seconds").record(report.queue_wait);
+        }
+    }
+
+    fn instance(&self, report: &InstanceReport) {
+        histogram!("wasmhive_instantiation_seconds").record(report.instantiation_time);
+        if let Some(error) = &report.error {
+            tracing::debug!(
+                incarnation = report.incarnation,
+                reason = report.reason.as_str(),
+                %error,
+                "instance ended"
+            );
+        }
+    }
+}
+
+/// A static label for common statuses, so the hot path does not allocate.
+fn status_label(status: u16) -> metrics::SharedString {
+    match status {
+        200 => "200".into(),
+        204 => "204".into(),
+        400 => "400".into(),
+        404 => "404".into(),
+        413 => "413".into(),
+        500 => "500".into(),
+        502 => "502".into(),
+        503 => "503".into(),
+        504 => "504".into(),
+        other => other.to_string().into(),
+    }
+}

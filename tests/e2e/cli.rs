@@ -1,0 +1,140 @@
+//! Bad input on the command line: a clear message, exit code 2, no panic.
+//! And `compile`, whose output `serve` loads.
+
+use wasmhive_tests::guests;
+
+use crate::{Server, get, run};
+
+/// Runs `wasmhive ARGS` expecting exit code 2 and a message containing
+/// `expected`.
+fn fails_with(args: &[&str], expected: &str) {
+    let (code, stderr) = run(args);
+    assert_eq!(code, Some(2), "{args:?}: {stderr}");
+    assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    assert!(!stderr.contains("Serving HTTP"), "{args:?}: {stderr}");
+}
+
+#[test]
+fn bad_components_are_refused_with_clear_errors() {
+    let dir = std::env::temp_dir().join(format!("wasmhive-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = dir.join("notes.wasm");
+    std::fs::write(&text, "just some text").unwrap();
+    let core = dir.join("core.wasm");
+    std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
+    // The smallest valid component: it exports nothing.
+    let empty = dir.join("empty.wasm");
+    std::fs::write(&empty, b"\0asm\x0d\0\x01\0").unwrap();
+
+    let serve = |path: &std::path::Path| {
+        vec![
+            "serve".to_string(),
+            "--addr".into(),
+            ":0".into(),
+            path.display().to_string(),
+        ]
+    };
+    let cases: [(Vec<String>, &str); 4] = [
+        (serve(&dir.join("missing.wasm")), "cannot read"),
+        (serve(&text), "not a WebAssembly component"),
+        (serve(&core), "core WebAssembly module"),
+        (serve(&empty), "exports no wasi:http handler"),
+    ];
+    for (args, expected) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        fails_with(&args, expected);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_flags_are_refused_with_clear_errors() {
+    fails_with(
+        &["serve", "--no-such-flag"],
+        "unexpected argument '--no-such-flag'",
+    );
+    fails_with(&["serve", "--request-timeout", "soon"], "is not a duration");
+    fails_with(&["serve", "--idle-timeout", "5"], "is not a duration");
+    fails_with(&["serve", "--max-memory", "lots"], "is not a size");
+    fails_with(&["serve", "--env", "NOVALUE"], "is not KEY=VALUE");
+    fails_with(&["serve", "--addr", "localhost"], "is not an address");
+    fails_with(&["serve", "--max-instances", "0"], "--max-instances");
+    fails_with(
+        &["serve", "--prewarm", "9", "--max-instances", "2"],
+        "cannot exceed",
+    );
+}
+
+#[test]
+fn help_lists_every_flag_with_its_default() {
+    let output = crate::wasmhive()
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let help = String::from_utf8(output.stdout).unwrap();
+    for flag in [
+        "--addr",
+        "--max-instances",
+        "--max-concurrent-per-instance",
+        "--max-reuse",
+        "--idle-timeout",
+        "--request-timeout",
+        "--queue-len",
+        "--queue-timeout",
+        "--prewarm",
+        "--max-memory",
+        "--max-connections",
+        "--max-body-size",
+        "--env",
+        "--allow-outbound",
+        "--admin-addr",
+        "--log-format",
+        "--no-logging-prefix",
+        "--no-pooling",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from:\n{help}");
+    }
+    assert!(help.contains("[default: 127.0.0.1:8080]"), "{help}");
+}
+
+#[tokio::test]
+async fn compiled_components_load_without_compiling() {
+    let dir = std::env::temp_dir().join(format!("wasmhive-compile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cwasm = dir.join("hello.cwasm");
+    let (code, stderr) = run(&[
+        "compile",
+        guests::HELLO_P3.path,
+        "-o",
+        cwasm.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let server = Server::start(&[cwasm.to_str().unwrap()]);
+    assert_eq!(get(server.addr, "/").await.2, "Hello, wasmhive!\n");
+
+    // A damaged precompiled file is refused, not trusted.
+    let mut bytes = std::fs::read(&cwasm).unwrap();
+    bytes.truncate(bytes.len() / 2);
+    let broken = dir.join("broken.cwasm");
+    std::fs::write(&broken, bytes).unwrap();
+    fails_with(&["serve", broken.to_str().unwrap()], "error:");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line() {
+    let server = Server::start(&[
+        guests::HELLO_P3.path,
+        "--log-format",
+        "json",
+        "--admin-addr",
+        ":0",
+    ]);
+    let line = server
+        .wait_for_line("admin endpoint", std::time::Duration::from_secs(10))
+        .unwrap();
+    assert!(line.starts_with('{') && line.ends_with('}'), "{line}");
+    assert!(line.contains("\"level\":\"INFO\""), "{line}");
+}

@@ -1,0 +1,67 @@
+//! The admin endpoint and graceful shutdown.
+
+use std::time::Duration;
+
+use wasmhive_tests::guests;
+
+use crate::{Server, get, metric};
+
+#[tokio::test]
+async fn metrics_move_and_health_endpoints_answer() {
+    let server = Server::start(&[guests::HELLO_P2.path, "--admin-addr", "127.0.0.1:0"]);
+    let admin = server.admin_addr();
+    assert_eq!(get(admin, "/healthz").await.0, 200);
+    assert_eq!(get(admin, "/readyz").await.0, 200);
+    for _ in 0..3 {
+        assert_eq!(get(server.addr, "/").await.0, 200);
+    }
+    let (status, headers, text) = get(admin, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    assert_eq!(
+        metric(&text, "wasmhive_http_requests_total{status=\"200\"}"),
+        3.0
+    );
+    // p2 with the defaults: a fresh instance per request.
+    assert_eq!(metric(&text, "wasmhive_instantiations_total"), 3.0);
+    assert!(text.contains("wasmhive_http_request_duration_seconds_bucket"));
+    assert!(text.contains("wasmhive_queue_wait_seconds_bucket"));
+    assert_eq!(get(server.addr, "/").await.0, 200);
+    let (_, _, text) = get(admin, "/metrics").await;
+    assert_eq!(
+        metric(&text, "wasmhive_http_requests_total{status=\"200\"}"),
+        4.0
+    );
+    assert_eq!(get(admin, "/nope").await.0, 404);
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests_then_exits_zero() {
+    let mut server = Server::start(&[
+        guests::SLEEP_P3.path,
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--drain-timeout",
+        "20s",
+    ]);
+    let admin = server.admin_addr();
+    let addr = server.addr;
+    let in_flight = tokio::spawn(async move { get(addr, "/?ms=1500").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.signal("TERM");
+    server
+        .wait_for_line("draining", Duration::from_secs(10))
+        .expect("drain announced");
+    // Not ready while draining; new connections are no longer accepted.
+    assert_eq!(get(admin, "/readyz").await.0, 503);
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    let (status, _, body) = in_flight.await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "slept 1500 ms\n"));
+    let exit = server.wait_exit(Duration::from_secs(20));
+    assert_eq!(exit.code(), Some(0), "{exit:?}");
+}

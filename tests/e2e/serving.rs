@@ -1,0 +1,162 @@
+//! Serving: the demo app, p2 and p3 guests, HTTP/2, body and header limits,
+//! malformed requests.
+
+use std::convert::Infallible;
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, StreamBody};
+use wasmhive_tests::{guests, http_call};
+
+use crate::{Server, get};
+
+#[tokio::test]
+async fn serves_the_bundled_demo_without_a_component() {
+    let server = Server::start(&[]);
+    let (status, _, body) = get(server.addr, "/").await;
+    assert_eq!(status, 200);
+    assert!(body.starts_with("Hello from wasmhive!"), "{body}");
+    let (status, _, echoed) = http_call(
+        server.addr,
+        "POST",
+        "/anything",
+        &[],
+        Bytes::from_static(b"round trip"),
+    )
+    .await;
+    assert_eq!((status, &echoed[..]), (200, &b"round trip"[..]));
+    let (status, _, _) = get(server.addr, "/nowhere").await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn serves_p2_and_p3_components() {
+    let p2 = Server::start(&[guests::HELLO_P2.path]);
+    assert_eq!(get(p2.addr, "/").await.2, "Hello, wasmhive!\n");
+
+    let p3 = Server::start(&[guests::ECHO_P3.path]);
+    let body = Bytes::from(vec![7u8; 256 * 1024]);
+    let (status, headers, echoed) = http_call(
+        p3.addr,
+        "PUT",
+        "/up?x=1",
+        &[("x-test", "yes")],
+        body.clone(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(echoed, body);
+    assert_eq!(headers["x-echo-method"], "PUT");
+    assert_eq!(headers["x-echo-path"], "/up?x=1");
+    assert_eq!(headers["x-echo-header-x-test"], "yes");
+}
+
+#[tokio::test]
+async fn speaks_http2_with_prior_knowledge() {
+    let server = Server::start(&[guests::HELLO_P3.path]);
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let response = client
+        .get(format!("http://{}/", server.addr).parse().unwrap())
+        .await
+        .expect("h2c request");
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "Hello, wasmhive!\n");
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_get_413() {
+    let server = Server::start(&[guests::ECHO_P3.path, "--max-body-size", "1KiB"]);
+    // Declared too large: refused before the guest runs.
+    let (status, _, body) =
+        http_call(server.addr, "POST", "/", &[], Bytes::from(vec![1u8; 4096])).await;
+    assert_eq!(status, 413, "{}", String::from_utf8_lossy(&body));
+
+    // Streamed without a Content-Length: cut off as the guest reads it.
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let request = http::Request::post(format!("http://{}/?buffer=1", server.addr))
+        .body(chunked(8, 512))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.status(), 413);
+
+    // Within the limit, both ways work.
+    let (status, _, body) = http_call(
+        server.addr,
+        "POST",
+        "/?buffer=1",
+        &[],
+        Bytes::from(vec![3u8; 1000]),
+    )
+    .await;
+    assert_eq!((status, body.len()), (200, 1000));
+    let request = http::Request::post(format!("http://{}/?buffer=1", server.addr))
+        .body(chunked(2, 400))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .len(),
+        800
+    );
+}
+
+type Chunks =
+    futures::stream::Iter<std::vec::IntoIter<Result<http_body::Frame<Bytes>, Infallible>>>;
+
+/// A body of `count` chunks of `size` bytes, sent without a Content-Length.
+fn chunked(count: usize, size: usize) -> StreamBody<Chunks> {
+    let frames = (0..count)
+        .map(|_| Ok(http_body::Frame::data(Bytes::from(vec![b'x'; size]))))
+        .collect::<Vec<_>>();
+    StreamBody::new(futures::stream::iter(frames))
+}
+
+/// Writes raw bytes on a fresh connection and returns what the server says
+/// before closing it (or within 10 s).
+fn raw_exchange(server: &Server, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(server.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(request).unwrap();
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        reply.extend_from_slice(&buf[..n]);
+        if reply.windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_requests_never_reach_a_guest() {
+    let server = Server::start(&[guests::COUNTER_P3.path]);
+    let reply = raw_exchange(&server, b"NOT HTTP AT ALL\r\n\r\n");
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply:?}");
+    let huge = format!(
+        "GET / HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+        "a".repeat(128 * 1024)
+    );
+    let reply = raw_exchange(&server, huge.as_bytes());
+    assert!(reply.starts_with("HTTP/1.1 431"), "{reply:?}");
+    // Neither reached the guest: its first request counts 1.
+    assert_eq!(get(server.addr, "/").await.2, "1");
+}
