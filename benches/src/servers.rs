@@ -1,0 +1,214 @@
+//! The servers under test, each started as its own process on 127.0.0.1
+//! with a free port, and what can be read of them from `/proc`.
+
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use serde::Serialize;
+
+/// Which server.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerKind {
+    /// `wasmhive serve`.
+    Wasmhive,
+    /// `wasmtime serve -Scli`.
+    Wasmtime,
+    /// The native hyper server of [`crate::native`]: the same answers
+    /// without wasm, the ceiling.
+    Native,
+}
+
+impl ServerKind {
+    /// The label used in tables and charts.
+    pub fn label(self) -> &'static str {
+        match self {
+            ServerKind::Wasmhive => "wasmhive",
+            ServerKind::Wasmtime => "wasmtime serve",
+            ServerKind::Native => "native hyper",
+        }
+    }
+}
+
+/// Where the server binaries are.
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    /// `wasmhive`.
+    pub wasmhive: PathBuf,
+    /// `wasmtime`, when found.
+    pub wasmtime: Option<PathBuf>,
+    /// This harness, which runs the native server as a subcommand.
+    pub harness: PathBuf,
+}
+
+/// Instance policy flags, given to both wasm servers in their own words.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Settings {
+    /// Requests per instance (`--max-reuse` / `--max-instance-reuse-count`).
+    pub reuse: Option<u32>,
+    /// Concurrent requests per instance.
+    pub concurrency: Option<u32>,
+    /// Idle timeout, in seconds.
+    pub idle_timeout_secs: Option<u32>,
+    /// Extra `wasmhive serve` flags with no wasmtime equivalent.
+    pub wasmhive_extra: Vec<String>,
+}
+
+/// A server process, killed when dropped.
+pub struct Running {
+    child: Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// From spawn to its `Serving HTTP on` line.
+    pub ready_after: Duration,
+}
+
+impl Running {
+    /// Starts `kind` serving `component` (ignored by the native server).
+    pub fn start(
+        kind: ServerKind,
+        binaries: &Binaries,
+        component: &Path,
+        settings: &Settings,
+    ) -> anyhow::Result<Running> {
+        let mut command = match kind {
+            ServerKind::Wasmhive => {
+                let mut c = Command::new(&binaries.wasmhive);
+                c.args(["serve", "--addr", "127.0.0.1:0", "--no-logging-prefix"]);
+                if let Some(n) = settings.reuse {
+                    c.arg("--max-reuse").arg(n.to_string());
+                }
+                if let Some(n) = settings.concurrency {
+                    c.arg("--max-concurrent-per-instance").arg(n.to_string());
+                }
+                if let Some(s) = settings.idle_timeout_secs {
+                    c.arg("--idle-timeout").arg(format!("{s}s"));
+                }
+                c.args(&settings.wasmhive_extra).arg(component);
+                c.env("RUST_LOG", "warn");
+                c
+            }
+            ServerKind::Wasmtime => {
+                let Some(wasmtime) = &binaries.wasmtime else {
+                    bail!("no wasmtime binary");
+                };
+                let mut c = Command::new(wasmtime);
+                c.args([
+                    "serve",
+                    "-Scli",
+                    "--addr",
+                    "127.0.0.1:0",
+                    "--no-logging-prefix",
+                ]);
+                if let Some(n) = settings.reuse {
+                    c.arg("--max-instance-reuse-count").arg(n.to_string());
+                }
+                if let Some(n) = settings.concurrency {
+                    c.arg("--max-instance-concurrent-reuse-count")
+                        .arg(n.to_string());
+                }
+                if let Some(s) = settings.idle_timeout_secs {
+                    c.arg("--idle-instance-timeout").arg(format!("{s}s"));
+                }
+                c.arg(component);
+                c
+            }
+            ServerKind::Native => {
+                let mut c = Command::new(&binaries.harness);
+                c.args(["native-server", "--addr", "127.0.0.1:0"]);
+                c
+            }
+        };
+        let spawned = Instant::now();
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", kind.label()))?;
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in lines.by_ref().map_while(Result::ok) {
+                if let Some(addr) = line
+                    .strip_prefix("Serving HTTP on http://")
+                    .and_then(|rest| rest.trim_end_matches('/').parse::<SocketAddr>().ok())
+                {
+                    let _ = tx.send(addr);
+                    break;
+                }
+            }
+            // Keep draining so the server never blocks on a full pipe.
+            for _ in lines.map_while(Result::ok) {}
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                bail!("{} did not start listening", kind.label());
+            }
+        };
+        Ok(Running {
+            child,
+            addr,
+            ready_after: spawned.elapsed(),
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory, in bytes.
+    pub fn rss(&self) -> u64 {
+        rss_of(self.pid()).unwrap_or(0)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Resident memory of `pid`, from `/proc/PID/status`.
+pub fn rss_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// CPU time (user + system) used so far by `pid`, or by this process for
+/// `None`, from `/proc/PID/stat` (clock ticks of 10 ms, Linux's USER_HZ).
+pub fn cpu_time(pid: Option<u32>) -> Duration {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_string(),
+    };
+    let Ok(stat) = std::fs::read_to_string(path) else {
+        return Duration::ZERO;
+    };
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the line.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
+        return Duration::ZERO;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+        .sum();
+    Duration::from_millis(ticks * 10)
+}
+
+/// Cores on this machine.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
