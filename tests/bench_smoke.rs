@@ -1,6 +1,7 @@
 //! The bench harness's smoke mode (`--quick`) runs end to end, so that the
 //! harness never rots: every scenario produces figures for wasmhive, and the
-//! Markdown, JSON and SVG results are written.
+//! Markdown, JSON and SVG results are written; and the soak command's
+//! 20-second form.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -21,8 +22,12 @@ fn wasmhive_binary() -> PathBuf {
     binary
 }
 
+/// The two tests load the machine; they take turns.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn quick_mode_runs_every_scenario() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let out = std::env::temp_dir().join(format!("wasmhive-bench-smoke-{}", std::process::id()));
     let output = Command::new(env!("CARGO_BIN_EXE_wasmhive-bench"))
         .arg("--quick")
@@ -73,4 +78,21 @@ fn quick_mode_runs_every_scenario() {
         "{svg:.200}"
     );
     std::fs::remove_dir_all(&out).unwrap();
+}
+
+/// The soak's short form: 20 seconds of mixed requests, every answer as
+/// expected and RSS growth after warm-up under 5%.
+#[test]
+fn soak_for_twenty_seconds() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let output = Command::new(env!("CARGO_BIN_EXE_wasmhive-bench"))
+        .args(["soak", "--duration", "20", "--connections", "16", "--wasmhive"])
+        .arg(wasmhive_binary())
+        .output()
+        .expect("harness runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    eprintln!("{stdout}");
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("every answer as expected"), "{stdout}");
 }

@@ -7,6 +7,7 @@ pub mod native;
 pub mod report;
 pub mod scenarios;
 pub mod servers;
+pub mod soak;
 
 use std::time::Duration;
 

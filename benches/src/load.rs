@@ -134,9 +134,10 @@ async fn with_cpu<F: Future<Output = Measured>>(server: u32, run: F) -> Measured
     measured
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+pub(crate) type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
-async fn connect(addr: SocketAddr) -> Option<Sender> {
+/// Opens an HTTP/1.1 connection to `addr`; `None` when it fails.
+pub(crate) async fn connect(addr: SocketAddr) -> Option<Sender> {
     let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
     let _ = stream.set_nodelay(true);
     let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -149,11 +150,16 @@ async fn connect(addr: SocketAddr) -> Option<Sender> {
 /// Sends one request on `sender` and reads the whole answer; `None` when the
 /// connection failed.
 async fn exchange(sender: &mut Sender, target: &Target) -> Option<u16> {
+    exchange_body(sender, target).await.map(|(status, _)| status)
+}
+
+/// Like [`exchange`], also returning the body.
+pub(crate) async fn exchange_body(sender: &mut Sender, target: &Target) -> Option<(u16, Bytes)> {
     sender.ready().await.ok()?;
     let response = sender.send_request(target.request()).await.ok()?;
     let status = response.status().as_u16();
-    response.into_body().collect().await.ok()?;
-    Some(status)
+    let body = response.into_body().collect().await.ok()?.to_bytes();
+    Some((status, body))
 }
 
 /// `connections` connections, each sending requests back to back for

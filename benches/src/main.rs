@@ -9,13 +9,14 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use wasmhive_bench::scenarios::{self, Options};
 use wasmhive_bench::servers::Binaries;
+use wasmhive_bench::soak::SoakOptions;
 
 /// Load-test wasmhive against wasmtime serve and a native hyper server.
 #[derive(Parser, Debug)]
 #[command(name = "wasmhive-bench", args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
-    command: Option<Internal>,
+    command: Option<Extra>,
 
     /// Scenarios to run [default: all]: hello-p2, hello-p3, echo-64k, cpu,
     /// sleep-io, overload, cold-start, memory.
@@ -57,7 +58,25 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
-enum Internal {
+enum Extra {
+    /// Soak `wasmhive serve` with mixed requests (hello, 64 KiB echo,
+    /// counter, 1% trap, 1% client abort), checking every answer and
+    /// sampling RSS; fails on any unexpected answer or on RSS growth after
+    /// warm-up of 5% or more.
+    Soak {
+        /// Stop after this many requests.
+        #[arg(long, default_value_t = 1_000_000)]
+        requests: u64,
+        /// Stop after this many seconds, if the requests are not all sent.
+        #[arg(long, default_value_t = 3600.0)]
+        duration: f64,
+        /// Client connections.
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        /// The wasmhive binary [default: `wasmhive` next to this one].
+        #[arg(long)]
+        wasmhive: Option<PathBuf>,
+    },
     /// The native baseline server (started by the harness itself).
     #[command(hide = true)]
     NativeServer {
@@ -68,26 +87,25 @@ enum Internal {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Some(Internal::NativeServer { addr }) = cli.command {
-        return wasmhive_bench::native::serve(addr);
+    match cli.command {
+        Some(Extra::NativeServer { addr }) => return wasmhive_bench::native::serve(addr),
+        Some(Extra::Soak {
+            requests,
+            duration,
+            connections,
+            wasmhive,
+        }) => {
+            let options = SoakOptions {
+                requests,
+                duration: Duration::from_secs_f64(duration),
+                connections,
+                warmup_share: 0.25,
+            };
+            return soak(binaries(wasmhive, None)?, options);
+        }
+        None => {}
     }
-    let harness = std::env::current_exe()?;
-    let wasmhive = match cli.wasmhive {
-        Some(path) => path,
-        None => harness.with_file_name("wasmhive"),
-    };
-    if !wasmhive.exists() {
-        bail!(
-            "{} not found: build it first (`cargo build --release -p wasmhive-cli`) or pass --wasmhive",
-            wasmhive.display()
-        );
-    }
-    let wasmtime = cli.wasmtime.or_else(|| find_on_path("wasmtime"));
-    let binaries = Binaries {
-        wasmhive,
-        wasmtime,
-        harness,
-    };
+    let binaries = binaries(cli.wasmhive, cli.wasmtime)?;
 
     let all = scenarios::all();
     let chosen: Vec<_> = if cli.scenarios.is_empty() {
@@ -147,6 +165,40 @@ fn main() -> anyhow::Result<()> {
     if report.rounds.is_empty() {
         bail!("no scenario completed");
     }
+    Ok(())
+}
+
+/// The servers' binaries: `wasmhive` defaults to the one next to this
+/// harness, `wasmtime` to the one on PATH.
+fn binaries(wasmhive: Option<PathBuf>, wasmtime: Option<PathBuf>) -> anyhow::Result<Binaries> {
+    let harness = std::env::current_exe()?;
+    let wasmhive = wasmhive.unwrap_or_else(|| harness.with_file_name("wasmhive"));
+    if !wasmhive.exists() {
+        bail!(
+            "{} not found: build it first (`cargo build --release -p wasmhive-cli`) or pass --wasmhive",
+            wasmhive.display()
+        );
+    }
+    Ok(Binaries {
+        wasmhive,
+        wasmtime: wasmtime.or_else(|| find_on_path("wasmtime")),
+        harness,
+    })
+}
+
+fn soak(binaries: Binaries, options: SoakOptions) -> anyhow::Result<()> {
+    let report = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(wasmhive_bench::soak::run(&binaries, &options))?;
+    println!("{}", report.markdown());
+    if report.unexpected > 0 {
+        bail!("{} unexpected answers", report.unexpected);
+    }
+    if report.growth() >= 0.05 {
+        bail!("RSS grew {:.1}% after warm-up", report.growth() * 100.0);
+    }
+    println!("every answer as expected; RSS growth after warm-up under 5%");
     Ok(())
 }
 

@@ -4,7 +4,6 @@
 //! body back, streamed; anything else is `404`.
 
 use wasip3::http::types::{ErrorCode, Request, Response};
-use wasip3::wit_bindgen::StreamResult;
 use wasip3::wit_future;
 use wasmhive_guest_components::{next_count, p3, path};
 
@@ -32,18 +31,10 @@ impl wasip3::exports::http::handler::Guest for Demo {
             }
             ("POST", _) => {
                 let (done_tx, done_rx) = wit_future::new(|| Ok(()));
-                let (mut input, _trailers) = Request::consume_body(request, done_rx);
-                let (response, mut output) = p3::streaming_response(200, Vec::new());
+                let (input, _trailers) = Request::consume_body(request, done_rx);
+                let (response, output) = p3::streaming_response(200, Vec::new());
                 wasip3::spawn_local(async move {
-                    loop {
-                        let (result, chunk) = input.read(Vec::with_capacity(64 * 1024)).await;
-                        if !chunk.is_empty() {
-                            output.write_all(chunk).await;
-                        }
-                        if !matches!(result, StreamResult::Complete(_)) {
-                            break;
-                        }
-                    }
+                    p3::pipe(input, output).await;
                     drop(done_tx);
                 });
                 Ok(response)

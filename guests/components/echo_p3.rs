@@ -46,17 +46,9 @@ impl wasip3::exports::http::handler::Guest for Echo {
             });
             return Ok(response);
         }
-        let (response, mut output) = p3::streaming_response(200, headers);
+        let (response, output) = p3::streaming_response(200, headers);
         wasip3::spawn_local(async move {
-            loop {
-                let (result, chunk) = input.read(Vec::with_capacity(CHUNK)).await;
-                if !chunk.is_empty() {
-                    output.write_all(chunk).await;
-                }
-                if !matches!(result, StreamResult::Complete(_)) {
-                    break;
-                }
-            }
+            p3::pipe(input, output).await;
             drop(done_tx);
         });
         Ok(response)

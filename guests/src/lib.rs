@@ -208,6 +208,25 @@ pub mod p3 {
         (response, body_tx)
     }
 
+    /// Copies `input` to `output` chunk by chunk as it arrives, until
+    /// `input` ends or `output`'s reader is dropped.
+    pub async fn pipe(
+        mut input: wasip3::wit_bindgen::StreamReader<u8>,
+        mut output: StreamWriter<u8>,
+    ) {
+        loop {
+            let (result, chunk) = input.read(Vec::with_capacity(64 * 1024)).await;
+            // Leftovers mean the reader went away (the client, say); writing
+            // again after that would trap.
+            if !chunk.is_empty() && !output.write_all(chunk).await.is_empty() {
+                break;
+            }
+            if !matches!(result, wasip3::wit_bindgen::StreamResult::Complete(_)) {
+                break;
+            }
+        }
+    }
+
     /// A complete `text/plain` response with `status` and `body`, written by a
     /// task that outlives the handler call.
     pub fn respond(status: u16, body: Vec<u8>) -> Result<Response, ErrorCode> {

@@ -1,10 +1,11 @@
 //! The admin endpoint and graceful shutdown.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use wasmhive_tests::guests;
 
-use crate::{Server, get, metric};
+use crate::{Server, get, metric, try_call};
 
 #[tokio::test]
 async fn metrics_move_and_health_endpoints_answer() {
@@ -65,3 +66,57 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
     let exit = server.wait_exit(Duration::from_secs(20));
     assert_eq!(exit.code(), Some(0), "{exit:?}");
 }
+
+#[tokio::test]
+async fn sigterm_under_load_completes_in_flight_requests() {
+    let mut server = Server::start(&[guests::SLEEP_P3.path, "--drain-timeout", "10s"]);
+    let addr = server.addr;
+    let epoch = Instant::now();
+    let clients: Vec<_> = (0..16)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                loop {
+                    let sent = epoch.elapsed();
+                    let answer = try_call(addr, "GET", "/?ms=200", Bytes::new()).await;
+                    let refused = answer.is_err();
+                    seen.push((sent, answer));
+                    if refused {
+                        return seen;
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let signalled = epoch.elapsed();
+    server.signal("TERM");
+    let exit = tokio::task::spawn_blocking(move || server.wait_exit(Duration::from_secs(15)))
+        .await
+        .unwrap();
+    assert_eq!(exit.code(), Some(0), "{exit:?}");
+
+    let (mut completed, mut refused) = (0, 0);
+    for client in clients {
+        for (sent, answer) in client.await.unwrap() {
+            match answer {
+                Ok((200, _, Ok(body))) => {
+                    assert_eq!(body, Bytes::from_static(b"slept 200 ms\n"));
+                    completed += 1;
+                }
+                // Sent as the server stopped listening: refused, or 503.
+                Ok((503, headers, _)) if sent + SLACK >= signalled => {
+                    assert!(headers.contains_key("retry-after"));
+                    refused += 1;
+                }
+                Err(_) if sent + SLACK >= signalled => refused += 1,
+                other => panic!("sent {sent:?}, signal at {signalled:?}: {other:?}"),
+            }
+        }
+    }
+    assert!(completed >= 16 && refused >= 16, "{completed} completed, {refused} refused");
+}
+
+/// Requests sent this shortly before the signal may still be in the
+/// listener's backlog when it closes.
+const SLACK: Duration = Duration::from_millis(50);

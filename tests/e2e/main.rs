@@ -4,8 +4,12 @@
 
 mod cli;
 mod errors;
+mod faults;
+mod hostile;
+mod isolation;
 mod lifecycle;
 mod outbound;
+mod overload;
 mod serving;
 
 use std::io::{BufRead as _, BufReader};
@@ -98,6 +102,18 @@ impl Server {
         }
     }
 
+    /// The server's resident set size, in bytes.
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("the server is running");
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status");
+        kib * 1024
+    }
+
     /// Sends `signal` (e.g. `"TERM"`) to the server.
     pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
@@ -158,4 +174,97 @@ pub fn metric(text: &str, series: &str) -> f64 {
             (name == series).then(|| value.parse().ok())?
         })
         .unwrap_or(0.0)
+}
+
+/// Reads the admin endpoint's `/metrics` until `series` equals `value`, for
+/// up to `timeout`; returns the last value seen.
+pub async fn wait_for_metric(admin: SocketAddr, series: &str, value: f64, timeout: Duration) -> f64 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (_, _, text) = get(admin, "/metrics").await;
+        let seen = metric(&text, series);
+        if seen == value || Instant::now() > deadline {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A request on a connection of its own that reports failures instead of
+/// panicking: the status and headers, and the body or why reading it
+/// failed. `Err` when no response head arrived.
+pub async fn try_call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: bytes::Bytes,
+) -> Result<(u16, http::HeaderMap, Result<bytes::Bytes, String>), String> {
+    use http_body_util::BodyExt as _;
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(connection);
+    let request = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, addr.to_string())
+        .body(http_body_util::Full::new(body))
+        .unwrap();
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    let (status, headers) = (response.status().as_u16(), response.headers().clone());
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map(|body| body.to_bytes())
+        .map_err(|e| format!("body: {e}"));
+    Ok((status, headers, body))
+}
+
+/// Clients sending `GET path` back to back on `connections` connections
+/// until stopped, counting the answers by status.
+pub struct Bystander {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<Result<u16, String>>>>,
+}
+
+impl Bystander {
+    pub fn start(addr: SocketAddr, path: &'static str, connections: usize) -> Bystander {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tasks = (0..connections)
+            .map(|_| {
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        seen.push(
+                            try_call(addr, "GET", path, bytes::Bytes::new())
+                                .await
+                                .and_then(|(status, _, body)| body.map(|_| status)),
+                        );
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    seen
+                })
+            })
+            .collect();
+        Bystander { stop, tasks }
+    }
+
+    /// Stops the clients; returns every outcome they saw.
+    pub async fn stop(self) -> Vec<Result<u16, String>> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut seen = Vec::new();
+        for task in self.tasks {
+            seen.extend(task.await.unwrap());
+        }
+        seen
+    }
 }

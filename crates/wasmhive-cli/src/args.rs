@@ -102,7 +102,7 @@ pub struct ServeArgs {
     /// A host (or host:port) the component may send HTTP requests to
     /// (repeatable); all others are denied.
     #[arg(long = "allow-outbound", value_name = "HOST[:PORT]")]
-    pub allow_outbound: Vec<String>,
+    pub allow_outbound: Vec<wasmhive::OutboundAuthority>,
 
     /// Address of the admin endpoint (`/metrics`, `/healthz`, `/readyz`);
     /// off unless given.
@@ -235,5 +235,45 @@ mod tests {
         assert_eq!(args.addr, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(args.max_memory, 128 << 20);
         assert_eq!(args.queue_timeout, Duration::from_secs(2));
+        let bad = Cli::try_parse_from(["wasmhive", "serve", "--allow-outbound", "http://x"]);
+        assert!(bad.unwrap_err().to_string().contains("is not a host or host:port"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parsers_never_panic(value in "\\PC*") {
+            let _ = (parse_addr(&value), parse_duration(&value), parse_size(&value), parse_env(&value));
+        }
+
+        #[test]
+        fn addresses_round_trip(addr: SocketAddr, port: u16) {
+            proptest::prop_assert_eq!(parse_addr(&addr.to_string()), Ok(addr));
+            proptest::prop_assert_eq!(
+                parse_addr(&format!(":{port}")),
+                Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+            );
+        }
+
+        #[test]
+        fn durations_in_any_unit(n in 0u64..1_000_000_000) {
+            proptest::prop_assert_eq!(parse_duration(&format!("{n}ms")), Ok(Duration::from_millis(n)));
+            proptest::prop_assert_eq!(parse_duration(&format!("{n}s")), Ok(Duration::from_secs(n)));
+            proptest::prop_assert!(parse_duration(&n.to_string()).is_err() || n == 0);
+        }
+
+        #[test]
+        fn sizes_in_any_unit(n in 0u64..1 << 30) {
+            proptest::prop_assert_eq!(parse_size(&n.to_string()), Ok(n));
+            proptest::prop_assert_eq!(parse_size(&format!("{n}KiB")), Ok(n << 10));
+            proptest::prop_assert_eq!(parse_size(&format!("{n} MiB")), Ok(n << 20));
+        }
+
+        #[test]
+        fn env_pairs_split_at_the_first_equals(key in "[^=]+", value in ".*") {
+            proptest::prop_assert_eq!(
+                parse_env(&format!("{key}={value}")),
+                Ok((key.clone(), value.clone()))
+            );
+        }
     }
 }

@@ -170,7 +170,7 @@ fn load_app(args: &ServeArgs) -> anyhow::Result<App> {
         app = app.with_env(key, value);
     }
     for authority in &args.allow_outbound {
-        app = app.allow_outbound(authority);
+        app = app.allow_outbound(authority.clone());
     }
     Ok(app)
 }

@@ -36,7 +36,7 @@ pub struct App {
     pre: Pre,
     limits: Limits,
     env: Vec<(String, String)>,
-    outbound: Arc<[Authority]>,
+    outbound: Arc<[OutboundAuthority]>,
     label_output: bool,
 }
 
@@ -103,10 +103,11 @@ impl App {
     }
 
     /// Lets guests send HTTP requests to `authority` (`host` for any port,
-    /// or `host:port`). Everything else is denied with `HTTP-request-denied`.
-    pub fn allow_outbound(mut self, authority: &str) -> App {
+    /// or `host:port`; parse one with `"example.com:8080".parse()`).
+    /// Everything else is denied with `HTTP-request-denied`.
+    pub fn allow_outbound(mut self, authority: OutboundAuthority) -> App {
         let mut allowed = self.outbound.to_vec();
-        allowed.push(Authority::parse(authority));
+        allowed.push(authority);
         self.outbound = allowed.into();
         self
     }
@@ -285,28 +286,43 @@ impl ResourceLimiter for MemoryLimiter {
     }
 }
 
-/// A `host` or `host:port` guests may send requests to.
+/// A `host` (any port) or `host:port` that guests may send HTTP requests
+/// to; see [`App::allow_outbound`]. Hosts compare case-insensitively; IPv6
+/// hosts are written in brackets (`[::1]:8080`).
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Authority {
+pub struct OutboundAuthority {
     host: String,
     port: Option<u16>,
 }
 
-impl Authority {
-    fn parse(authority: &str) -> Authority {
-        let authority = authority.trim().to_ascii_lowercase();
-        match authority.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Authority {
-                host: host.to_string(),
-                port: port.parse().ok(),
-            },
-            _ => Authority {
-                host: authority,
-                port: None,
-            },
-        }
-    }
+/// A string that is not a `host` or `host:port`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a host or host:port")]
+pub struct InvalidAuthority(String);
 
+impl std::str::FromStr for OutboundAuthority {
+    type Err = InvalidAuthority;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        let invalid = || InvalidAuthority(value.to_string());
+        let authority: http::uri::Authority = value.trim().parse().map_err(|_| invalid())?;
+        // User info (`user@host`) names no host of its own, and whatever
+        // follows the host must be a port number.
+        let after_host = authority.as_str().strip_prefix(authority.host());
+        if authority.host().is_empty()
+            || authority.as_str().contains('@')
+            || after_host.is_none_or(|rest| !rest.is_empty() && authority.port_u16().is_none())
+        {
+            return Err(invalid());
+        }
+        Ok(OutboundAuthority {
+            host: authority.host().to_ascii_lowercase(),
+            port: authority.port_u16(),
+        })
+    }
+}
+
+impl OutboundAuthority {
     fn allows(&self, uri: &http::Uri) -> bool {
         let Some(host) = uri.host() else {
             return false;
@@ -320,7 +336,7 @@ impl Authority {
 }
 
 struct OutboundHooks {
-    allowed: Arc<[Authority]>,
+    allowed: Arc<[OutboundAuthority]>,
 }
 
 type SendResult = wasmtime_wasi_http::Result<(
@@ -470,5 +486,51 @@ impl tokio::io::AsyncWrite for GuestOutput {
 
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::OutboundAuthority;
+
+    fn uri(host: &str, port: u16) -> http::Uri {
+        format!("http://{host}:{port}/path").parse().unwrap()
+    }
+
+    #[test]
+    fn authorities() {
+        let any_port: OutboundAuthority = "Example.COM".parse().unwrap();
+        assert!(any_port.allows(&uri("example.com", 1234)));
+        assert!(any_port.allows(&"https://EXAMPLE.com/".parse().unwrap()));
+        let v6: OutboundAuthority = "[::1]:8080".parse().unwrap();
+        assert!(v6.allows(&uri("[::1]", 8080)));
+        assert!(!v6.allows(&uri("[::1]", 8081)));
+        let default_port: OutboundAuthority = "example.com:80".parse().unwrap();
+        assert!(default_port.allows(&"http://example.com/".parse().unwrap()));
+        assert!(!default_port.allows(&"https://example.com/".parse().unwrap()));
+        for bad in ["", "http://example.com", "user@example.com", "host:port", "a b", ":80"] {
+            assert!(bad.parse::<OutboundAuthority>().is_err(), "{bad:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn parsing_never_panics(value in "\\PC*") {
+            let _ = value.parse::<OutboundAuthority>();
+        }
+
+        #[test]
+        fn host_and_port_allow_exactly_that(
+            host in "[a-zA-Z][a-zA-Z0-9-]{0,20}(\\.[a-z]{2,6}){0,2}",
+            port in 0u16..u16::MAX,
+        ) {
+            let allowed: OutboundAuthority = format!("{host}:{port}").parse().unwrap();
+            prop_assert!(allowed.allows(&uri(&host.to_ascii_uppercase(), port)));
+            prop_assert!(!allowed.allows(&uri(&host, port + 1)));
+            let other_host = format!("x{host}");
+            prop_assert!(!allowed.allows(&uri(&other_host, port)));
+        }
     }
 }

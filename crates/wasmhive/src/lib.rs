@@ -94,7 +94,7 @@ mod pool;
 mod runtime;
 mod worker;
 
-pub use app::{App, AppWorker, Host};
+pub use app::{App, AppWorker, Host, InvalidAuthority, OutboundAuthority};
 pub use error::{
     Error, ExpirationError, InstantiationError, Overloaded, ShuttingDown, TrapOrPanicError,
 };

@@ -1,0 +1,151 @@
+//! Hostile clients: slowloris, and clients that vanish mid-request or
+//! mid-response. (Oversized heads, oversized bodies and malformed requests
+//! are in `serving.rs`.)
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use wasmhive_tests::guests;
+
+use crate::{Server, get, metric, try_call, wait_for_metric};
+
+/// Opens a connection and trickles a request head one byte every 200 ms,
+/// never finishing it; returns how long the server took to hang up.
+async fn slowloris(addr: std::net::SocketAddr) -> Duration {
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+    let mut buf = [0u8; 1024];
+    for byte in b"x-slow: ".iter().cycle() {
+        tokio::select! {
+            read = stream.read(&mut buf) => {
+                // A 408 or a plain close: either way the connection ends.
+                if matches!(read, Ok(0) | Err(_)) {
+                    break;
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                if stream.write_all(&[*byte]).await.is_err() {
+                    break;
+                }
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "never cut off");
+    }
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn slowloris_is_cut_off_and_does_not_starve_others() {
+    let server = Server::start(&[guests::HELLO_P3.path, "--header-timeout", "1s"]);
+    let attackers: Vec<_> = (0..300)
+        .map(|_| tokio::spawn(slowloris(server.addr)))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..20 {
+        let (status, _, _) = get(server.addr, "/").await;
+        assert_eq!(status, 200);
+    }
+    for attacker in attackers {
+        let lasted = attacker.await.unwrap();
+        assert!(lasted < Duration::from_secs(10), "lasted {lasted:?}");
+    }
+}
+
+const BODY: usize = 256 * 1024;
+
+/// Sends the head and 1 KiB of a 256 KiB body, then goes away.
+async fn abandon_request(addr: std::net::SocketAddr) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let head = format!("POST / HTTP/1.1\r\nhost: x\r\ncontent-length: {BODY}\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&[b'x'; 1024]).await.unwrap();
+}
+
+/// Sends a whole 256 KiB body, reads the first 16 KiB of the echo, then
+/// goes away.
+async fn abandon_response(addr: std::net::SocketAddr) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut read, mut write) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        let head = format!("POST / HTTP/1.1\r\nhost: x\r\ncontent-length: {BODY}\r\n\r\n");
+        write.write_all(head.as_bytes()).await?;
+        write.write_all(&vec![b'x'; BODY]).await?;
+        Ok::<_, std::io::Error>(write)
+    });
+    let mut seen = 0;
+    let mut buf = vec![0u8; 4096];
+    while seen < 16 * 1024 {
+        match read.read(&mut buf).await {
+            Ok(0) | Err(_) => panic!("the echo ended early after {seen} bytes"),
+            Ok(n) => seen += n,
+        }
+    }
+    drop(writer.await);
+}
+
+#[tokio::test]
+async fn clients_vanishing_mid_request_or_mid_response_leak_nothing() {
+    let server = Server::start(&[
+        guests::ECHO_P3.path,
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--idle-timeout",
+        "200ms",
+    ]);
+    let admin = server.admin_addr();
+    let round = |n: usize| async move {
+        for batch in 0..n / 20 {
+            let clients = (0..20).map(|i| {
+                let addr = server.addr;
+                tokio::spawn(async move {
+                    if (batch + i) % 2 == 0 {
+                        abandon_request(addr).await
+                    } else {
+                        abandon_response(addr).await
+                    }
+                })
+            });
+            for client in futures::future::join_all(clients).await {
+                client.unwrap();
+            }
+        }
+    };
+    let settled = |what: &'static str| async move {
+        for series in ["wasmhive_connections_open", "wasmhive_instances_live"] {
+            let value = wait_for_metric(admin, series, 0.0, Duration::from_secs(20)).await;
+            assert_eq!(value, 0.0, "{series} after {what}");
+        }
+        let (_, _, text) = get(admin, "/metrics").await;
+        metric(&text, "wasmhive_runtime_tasks_alive")
+    };
+
+    round(100).await;
+    let tasks_at_rest = settled("warm-up").await;
+    let rss_at_rest = server.rss();
+    round(1000).await;
+    // Tasks alive at rest: the listeners and the admin scrape itself. Give
+    // stragglers a moment to end, then there must be no more than before.
+    let mut tasks = settled("1,000 clients").await;
+    for _ in 0..50 {
+        if tasks <= tasks_at_rest {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tasks = settled("1,000 clients").await;
+    }
+    assert!(tasks <= tasks_at_rest, "tasks alive: {tasks} now, {tasks_at_rest} before");
+    let rss = server.rss();
+    eprintln!("RSS at rest after 100 clients {rss_at_rest} B, after 1,100: {rss} B");
+    assert!(
+        rss < rss_at_rest + rss_at_rest / 4,
+        "RSS grew from {rss_at_rest} to {rss}"
+    );
+
+    // Still serving, byte for byte.
+    let body = Bytes::from(vec![b'y'; BODY]);
+    let (status, _, echoed) = try_call(server.addr, "POST", "/", body.clone()).await.unwrap();
+    assert_eq!((status, echoed.unwrap()), (200, body));
+}

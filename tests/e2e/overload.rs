@@ -1,0 +1,86 @@
+//! Open-loop load at ten times capacity: memory stays bounded, the surplus
+//! is shed fast with `503` and `Retry-After`, the admitted requests succeed,
+//! and the server is back to normal as soon as the load stops.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use wasmhive_tests::guests;
+
+use crate::{Server, try_call};
+
+#[tokio::test]
+async fn ten_times_capacity_for_ten_seconds() {
+    // Capacity: 4 instances, one 50 ms request each at a time: 80 r/s.
+    let server = Server::start(&[
+        guests::SLEEP_P3.path,
+        "--max-instances",
+        "4",
+        "--max-concurrent-per-instance",
+        "1",
+        "--queue-len",
+        "8",
+        "--queue-timeout",
+        "100ms",
+    ]);
+    let (rate, duration) = (800.0, Duration::from_secs(10));
+    let rss_before = server.rss();
+    let mut rss_peak = rss_before;
+
+    let started = Instant::now();
+    let mut requests = Vec::new();
+    let mut next_sample = started;
+    for i in 0..(rate * duration.as_secs_f64()) as u64 {
+        let due = started + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(due.into()).await;
+        if Instant::now() >= next_sample {
+            rss_peak = rss_peak.max(server.rss());
+            next_sample += Duration::from_millis(250);
+        }
+        let addr = server.addr;
+        requests.push(tokio::spawn(async move {
+            let answer = try_call(addr, "GET", "/?ms=50", Bytes::new()).await;
+            (answer, due.elapsed())
+        }));
+    }
+    let (mut admitted, mut shed) = (0, Vec::new());
+    for request in requests {
+        let (answer, latency) = request.await.unwrap();
+        let (status, headers, body) = answer.expect("every request gets an answer");
+        let body = body.expect("and a whole body");
+        match status {
+            200 => {
+                assert_eq!(body, Bytes::from_static(b"slept 50 ms\n"));
+                admitted += 1;
+            }
+            503 => {
+                assert!(headers.contains_key("retry-after"), "{headers:?}");
+                shed.push(latency);
+            }
+            other => panic!("unexpected {other}: {body:?}"),
+        }
+    }
+    shed.sort();
+    let p99 = shed[shed.len() * 99 / 100];
+    eprintln!(
+        "10x overload: {admitted} admitted, {} shed (p50 {:?}, p99 {p99:?}), RSS {} MiB before, peak {} MiB",
+        shed.len(),
+        shed[shed.len() / 2],
+        rss_before >> 20,
+        rss_peak >> 20,
+    );
+    assert!(admitted > 0);
+    assert!(shed.len() > admitted, "most of the surplus is shed");
+    // Shedding takes at most the queue wait; bounded generously here.
+    assert!(p99 < Duration::from_secs(2), "shed p99 {p99:?}");
+    assert!(
+        rss_peak < rss_before + (64 << 20),
+        "RSS grew from {rss_before} to {rss_peak}"
+    );
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let started = Instant::now();
+    let (status, _, body) = try_call(server.addr, "GET", "/?ms=0", Bytes::new()).await.unwrap();
+    assert_eq!((status, body.unwrap()), (200, Bytes::from_static(b"slept 0 ms\n")));
+    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+}
