@@ -86,7 +86,14 @@ fn quick_mode_runs_every_scenario() {
 fn soak_for_twenty_seconds() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let output = Command::new(env!("CARGO_BIN_EXE_wasmhive-bench"))
-        .args(["soak", "--duration", "20", "--connections", "16", "--wasmhive"])
+        .args([
+            "soak",
+            "--duration",
+            "20",
+            "--connections",
+            "16",
+            "--wasmhive",
+        ])
         .arg(wasmhive_binary())
         .output()
         .expect("harness runs");

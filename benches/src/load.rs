@@ -150,7 +150,9 @@ pub(crate) async fn connect(addr: SocketAddr) -> Option<Sender> {
 /// Sends one request on `sender` and reads the whole answer; `None` when the
 /// connection failed.
 async fn exchange(sender: &mut Sender, target: &Target) -> Option<u16> {
-    exchange_body(sender, target).await.map(|(status, _)| status)
+    exchange_body(sender, target)
+        .await
+        .map(|(status, _)| status)
 }
 
 /// Like [`exchange`], also returning the body.
@@ -255,8 +257,7 @@ pub async fn open_loop(
         for task in tasks {
             let _ = task.await;
         }
-        let measured = results.lock().unwrap().clone();
-        measured
+        results.lock().unwrap().clone()
     })
     .await
 }

@@ -74,7 +74,9 @@ async fn matrix(guest: guests::Guest, reuse: &str) {
     }
     // Once more in sequence: a reused instance must not carry a fault over.
     for &(path, _) in FAULTS.iter().take(3) {
-        let (status, _, _) = try_call(server.addr, "GET", path, Bytes::new()).await.unwrap();
+        let (status, _, _) = try_call(server.addr, "GET", path, Bytes::new())
+            .await
+            .unwrap();
         assert_eq!(status, 500, "{path}");
     }
 
@@ -85,9 +87,17 @@ async fn matrix(guest: guests::Guest, reuse: &str) {
 
     // A hanging task outlives its request by at most the post-return
     // timeout (10 s); then every instance is gone.
-    let live = wait_for_metric(admin, "wasmhive_instances_live", 0.0, Duration::from_secs(30)).await;
+    let live = wait_for_metric(
+        admin,
+        "wasmhive_instances_live",
+        0.0,
+        Duration::from_secs(30),
+    )
+    .await;
     assert_eq!(live, 0.0, "instances left behind");
-    let (status, _, body) = try_call(server.addr, "GET", "/", Bytes::new()).await.unwrap();
+    let (status, _, body) = try_call(server.addr, "GET", "/", Bytes::new())
+        .await
+        .unwrap();
     assert_eq!((status, body.unwrap()), (200, Bytes::from_static(b"ok\n")));
 }
 

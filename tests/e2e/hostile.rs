@@ -16,7 +16,10 @@ use crate::{Server, get, metric, try_call, wait_for_metric};
 async fn slowloris(addr: std::net::SocketAddr) -> Duration {
     let started = Instant::now();
     let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
     let mut buf = [0u8; 1024];
     for byte in b"x-slow: ".iter().cycle() {
         tokio::select! {
@@ -136,7 +139,10 @@ async fn clients_vanishing_mid_request_or_mid_response_leak_nothing() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         tasks = settled("1,000 clients").await;
     }
-    assert!(tasks <= tasks_at_rest, "tasks alive: {tasks} now, {tasks_at_rest} before");
+    assert!(
+        tasks <= tasks_at_rest,
+        "tasks alive: {tasks} now, {tasks_at_rest} before"
+    );
     let rss = server.rss();
     eprintln!("RSS at rest after 100 clients {rss_at_rest} B, after 1,100: {rss} B");
     assert!(
@@ -146,6 +152,8 @@ async fn clients_vanishing_mid_request_or_mid_response_leak_nothing() {
 
     // Still serving, byte for byte.
     let body = Bytes::from(vec![b'y'; BODY]);
-    let (status, _, echoed) = try_call(server.addr, "POST", "/", body.clone()).await.unwrap();
+    let (status, _, echoed) = try_call(server.addr, "POST", "/", body.clone())
+        .await
+        .unwrap();
     assert_eq!((status, echoed.unwrap()), (200, body));
 }

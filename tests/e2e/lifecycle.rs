@@ -114,7 +114,10 @@ async fn sigterm_under_load_completes_in_flight_requests() {
             }
         }
     }
-    assert!(completed >= 16 && refused >= 16, "{completed} completed, {refused} refused");
+    assert!(
+        completed >= 16 && refused >= 16,
+        "{completed} completed, {refused} refused"
+    );
 }
 
 /// Requests sent this shortly before the signal may still be in the

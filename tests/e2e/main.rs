@@ -178,7 +178,12 @@ pub fn metric(text: &str, series: &str) -> f64 {
 
 /// Reads the admin endpoint's `/metrics` until `series` equals `value`, for
 /// up to `timeout`; returns the last value seen.
-pub async fn wait_for_metric(admin: SocketAddr, series: &str, value: f64, timeout: Duration) -> f64 {
+pub async fn wait_for_metric(
+    admin: SocketAddr,
+    series: &str,
+    value: f64,
+    timeout: Duration,
+) -> f64 {
     let deadline = Instant::now() + timeout;
     loop {
         let (_, _, text) = get(admin, "/metrics").await;

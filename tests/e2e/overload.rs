@@ -80,7 +80,16 @@ async fn ten_times_capacity_for_ten_seconds() {
 
     tokio::time::sleep(Duration::from_secs(1)).await;
     let started = Instant::now();
-    let (status, _, body) = try_call(server.addr, "GET", "/?ms=0", Bytes::new()).await.unwrap();
-    assert_eq!((status, body.unwrap()), (200, Bytes::from_static(b"slept 0 ms\n")));
-    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    let (status, _, body) = try_call(server.addr, "GET", "/?ms=0", Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, body.unwrap()),
+        (200, Bytes::from_static(b"slept 0 ms\n"))
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
 }

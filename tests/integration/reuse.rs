@@ -111,8 +111,12 @@ async fn concurrency_limit_caps_requests_in_flight_per_instance() {
             ..PoolLimits::default()
         },
     );
-    let responses = join_all((0..12).map(|_| handler.handle(1, get("/?ms=200")))).await;
-    assert!(responses.iter().all(|r| r.is_ok()));
+    let bodies = join_all(
+        (0..12)
+            .map(|_| async { read_body(handler.handle(1, get("/?ms=200")).await.unwrap()).await }),
+    )
+    .await;
+    assert!(bodies.iter().all(|b| b == "slept 200 ms\n"), "{bodies:?}");
     handler.shutdown();
     handler.drained().await;
     for instance in reports.instances() {

@@ -236,7 +236,11 @@ mod tests {
         assert_eq!(args.max_memory, 128 << 20);
         assert_eq!(args.queue_timeout, Duration::from_secs(2));
         let bad = Cli::try_parse_from(["wasmhive", "serve", "--allow-outbound", "http://x"]);
-        assert!(bad.unwrap_err().to_string().contains("is not a host or host:port"));
+        assert!(
+            bad.unwrap_err()
+                .to_string()
+                .contains("is not a host or host:port")
+        );
     }
 
     proptest::proptest! {
@@ -246,7 +250,8 @@ mod tests {
         }
 
         #[test]
-        fn addresses_round_trip(addr: SocketAddr, port: u16) {
+        fn addresses_round_trip(ip: std::net::IpAddr, port: u16) {
+            let addr = SocketAddr::new(ip, port);
             proptest::prop_assert_eq!(parse_addr(&addr.to_string()), Ok(addr));
             proptest::prop_assert_eq!(
                 parse_addr(&format!(":{port}")),

@@ -99,8 +99,11 @@ pub fn record_stats(stats: &Stats) {
     gauge!("wasmhive_instances_live").set(stats.live_instances as f64);
     gauge!("wasmhive_instances_available").set(stats.available_instances as f64);
     gauge!("wasmhive_requests_queued").set(stats.queued_requests as f64);
-    gauge!("wasmhive_runtime_tasks_alive")
-        .set(tokio::runtime::Handle::current().metrics().num_alive_tasks() as f64);
+    gauge!("wasmhive_runtime_tasks_alive").set(
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks() as f64,
+    );
     counter!("wasmhive_instantiations_total").absolute(stats.instantiations);
     counter!("wasmhive_instantiation_failures_total").absolute(stats.instantiation_failures);
     counter!("wasmhive_overloaded_total").absolute(stats.overloaded);

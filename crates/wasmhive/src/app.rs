@@ -510,7 +510,14 @@ mod tests {
         let default_port: OutboundAuthority = "example.com:80".parse().unwrap();
         assert!(default_port.allows(&"http://example.com/".parse().unwrap()));
         assert!(!default_port.allows(&"https://example.com/".parse().unwrap()));
-        for bad in ["", "http://example.com", "user@example.com", "host:port", "a b", ":80"] {
+        for bad in [
+            "",
+            "http://example.com",
+            "user@example.com",
+            "host:port",
+            "a b",
+            ":80",
+        ] {
             assert!(bad.parse::<OutboundAuthority>().is_err(), "{bad:?}");
         }
     }

@@ -40,6 +40,11 @@ pub(crate) struct Reply {
     pub(crate) dispatch: Option<Dispatch>,
 }
 
+/// Resolves (with an error: its sender is dropped, never used) when a
+/// response body delivered to the caller has been read to its end or
+/// dropped. Until then the request still counts against its instance.
+pub(crate) type BodyDone = oneshot::Receiver<()>;
+
 /// How a call ended for the worker's bookkeeping.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum Ended {
@@ -193,8 +198,9 @@ impl<T: Send + 'static> GuestCall<T> {
                 let outparam = http
                     .new_response_outparam_from_callback(move |value| {
                         let guard = Guard::Returned(Some(outcome));
-                        let value = value
-                            .map(|response| response.map(|body| GuardedBody::wrap(body, guard)));
+                        let value = value.map(|response| {
+                            response.map(|body| GuardedBody::wrap(body, guard, None))
+                        });
                         responder.send(p2_delivery(Some(value)));
                     })
                     .map_err(invalid)?;
@@ -233,7 +239,9 @@ impl<T: Send + 'static> GuestCall<T> {
 
     /// Runs the call until the response head is delivered, the deadline
     /// passes or the caller goes away. An `Err` is a trap: the instance is
-    /// unusable and the worker must end.
+    /// unusable and the worker must end. A p3 response body is written by
+    /// the instance after the call returns: [`BodyDone`] tells when it is
+    /// over. (A p2 body is finished before the call returns.)
     pub(crate) async fn run(
         self,
         accessor: &Accessor<T>,
@@ -241,10 +249,11 @@ impl<T: Send + 'static> GuestCall<T> {
         view: fn(&mut T) -> WasiHttpCtxView<'_>,
         deadline: RequestDeadline,
         responder: Responder,
-    ) -> wasmtime::Result<Ended> {
+    ) -> wasmtime::Result<(Ended, Option<BodyDone>)> {
         let mut deadline = deadline.fuse();
         match (self, proxy) {
             (GuestCall::P3 { call, request_io }, Proxy::P3(guest)) => {
+                let (body_tx, body_done) = oneshot::channel::<()>();
                 let response = async {
                     let (result,) = guest
                         .wasi_http_handler()
@@ -258,7 +267,8 @@ impl<T: Send + 'static> GuestCall<T> {
                                 .into_http_with_getter(&mut store, request_io, view)
                                 .map(|response| {
                                     let guard = Guard::Instance(responder.fate());
-                                    Ok(response.map(|body| GuardedBody::wrap(body, guard)))
+                                    Ok(response
+                                        .map(|body| GuardedBody::wrap(body, guard, Some(body_tx))))
                                 })
                         })?,
                         Err(code) => Err(Error::Guest(format!("{code:?}"))),
@@ -267,7 +277,7 @@ impl<T: Send + 'static> GuestCall<T> {
                 match race(response, &mut deadline, &responder).await {
                     First::Done(Ok(delivery)) => {
                         responder.send(delivery);
-                        Ok(Ended::Responded)
+                        Ok((Ended::Responded, Some(body_done)))
                     }
                     First::Done(Err(trap)) => {
                         responder.send(Err(TrapOrPanicError::new(crate::describe(&trap)).into()));
@@ -275,9 +285,9 @@ impl<T: Send + 'static> GuestCall<T> {
                     }
                     First::Expired => {
                         responder.send(Err(ExpirationError.into()));
-                        Ok(Ended::Expired)
+                        Ok((Ended::Expired, None))
                     }
-                    First::Abandoned => Ok(Ended::Abandoned),
+                    First::Abandoned => Ok((Ended::Abandoned, None)),
                 }
             }
             (GuestCall::P2 { call, returned }, Proxy::P2(guest)) => {
@@ -292,7 +302,7 @@ impl<T: Send + 'static> GuestCall<T> {
                     First::Done(Ok(())) => {
                         let _ = returned.send(true);
                         responder.send(p2_delivery(None));
-                        Ok(Ended::Responded)
+                        Ok((Ended::Responded, None))
                     }
                     First::Done(Err(trap)) => {
                         responder.send(Err(TrapOrPanicError::new(crate::describe(&trap)).into()));
@@ -300,9 +310,9 @@ impl<T: Send + 'static> GuestCall<T> {
                     }
                     First::Expired => {
                         responder.send(Err(ExpirationError.into()));
-                        Ok(Ended::Expired)
+                        Ok((Ended::Expired, None))
                     }
-                    First::Abandoned => Ok(Ended::Abandoned),
+                    First::Abandoned => Ok((Ended::Abandoned, None)),
                 }
             }
             _ => unreachable!("a call always runs on the proxy that started it"),
@@ -353,6 +363,8 @@ fn p2_delivery(value: Option<P2Response>) -> Delivery {
 struct GuardedBody {
     inner: crate::Body,
     guard: Guard,
+    /// Dropped at the end of the body, or with it: see [`BodyDone`].
+    in_flight: Option<oneshot::Sender<()>>,
 }
 
 /// How a [`GuardedBody`] tells a finished body from a cut-off one.
@@ -368,9 +380,18 @@ enum Guard {
 }
 
 impl GuardedBody {
-    fn wrap(inner: crate::Body, guard: Guard) -> crate::Body {
+    fn wrap(
+        inner: crate::Body,
+        guard: Guard,
+        in_flight: Option<oneshot::Sender<()>>,
+    ) -> crate::Body {
         use http_body_util::BodyExt as _;
-        GuardedBody { inner, guard }.boxed_unsync()
+        GuardedBody {
+            inner,
+            guard,
+            in_flight,
+        }
+        .boxed_unsync()
     }
 }
 
@@ -385,6 +406,10 @@ impl http_body::Body for GuardedBody {
         use std::task::Poll;
         match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(None) => {}
+            Poll::Ready(Some(Err(error))) => {
+                self.in_flight = None;
+                return Poll::Ready(Some(Err(error)));
+            }
             other => return other,
         }
         let finished = match &mut self.guard {
@@ -396,6 +421,7 @@ impl http_body::Body for GuardedBody {
             }
             Guard::Instance(fate) => !fate.is_set(),
         };
+        self.in_flight = None;
         if finished {
             Poll::Ready(None)
         } else {

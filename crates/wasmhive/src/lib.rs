@@ -56,9 +56,12 @@
 //!   the background whenever one is taken or ends.
 //! * **Acceptance.** After each event the worker asks
 //!   [`WorkerState::should_accept_request`]: `Yes` (advertise capacity),
-//!   `No` (not now), `Never` (this instance is done). Concurrency is
-//!   earned: after taking a request the worker advertises again only once
-//!   its event loop is idle, i.e. every guest task waits on I/O.
+//!   `No` (not now), `Never` (this instance is done). The concurrent count
+//!   it passes includes p3 requests whose response body the instance is
+//!   still writing: a request leaves the books when its body has been read
+//!   or dropped. Concurrency is earned: after taking a request the worker
+//!   advertises again only once its event loop is idle, i.e. every guest
+//!   task waits on I/O.
 //! * **Two-level expiration.** Level one is the per-request deadline, polled
 //!   inside the store's event loop; when it fires the request fails and the
 //!   instance takes no more requests. Level two is the instance's

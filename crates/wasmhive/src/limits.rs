@@ -28,8 +28,10 @@ pub struct Limits {
     /// left behind; above `1`, globals and linear memory persist between the
     /// requests of an instance. Default: 1 for p2, 128 for p3.
     pub max_reuse: usize,
-    /// Requests an instance handles at once. A p2 handler is synchronous, so
-    /// more than 1 has no effect there. Default: 1 for p2, 16 for p3.
+    /// Requests an instance handles at once. A p3 request counts until its
+    /// response body has been read (or dropped), since the instance writes
+    /// it. A p2 handler is synchronous, so more than 1 has no effect there.
+    /// Default: 1 for p2, 16 for p3.
     pub max_concurrency: usize,
     /// How long an instance with nothing to do is kept for reuse. Default: 1 s.
     pub idle_timeout: Duration,

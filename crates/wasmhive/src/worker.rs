@@ -9,6 +9,10 @@
 //! yield at every engine tick, so this poll cannot be starved. When level two
 //! fires, the store is dropped with whatever it was running.
 //!
+//! A p3 request stays on the worker's books after its call returned, until
+//! the caller has read its response body: the instance writes that body, so
+//! a trap for a later request would cut it off.
+//!
 //! Concurrency is earned: taking a job clears `accept_more`, assuming the new
 //! task is CPU-bound. Only when the event loop returns `Pending` (every task
 //! waits on I/O) does the outer loop set it again and let the inner loop
@@ -180,6 +184,9 @@ async fn serve<S: HandlerState>(
 
     let inner = async move |accessor: &Accessor<S::StoreData>| -> wasmtime::Result<Finished> {
         let mut calls = FuturesUnordered::new();
+        // Response bodies still being streamed: their requests count
+        // against the concurrency limit until the caller has read them.
+        let mut bodies = FuturesUnordered::new();
         let mut starts = StartTimes::default();
         let mut total = 0usize;
         let mut may_accept = true;
@@ -226,8 +233,8 @@ async fn serve<S: HandlerState>(
             *status_ref.lock().unwrap_or_else(|e| e.into_inner()) =
                 (WorkerStatus::Requests, accepted_at);
             calls.push(async move {
-                let ended = call.run(accessor, proxy, view, deadline, responder).await?;
-                Ok::<_, wasmtime::Error>((ended, accepted_at))
+                let (ended, body) = call.run(accessor, proxy, view, deadline, responder).await?;
+                Ok::<_, wasmtime::Error>((ended, body, accepted_at))
             });
             peak_ref.fetch_max(calls.len(), Relaxed);
         };
@@ -241,7 +248,8 @@ async fn serve<S: HandlerState>(
                 // Reap finished calls first: an expiry must stop this
                 // instance accepting before it takes anything new.
                 while let Poll::Ready(Some(result)) = calls.poll_next_unpin(cx) {
-                    let (ended, started) = result?;
+                    let (ended, body, started) = result?;
+                    bodies.extend(body);
                     starts.remove(started);
                     *status_ref.lock().unwrap_or_else(|e| e.into_inner()) =
                         match starts.most_recent() {
@@ -254,6 +262,8 @@ async fn serve<S: HandlerState>(
                     }
                 }
 
+                while let Poll::Ready(Some(_)) = bodies.poll_next_unpin(cx) {}
+
                 if may_accept && shutdown.as_mut().poll(cx).is_ready() {
                     may_accept = false;
                     reason = Finished::Shutdown;
@@ -261,7 +271,7 @@ async fn serve<S: HandlerState>(
                 let ready = accessor.poll_ready_for_concurrent_call(func, cx).is_ready();
                 let want = may_accept
                     && ready
-                    && match state.should_accept_request(calls.len(), total) {
+                    && match state.should_accept_request(calls.len() + bodies.len(), total) {
                         ShouldAccept::Yes => calls.is_empty() || accept_ref.load(Relaxed),
                         ShouldAccept::No => false,
                         ShouldAccept::Never => {
@@ -292,7 +302,7 @@ async fn serve<S: HandlerState>(
                     continue;
                 }
 
-                if !calls.is_empty() {
+                if !calls.is_empty() || !bodies.is_empty() {
                     return Poll::Pending;
                 }
                 // No request outstanding; the guest may still be working
