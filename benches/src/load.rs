@@ -209,9 +209,13 @@ pub async fn closed_loop(
     .await
 }
 
+/// How long an open-loop request may wait for its answer.
+pub const ANSWER_DEADLINE: Duration = Duration::from_secs(10);
+
 /// Offers `rate` requests per second for `duration`, each on a connection
 /// of its own pool, with at most `max_outstanding` in flight (more are
-/// counted as not sent). Latency counts from when a request was due.
+/// counted as not sent). Latency counts from when a request was due; no
+/// answer within [`ANSWER_DEADLINE`] counts as an error.
 pub async fn open_loop(
     target: &Target,
     rate: f64,
@@ -235,21 +239,23 @@ pub async fn open_loop(
             };
             let (target, results, idle) = (target.clone(), results.clone(), idle.clone());
             tasks.push(tokio::spawn(async move {
-                let pooled = idle.lock().unwrap().pop();
-                let sender = match pooled {
-                    Some(sender) => Some(sender),
-                    None => connect(target.addr).await,
+                let attempt = async {
+                    let pooled = idle.lock().unwrap().pop();
+                    let mut sender = match pooled {
+                        Some(sender) => sender,
+                        None => connect(target.addr).await?,
+                    };
+                    let status = exchange(&mut sender, &target).await?;
+                    idle.lock().unwrap().push(sender);
+                    Some(status)
                 };
-                let status = match sender {
-                    Some(mut sender) => {
-                        let status = exchange(&mut sender, &target).await;
-                        if status.is_some() {
-                            idle.lock().unwrap().push(sender);
-                        }
-                        status
-                    }
-                    None => None,
-                };
+                // A server that stops answering (or a SYN stuck in an
+                // overflowing accept backlog) counts as an error, not as a
+                // stalled run.
+                let status = tokio::time::timeout(ANSWER_DEADLINE, attempt)
+                    .await
+                    .ok()
+                    .flatten();
                 results.lock().unwrap().record(status, due.elapsed());
                 drop(permit);
             }));

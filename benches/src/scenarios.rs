@@ -132,6 +132,13 @@ pub fn all() -> Vec<Scenario> {
                         ..Settings::default()
                     },
                 ),
+                (
+                    "adaptive",
+                    Settings {
+                        wasmhive_extra: vec!["--adaptive-concurrency".into()],
+                        ..Settings::default()
+                    },
+                ),
             ],
             native: false,
         },

@@ -1,6 +1,7 @@
 //! Open-loop load at ten times capacity: memory stays bounded, the surplus
 //! is shed fast with `503` and `Retry-After`, the admitted requests succeed,
-//! and the server is back to normal as soon as the load stops.
+//! and the server is back to normal as soon as the load stops; and the
+//! adaptive limit sheds CPU-bound overload instead of slowing every request.
 
 use std::time::{Duration, Instant};
 
@@ -92,4 +93,57 @@ async fn ten_times_capacity_for_ten_seconds() {
         "{:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test]
+async fn adaptive_concurrency_sheds_cpu_bound_overload_at_once() {
+    // 64 clients keep a CPU-bound guest busy on a machine with a few cores:
+    // the pool's own limits would admit them all and slow every one down.
+    // The adaptive limit must fall below them and answer the surplus 503.
+    let server = Server::start(&[
+        guests::CPU_P3.path,
+        "--adaptive-concurrency",
+        "--admin-addr",
+        "127.0.0.1:0",
+    ]);
+    let admin = server.admin_addr();
+    let until = Instant::now() + Duration::from_secs(6);
+    let clients: Vec<_> = (0..64)
+        .map(|_| {
+            let addr = server.addr;
+            tokio::spawn(async move {
+                let (mut ok, mut shed) = (0u32, 0u32);
+                while Instant::now() < until {
+                    let answer = try_call(addr, "GET", "/?iters=1000000", Bytes::new()).await;
+                    let (status, headers, body) = answer.expect("an answer");
+                    let body = body.expect("a whole body");
+                    match status {
+                        200 => {
+                            assert_eq!(body.len(), 17, "{body:?}");
+                            ok += 1;
+                        }
+                        503 => {
+                            assert!(headers.contains_key("retry-after"), "{headers:?}");
+                            shed += 1;
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        other => panic!("unexpected {other}: {body:?}"),
+                    }
+                }
+                (ok, shed)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (_, _, text) = crate::get(admin, "/metrics").await;
+    let limit = crate::metric(&text, "wasmhive_concurrency_limit");
+    let (mut ok, mut shed) = (0, 0);
+    for client in clients {
+        let (o, s) = client.await.unwrap();
+        ok += o;
+        shed += s;
+    }
+    eprintln!("adaptive: limit {limit} under load, {ok} admitted, {shed} shed");
+    assert!(ok > 0 && shed > 0, "{ok} admitted, {shed} shed");
+    assert!((1.0..64.0).contains(&limit), "limit {limit}");
 }

@@ -73,6 +73,12 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 0)]
     pub prewarm: usize,
 
+    /// Limit the requests in flight adaptively, to where latency stays near
+    /// its best, and answer the surplus 503 at once. For CPU-bound apps
+    /// whose requests take similar times; off by default.
+    #[arg(long)]
+    pub adaptive_concurrency: bool,
+
     /// Linear memory one instance may use (e.g. `64MiB`).
     #[arg(long, default_value = "128MiB", value_parser = parse_size)]
     pub max_memory: u64,

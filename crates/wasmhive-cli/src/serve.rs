@@ -27,7 +27,10 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::Instrument as _;
-use wasmhive::{App, BodyError, Error, Limits, PoolLimits, ProxyHandler, Runtime, RuntimeConfig};
+use wasmhive::{
+    AdaptiveConcurrency, App, BodyError, Error, Limits, PoolLimits, ProxyHandler, Runtime,
+    RuntimeConfig,
+};
 
 use crate::admin::Admin;
 use crate::args::ServeArgs;
@@ -66,6 +69,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_queue_len: args.queue_len,
         max_queue_wait: args.queue_timeout,
         prewarm: args.prewarm,
+        adaptive_concurrency: args.adaptive_concurrency.then(AdaptiveConcurrency::default),
         ..PoolLimits::default()
     };
     let handler = ProxyHandler::with_recorder(app, pool, Arc::new(telemetry::MetricsRecorder));

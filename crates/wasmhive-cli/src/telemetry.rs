@@ -99,6 +99,9 @@ pub fn record_stats(stats: &Stats) {
     gauge!("wasmhive_instances_live").set(stats.live_instances as f64);
     gauge!("wasmhive_instances_available").set(stats.available_instances as f64);
     gauge!("wasmhive_requests_queued").set(stats.queued_requests as f64);
+    if let Some(limit) = stats.concurrency_limit {
+        gauge!("wasmhive_concurrency_limit").set(limit as f64);
+    }
     gauge!("wasmhive_runtime_tasks_alive").set(
         tokio::runtime::Handle::current()
             .metrics()

@@ -10,6 +10,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::call::{Delivery, Reply};
+use crate::limiter::{Limiter, Permit};
 use crate::metrics::{
     ExitReason, InstanceReport, NoRecorder, Outcome, Recorder, RequestReport, Stats,
 };
@@ -55,6 +56,7 @@ pub(crate) struct Shared<S: HandlerState> {
     pub(crate) shutdown: CancellationToken,
     recorder: Arc<dyn Recorder>,
     circuit: Circuit,
+    limiter: Option<Limiter>,
     counters: Counters,
 }
 
@@ -87,6 +89,10 @@ impl<S: HandlerState> ProxyHandler<S> {
         let shared = Arc::new(Shared {
             state,
             circuit: Circuit::new(&limits),
+            limiter: limits
+                .adaptive_concurrency
+                .clone()
+                .map(|config| Limiter::new(config, Instant::now())),
             pool: Pool::new(limits),
             shutdown: CancellationToken::new(),
             recorder,
@@ -121,6 +127,20 @@ impl<S: HandlerState> ProxyHandler<S> {
             recorder: &*shared.recorder,
             admitted,
             report: None,
+        };
+        let mut place = match &shared.limiter {
+            None => None,
+            Some(limiter) => match limiter.try_acquire() {
+                Some(permit) => Some(InFlight {
+                    limiter,
+                    permit: Some(permit),
+                }),
+                None => {
+                    shared.counters.overloaded.fetch_add(1, Relaxed);
+                    record.finish(None, Outcome::Overloaded);
+                    return Err(shared.overloaded().into());
+                }
+            },
         };
         let (tx, mut rx) = oneshot::channel();
         let job = Job { data, request, tx };
@@ -168,6 +188,9 @@ impl<S: HandlerState> ProxyHandler<S> {
         });
         if dispatch.is_some() {
             shared.counters.requests_started.fetch_add(1, Relaxed);
+            if let Some(place) = &mut place {
+                place.done(admitted.elapsed());
+            }
         }
         record.finish(dispatch, outcome_of(&delivery));
         delivery
@@ -186,6 +209,7 @@ impl<S: HandlerState> ProxyHandler<S> {
             instantiation_failures: counters.instantiation_failures.load(Relaxed),
             requests_started: counters.requests_started.load(Relaxed),
             overloaded: counters.overloaded.load(Relaxed),
+            concurrency_limit: shared.limiter.as_ref().map(Limiter::limit),
             exits: std::array::from_fn(|i| counters.exits[i].load(Relaxed)),
         }
     }
@@ -208,6 +232,30 @@ impl<S: HandlerState> ProxyHandler<S> {
     pub async fn drained(&self) {
         while self.0.pool.occupancy().live > 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// A request's place under the adaptive limit: given back when the request
+/// ends, with its latency if it reached a guest, or without when it failed
+/// before or was dropped.
+struct InFlight<'a> {
+    limiter: &'a Limiter,
+    permit: Option<Permit>,
+}
+
+impl InFlight<'_> {
+    fn done(&mut self, latency: Duration) {
+        if let Some(permit) = self.permit.take() {
+            self.limiter.release(permit, Some(latency), Instant::now());
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            self.limiter.release(permit, None, Instant::now());
         }
     }
 }

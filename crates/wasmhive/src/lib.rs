@@ -26,6 +26,10 @@
 //!
 //! # The request path
 //!
+//! 0. With [`PoolLimits::adaptive_concurrency`] on, the request first takes
+//!    a place under the adaptive in-flight limit or fails at once with
+//!    [`Overloaded`]; it gives the place back at its response head, and its
+//!    latency moves the limit (`limiter.rs`).
 //! 1. [`ProxyHandler::handle`] asks the [`Pool`](PoolLimits) to admit the
 //!    request. Under one lock the pool hands it to the most recently
 //!    advertised worker with spare capacity, or reserves a new worker for it
@@ -90,6 +94,7 @@ mod app;
 mod call;
 mod error;
 mod handler;
+mod limiter;
 mod limits;
 mod metrics;
 mod policy;
@@ -102,6 +107,7 @@ pub use error::{
     Error, ExpirationError, InstantiationError, Overloaded, ShuttingDown, TrapOrPanicError,
 };
 pub use handler::ProxyHandler;
+pub use limiter::AdaptiveConcurrency;
 pub use limits::{Limits, LimitsExpiration, World};
 pub use metrics::{ExitReason, InstanceReport, Outcome, Recorder, RequestReport, Stats};
 pub use policy::{

@@ -153,6 +153,10 @@ pub struct Stats {
     pub requests_started: u64,
     /// Requests rejected with [`Overloaded`](crate::Overloaded) so far.
     pub overloaded: u64,
+    /// The adaptive in-flight limit in force, when
+    /// [`PoolLimits::adaptive_concurrency`](crate::PoolLimits::adaptive_concurrency)
+    /// is on.
+    pub concurrency_limit: Option<usize>,
     /// Instances ended so far, by reason, in the order of [`ExitReason::ALL`].
     pub exits: [u64; ExitReason::ALL.len()],
 }

@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 ///
 /// Build one with struct-update syntax:
 /// `PoolLimits { max_instances: 8, ..Default::default() }`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct PoolLimits {
     /// Most instances alive at once, including those being instantiated.
     /// Each costs a store, linear memory and a pooling-allocator slot.
@@ -55,6 +55,13 @@ pub struct PoolLimits {
     pub circuit_failures: u32,
     /// See [`Self::circuit_failures`]. Default: 10 s.
     pub circuit_window: Duration,
+    /// An adaptive limit on the requests in flight across the pool, below
+    /// the limits above: it settles where latency stays near its best and
+    /// answers the surplus with [`Overloaded`](crate::Overloaded) at once,
+    /// so a CPU-bound guest at several times its capacity keeps admitted
+    /// requests fast. Suits apps whose requests take similar times; see
+    /// [`AdaptiveConcurrency`](crate::AdaptiveConcurrency). Default: off.
+    pub adaptive_concurrency: Option<crate::AdaptiveConcurrency>,
     /// How long the circuit stays open before one instantiation is tried
     /// again. Default: 5 s.
     pub circuit_cooldown: Duration,
@@ -72,6 +79,7 @@ impl Default for PoolLimits {
             circuit_failures: 20,
             circuit_window: Duration::from_secs(10),
             circuit_cooldown: Duration::from_secs(5),
+            adaptive_concurrency: None,
         }
     }
 }

@@ -28,8 +28,10 @@ pub struct RuntimeConfig {
     pub max_memory: usize,
     /// How often the engine's epoch advances. A running guest yields to the
     /// host at every tick, which is what lets the instance-level deadline cut
-    /// off a guest stuck on the CPU; shorter ticks cut it off sooner and cost
-    /// a little more. Default: 10 ms.
+    /// off a guest stuck on the CPU, and what keeps a CPU-bound guest from
+    /// holding a thread the server's I/O needs for longer than a tick.
+    /// Shorter ticks cut off sooner and cost a wake-up per tick. Default:
+    /// 1 ms.
     pub epoch_tick: Duration,
 }
 
@@ -39,7 +41,7 @@ impl Default for RuntimeConfig {
             pooling: true,
             max_instances: 256,
             max_memory: 128 << 20,
-            epoch_tick: Duration::from_millis(10),
+            epoch_tick: Duration::from_millis(1),
         }
     }
 }
