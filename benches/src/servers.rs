@@ -123,6 +123,12 @@ impl Running {
                 c
             }
         };
+        // Servers run as they would in production: without the harness's
+        // own debugging aids. With RUST_BACKTRACE set, wasmtime captures a
+        // backtrace for every error it makes internally, even handled ones
+        // (e.g. each time a store with a suspended fiber is dropped), which
+        // costs every server alike but measures the shell, not the server.
+        command.env_remove("RUST_BACKTRACE").env_remove("RUST_LIB_BACKTRACE");
         let spawned = Instant::now();
         let mut child = command
             .stdin(Stdio::null())
