@@ -93,6 +93,8 @@ fn help_lists_every_flag_with_its_default() {
         "--log-format",
         "--no-logging-prefix",
         "--no-pooling",
+        "--cache-dir",
+        "--no-cache",
     ] {
         assert!(help.contains(flag), "{flag} missing from:\n{help}");
     }
@@ -120,6 +122,39 @@ async fn compiled_components_load_without_compiling() {
     let broken = dir.join("broken.cwasm");
     std::fs::write(&broken, bytes).unwrap();
     fails_with(&["serve", broken.to_str().unwrap()], "error:");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn compiled_code_is_cached_between_runs() {
+    let dir = std::env::temp_dir().join(format!("wasmhive-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cache = dir.to_str().unwrap();
+    // The first start compiles and fills the cache; the second loads from it;
+    // with --no-cache it compiles again.
+    for (args, cached) in [
+        (vec!["--cache-dir", cache], false),
+        (vec!["--cache-dir", cache], true),
+        (vec!["--no-cache"], false),
+    ] {
+        let server = Server::start(&[&[guests::HELLO_P2.path][..], &args].concat());
+        assert_eq!(get(server.addr, "/").await.2, "Hello, wasmhive!\n");
+        let loaded = server
+            .wait_for_line("from_cache=", std::time::Duration::from_secs(10))
+            .expect("load logged");
+        assert!(
+            loaded.contains(&format!("from_cache={cached}")),
+            "{args:?}: {loaded}"
+        );
+        assert!(
+            std::fs::read_dir(&dir).unwrap().next().is_some(),
+            "cache left empty"
+        );
+    }
+    fails_with(
+        &["serve", "--no-cache", "--cache-dir", cache],
+        "cannot be used with",
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -127,6 +127,36 @@ pub struct ServeArgs {
     /// Allocate instances on demand instead of from the pooling allocator.
     #[arg(long)]
     pub no_pooling: bool,
+
+    /// Where compiled components are kept between runs, so that a restart
+    /// skips compilation; code found there is trusted, so keep it writable
+    /// only by the server's user [default: $XDG_CACHE_HOME/wasmhive, or
+    /// $HOME/.cache/wasmhive].
+    #[arg(long, value_name = "DIR", conflicts_with = "no_cache")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Compile the component at every start instead of using the cache.
+    #[arg(long)]
+    pub no_cache: bool,
+}
+
+impl ServeArgs {
+    /// The compilation cache directory the flags and environment ask for.
+    pub fn cache_dir(&self) -> Option<PathBuf> {
+        if self.no_cache {
+            return None;
+        }
+        self.cache_dir.clone().or_else(|| {
+            let env = |name| {
+                std::env::var_os(name)
+                    .filter(|v| !v.is_empty())
+                    .map(PathBuf::from)
+            };
+            env("XDG_CACHE_HOME")
+                .or_else(|| env("HOME").map(|home| home.join(".cache")))
+                .map(|base| base.join("wasmhive"))
+        })
+    }
 }
 
 /// `wasmhive compile`.

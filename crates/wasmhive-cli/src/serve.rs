@@ -58,7 +58,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             args.max_instances
         );
     }
-    let app = load_app(&args)?;
+    let Loaded {
+        app,
+        component,
+        took,
+        from_cache,
+    } = load_app(&args)?;
+    let (world, limits) = (app.world(), app.limits().clone());
     // Metrics are only collected when something can read them.
     let metrics = match args.admin_addr {
         Some(_) => Some(telemetry::init_metrics()?),
@@ -86,6 +92,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None => None,
     };
     eprintln!("Serving HTTP on http://{}/", listener.local_addr()?);
+    tracing::info!(%component, ?world, ?took, from_cache, "component loaded");
+    tracing::debug!(?limits, "instance limits");
 
     let draining = Arc::new(AtomicBool::new(false));
     if let (Some(admin_listener), Some(metrics)) = (admin_listener, metrics) {
@@ -138,15 +146,26 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The app to serve, and how loading it went (logged once the server is
+/// listening, so that the address stays the first line on stderr).
+struct Loaded {
+    app: App,
+    component: String,
+    took: Duration,
+    from_cache: bool,
+}
+
 /// The component with the limits, environment and outbound allowlist of
 /// the flags.
-fn load_app(args: &ServeArgs) -> anyhow::Result<App> {
+fn load_app(args: &ServeArgs) -> anyhow::Result<Loaded> {
     let runtime = Runtime::new(&RuntimeConfig {
         pooling: !args.no_pooling,
         max_instances: args.max_instances as usize,
         max_memory: usize::try_from(args.max_memory).unwrap_or(usize::MAX),
+        cache_dir: args.cache_dir(),
         ..RuntimeConfig::default()
     })?;
+    let loading = Instant::now();
     let (component, name) = match &args.component {
         Some(path) => (runtime.load_file(path)?, path.display().to_string()),
         None => (
@@ -154,6 +173,7 @@ fn load_app(args: &ServeArgs) -> anyhow::Result<App> {
             "the bundled demo app".to_string(),
         ),
     };
+    let (took, from_cache) = (loading.elapsed(), runtime.compile_cache_hits() > 0);
     let app = App::new(&runtime, &component).with_context(|| format!("cannot serve {name}"))?;
     let defaults = Limits::for_world(app.world());
     let limits = Limits {
@@ -166,17 +186,19 @@ fn load_app(args: &ServeArgs) -> anyhow::Result<App> {
         max_memory: usize::try_from(args.max_memory).unwrap_or(usize::MAX),
         ..defaults
     };
-    tracing::debug!(component = %name, world = ?app.world(), ?limits, "loaded");
-    let mut app = app
-        .with_limits(limits)
-        .label_output(!args.no_logging_prefix);
+    let mut app = app.label_output(!args.no_logging_prefix);
     for (key, value) in &args.env {
         app = app.with_env(key, value);
     }
     for authority in &args.allow_outbound {
         app = app.allow_outbound(authority.clone());
     }
-    Ok(app)
+    Ok(Loaded {
+        app: app.with_limits(limits),
+        component: name,
+        took,
+        from_cache,
+    })
 }
 
 /// Accepts connections until `signal` fires, within `--max-connections`.

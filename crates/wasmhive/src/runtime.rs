@@ -1,14 +1,17 @@
 //! [`Runtime`]: the wasmtime engine wasmhive runs components on, with its
 //! epoch ticker, and loading components into it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use wasmtime::component::Component;
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Precompiled};
+use wasmtime::{
+    Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig,
+    Precompiled,
+};
 
 /// How to build a [`Runtime`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,6 +36,12 @@ pub struct RuntimeConfig {
     /// Shorter ticks cut off sooner and cost a wake-up per tick. Default:
     /// 1 ms.
     pub epoch_tick: Duration,
+    /// A directory where compiled code is kept between runs, keyed by the
+    /// component's bytes, the wasmtime version and the engine settings: a
+    /// component compiled once loads in milliseconds afterwards. If the
+    /// directory cannot be created the runtime compiles without it.
+    /// Default: none (compile on every load).
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Default for RuntimeConfig {
@@ -42,6 +51,7 @@ impl Default for RuntimeConfig {
             max_instances: 256,
             max_memory: 128 << 20,
             epoch_tick: Duration::from_millis(1),
+            cache_dir: None,
         }
     }
 }
@@ -55,6 +65,7 @@ pub struct Runtime(Arc<RuntimeInner>);
 struct RuntimeInner {
     engine: Engine,
     pooling: bool,
+    cache: Option<Cache>,
     /// Held for its `Drop`: stops the ticker thread with the last clone.
     _ticker: EpochTicker,
 }
@@ -104,12 +115,14 @@ pub enum LoadError {
 }
 
 impl Runtime {
-    /// Builds the engine (pooling, with a fallback to on-demand allocation)
-    /// and starts its epoch ticker.
+    /// Builds the engine (pooling, with a fallback to on-demand allocation;
+    /// the compilation cache, if configured and usable) and starts its epoch
+    /// ticker.
     pub fn new(config: &RuntimeConfig) -> Result<Runtime, LoadError> {
         let engine_error = |e: wasmtime::Error| LoadError::Engine(format!("{e:#}"));
+        let cache = compile_cache(config);
         let (engine, pooling) = if config.pooling {
-            match Engine::new(&engine_config(config, true)) {
+            match Engine::new(&engine_config(config, true, cache.as_ref())) {
                 Ok(engine) => (engine, true),
                 Err(error) => {
                     tracing::warn!(
@@ -118,14 +131,15 @@ impl Runtime {
                          falling back to on-demand allocation"
                     );
                     (
-                        Engine::new(&engine_config(config, false)).map_err(engine_error)?,
+                        Engine::new(&engine_config(config, false, cache.as_ref()))
+                            .map_err(engine_error)?,
                         false,
                     )
                 }
             }
         } else {
             (
-                Engine::new(&engine_config(config, false)).map_err(engine_error)?,
+                Engine::new(&engine_config(config, false, cache.as_ref())).map_err(engine_error)?,
                 false,
             )
         };
@@ -134,6 +148,7 @@ impl Runtime {
         Ok(Runtime(Arc::new(RuntimeInner {
             engine,
             pooling,
+            cache,
             _ticker: ticker,
         })))
     }
@@ -146,6 +161,12 @@ impl Runtime {
     /// Whether the pooling allocator is in use (it may have fallen back).
     pub fn is_pooling(&self) -> bool {
         self.0.pooling
+    }
+
+    /// How many components the compilation cache has supplied compiled
+    /// instead of them being compiled; 0 without a cache.
+    pub fn compile_cache_hits(&self) -> usize {
+        self.0.cache.as_ref().map_or(0, Cache::cache_hits)
     }
 
     /// Loads a component file: a `.wasm` component (compiled now) or one
@@ -196,11 +217,28 @@ impl Runtime {
     }
 }
 
-fn engine_config(config: &RuntimeConfig, pooling: bool) -> Config {
+/// The compilation cache of `config`, if it asks for one and it can be had.
+fn compile_cache(config: &RuntimeConfig) -> Option<Cache> {
+    let dir = config.cache_dir.as_ref()?;
+    let mut cache = CacheConfig::new();
+    cache.with_directory(dir);
+    Cache::new(cache)
+        .inspect_err(|error| {
+            tracing::warn!(
+                dir = %dir.display(),
+                error = %format_args!("{error:#}"),
+                "cannot use the compilation cache; compiling without it"
+            )
+        })
+        .ok()
+}
+
+fn engine_config(config: &RuntimeConfig, pooling: bool, cache: Option<&Cache>) -> Config {
     let mut wasm = Config::new();
     wasm.wasm_component_model(true);
     wasm.wasm_component_model_async(true);
     wasm.epoch_interruption(true);
+    wasm.cache(cache.cloned());
     if pooling {
         let instances = u32::try_from(config.max_instances).unwrap_or(u32::MAX);
         let mut pool = PoolingAllocationConfig::default();
