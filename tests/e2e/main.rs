@@ -58,14 +58,20 @@ impl Server {
                 }
             }
         });
-        let first = first_rx
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("no stderr line from wasmhive serve {args:?}"));
-        let addr = first
-            .strip_prefix("Serving HTTP on http://")
-            .and_then(|rest| rest.strip_suffix('/'))
-            .and_then(|addr| addr.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first line: {first:?}"));
+        let first = first_rx.recv_timeout(Duration::from_secs(60));
+        let addr = first.as_ref().ok().and_then(|first| {
+            first
+                .strip_prefix("Serving HTTP on http://")?
+                .strip_suffix('/')?
+                .parse()
+                .ok()
+        });
+        let Some(addr) = addr else {
+            // Do not leave the server running behind a failed test.
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("wasmhive serve {args:?}: unexpected first stderr line: {first:?}");
+        };
         Server {
             child,
             addr,
