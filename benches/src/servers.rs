@@ -128,7 +128,9 @@ impl Running {
         // backtrace for every error it makes internally, even handled ones
         // (e.g. each time a store with a suspended fiber is dropped), which
         // costs every server alike but measures the shell, not the server.
-        command.env_remove("RUST_BACKTRACE").env_remove("RUST_LIB_BACKTRACE");
+        command
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LIB_BACKTRACE");
         let spawned = Instant::now();
         let mut child = command
             .stdin(Stdio::null())
