@@ -121,27 +121,21 @@ impl Runtime {
     pub fn new(config: &RuntimeConfig) -> Result<Runtime, LoadError> {
         let engine_error = |e: wasmtime::Error| LoadError::Engine(format!("{e:#}"));
         let cache = compile_cache(config);
-        let (engine, pooling) = if config.pooling {
-            match Engine::new(&engine_config(config, true, cache.as_ref())) {
-                Ok(engine) => (engine, true),
-                Err(error) => {
+        let build = |pooling| Engine::new(&engine_config(config, pooling, cache.as_ref()));
+        let pooled = config.pooling.then(|| build(true)).and_then(|result| {
+            result
+                .inspect_err(|error| {
                     tracing::warn!(
                         error = %format_args!("{error:#}"),
                         "cannot reserve address space for the pooling allocator; \
                          falling back to on-demand allocation"
-                    );
-                    (
-                        Engine::new(&engine_config(config, false, cache.as_ref()))
-                            .map_err(engine_error)?,
-                        false,
                     )
-                }
-            }
-        } else {
-            (
-                Engine::new(&engine_config(config, false, cache.as_ref())).map_err(engine_error)?,
-                false,
-            )
+                })
+                .ok()
+        });
+        let (engine, pooling) = match pooled {
+            Some(engine) => (engine, true),
+            None => (build(false).map_err(engine_error)?, false),
         };
         let ticker = EpochTicker::start(engine.clone(), config.epoch_tick)
             .map_err(|e| LoadError::Engine(format!("cannot start the epoch ticker: {e}")))?;
