@@ -188,3 +188,24 @@ impl Overloaded {
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("shutting down")]
 pub struct ShuttingDown;
+
+/// An instance could not be created for lack of shared capacity (a full
+/// instance pool, an exhausted memory budget), not because anything is
+/// wrong with it.
+///
+/// A [`HandlerState::instantiate`](crate::HandlerState::instantiate) that
+/// fails with an error whose chain holds this (or wasmtime's
+/// `PoolConcurrencyLimitError`) makes the request wait for another instance
+/// to end instead of failing, and does not count against the circuit.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("no capacity for another instance: {what}")]
+pub struct AtCapacity {
+    what: String,
+}
+
+impl AtCapacity {
+    /// Capacity ran out of `what` (e.g. "the memory budget").
+    pub fn new(what: impl Into<String>) -> Self {
+        AtCapacity { what: what.into() }
+    }
+}

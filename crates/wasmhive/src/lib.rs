@@ -92,6 +92,8 @@
 
 mod app;
 mod call;
+mod circuit;
+mod dispatch;
 mod error;
 mod handler;
 mod limiter;
@@ -104,7 +106,8 @@ mod worker;
 
 pub use app::{App, AppWorker, Host, InvalidAuthority, OutboundAuthority};
 pub use error::{
-    Error, ExpirationError, InstantiationError, Overloaded, ShuttingDown, TrapOrPanicError,
+    AtCapacity, Error, ExpirationError, InstantiationError, Overloaded, ShuttingDown,
+    TrapOrPanicError,
 };
 pub use handler::ProxyHandler;
 pub use limiter::AdaptiveConcurrency;

@@ -141,6 +141,9 @@ impl Recorder for NoRecorder {}
 pub struct Stats {
     /// Instances alive, including those being instantiated.
     pub live_instances: usize,
+    /// Instances running guest code or instantiating, as the scheduler
+    /// counts them (see [`PoolLimits::max_running`](crate::PoolLimits)).
+    pub running_instances: usize,
     /// Instances advertising spare capacity right now.
     pub available_instances: usize,
     /// Requests waiting in the queue.

@@ -1,23 +1,50 @@
-//! Admission and hand-off of requests to workers, with no wasmtime in sight.
+//! The scheduling core: admission, the wait queue and hand-off of requests
+//! to workers, with no wasmtime in sight.
 //!
-//! [`Pool`] is the scheduling core of [`ProxyHandler`](crate::ProxyHandler):
-//! one mutex guards the wait queue, the stack of workers advertising spare
-//! capacity, and the count of live workers, so every decision sees one
-//! consistent picture. That is what rules out orphans: a job is queued only
-//! while no worker advertises capacity *and* no new worker may start, and
-//! every event that could change either (a worker advertising, a worker
-//! exiting) looks at the queue under the same lock.
+//! [`Pool`] is what the dispatcher asks before anything runs. One mutex
+//! guards the queue, the workers advertising spare capacity, and which
+//! workers are *running*, so every decision sees one consistent picture.
 //!
-//! Invariant, checked by the tests: if the queue is not empty, no worker is
-//! advertised and `live == max_instances`.
+//! # Who runs when
 //!
-//! The pool only decides; the handler acts on its answers (spawning workers,
-//! failing requests). Jobs are generic so that the logic can be tested fast
-//! and hard without compiling a component.
+//! Admitting a request is not starting it. A worker is *running* while it
+//! instantiates or its guest computes, and *parked* while every task it has
+//! waits on I/O (or it has none). At most [`PoolLimits::max_running`]
+//! workers are running when a request is started: a request is handed to a
+//! parked worker with spare capacity, or starts a new worker, only while
+//! fewer run; otherwise it waits in the queue. CPU-bound requests so run to
+//! completion in arrival order on as many instances as there are threads,
+//! instead of being time-sliced across an instance per open connection, and
+//! memory follows cores rather than connections. A worker whose guest
+//! blocks on I/O parks and so lets the next request start, which keeps
+//! I/O-bound apps at full throughput.
+//!
+//! # The queue
+//!
+//! A CoDel-managed queue with adaptive LIFO (as in Facebook's Wangle): the
+//! sojourn time of the oldest waiting request is sampled at every dequeue.
+//! If over a whole interval it never dropped below
+//! [`PoolLimits::queue_target`], the queue is standing, i.e. overloaded: it
+//! then serves the newest request first (it still has a client willing to
+//! wait) and sheds every request that has waited longer than the target,
+//! so admitted requests stay fast and the surplus gets its `503` within a
+//! few milliseconds. Otherwise it is FIFO, and a burst may wait up to
+//! [`PoolLimits::max_queue_wait`].
+//!
+//! # No orphans
+//!
+//! Invariant, checked by the tests: if the queue is not empty, either
+//! `max_running` workers are running, or no worker is advertised and none
+//! may start. Every event that could change that (a worker parking,
+//! advertising or exiting) looks at the queue under the same lock.
+//!
+//! The pool only decides; the dispatcher acts on its answers (spawning
+//! workers, failing requests). Jobs are generic so that the logic is tested
+//! fast and hard without compiling a component.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -27,17 +54,30 @@ use tokio::sync::mpsc;
 /// `PoolLimits { max_instances: 8, ..Default::default() }`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PoolLimits {
-    /// Most instances alive at once, including those being instantiated.
-    /// Each costs a store, linear memory and a pooling-allocator slot.
-    /// Default: 256.
+    /// Most instances alive at once, running, parked or idle, including
+    /// those being instantiated. Each costs a store, linear memory and a
+    /// pooling-allocator slot. Default: 256.
     pub max_instances: usize,
-    /// Most requests waiting for an instance when all are busy and no more
-    /// may start; beyond it requests fail at once with
-    /// [`Overloaded`](crate::Overloaded). `0` disables queueing. Default: 1024.
+    /// Most instances running guest code (or instantiating) when a request
+    /// is started; an instance whose tasks all wait on I/O does not count.
+    /// Match it to the threads that run guests: more only time-slices them
+    /// and multiplies memory. Default: the machine's available parallelism.
+    pub max_running: usize,
+    /// Most requests waiting to start; beyond it requests fail at once with
+    /// [`Overloaded`](crate::Overloaded). `0` disables queueing.
+    /// Default: 1024.
     pub max_queue_len: usize,
-    /// Longest a request waits in the queue before failing with
-    /// [`Overloaded`](crate::Overloaded). Default: 2 s.
+    /// Longest a request waits in a queue that is not overloaded before it
+    /// fails with [`Overloaded`](crate::Overloaded): room for bursts.
+    /// Default: 2 s.
     pub max_queue_wait: Duration,
+    /// The queue's target sojourn time. When waits stay above it for a
+    /// whole [`Self::queue_interval`], the queue counts as overloaded: it
+    /// serves newest first and sheds requests that waited longer than this.
+    /// Default: 5 ms.
+    pub queue_target: Duration,
+    /// See [`Self::queue_target`]. Default: 100 ms.
+    pub queue_interval: Duration,
     /// Instances kept instantiated and idle ahead of demand, refilled in the
     /// background as requests take them. A prewarmed instance that has not
     /// served yet is exempt from the idle timeout. Default: 0.
@@ -50,29 +90,32 @@ pub struct PoolLimits {
     /// Default: 10 ms.
     pub retry_backoff: Duration,
     /// Failed instantiations within [`Self::circuit_window`] that open the
-    /// circuit: while open, requests needing a new instance fail fast.
-    /// Default: 20.
+    /// circuit: while open, requests needing a new instance fail fast and
+    /// prewarming pauses. A full pool or memory budget is not a failure
+    /// (the request waits for an instance to end). Default: 20.
     pub circuit_failures: u32,
     /// See [`Self::circuit_failures`]. Default: 10 s.
     pub circuit_window: Duration,
-    /// An adaptive limit on the requests in flight across the pool, below
-    /// the limits above: it settles where latency stays near its best and
-    /// answers the surplus with [`Overloaded`](crate::Overloaded) at once,
-    /// so a CPU-bound guest at several times its capacity keeps admitted
-    /// requests fast. Suits apps whose requests take similar times; see
-    /// [`AdaptiveConcurrency`](crate::AdaptiveConcurrency). Default: off.
-    pub adaptive_concurrency: Option<crate::AdaptiveConcurrency>,
     /// How long the circuit stays open before one instantiation is tried
     /// again. Default: 5 s.
     pub circuit_cooldown: Duration,
+    /// An adaptive limit on the requests in flight across the pool, below
+    /// the limits above: it settles where latency stays near its best and
+    /// answers the surplus with [`Overloaded`](crate::Overloaded) at once.
+    /// Suits apps whose requests take similar times; see
+    /// [`AdaptiveConcurrency`](crate::AdaptiveConcurrency). Default: off.
+    pub adaptive_concurrency: Option<crate::AdaptiveConcurrency>,
 }
 
 impl Default for PoolLimits {
     fn default() -> Self {
         PoolLimits {
             max_instances: 256,
+            max_running: std::thread::available_parallelism().map_or(1, usize::from),
             max_queue_len: 1024,
             max_queue_wait: Duration::from_secs(2),
+            queue_target: Duration::from_millis(5),
+            queue_interval: Duration::from_millis(100),
             prewarm: 0,
             instantiation_retries: 2,
             retry_backoff: Duration::from_millis(10),
@@ -90,21 +133,30 @@ pub(crate) type WorkerId = u64;
 /// Where the pool delivers jobs to a worker that advertised capacity.
 pub(crate) type Mailbox<J> = mpsc::UnboundedSender<J>;
 
-/// Identifies a queued job, to take it out again.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) struct Ticket(u64);
+/// Workers the caller must start, each with its first job (already counted
+/// as live and running).
+pub(crate) type Starts<J> = Vec<(WorkerId, J)>;
+
+/// A job the pool may give up on: shed from an overloaded queue.
+pub(crate) trait Sheddable {
+    /// Fails the job's request as overloaded.
+    fn shed(self);
+}
+
+/// Identifies a queued job, to take it out again. Ordered like the queue.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+pub(crate) struct Ticket(i64);
 
 /// What [`Pool::admit`] did with a job.
 #[derive(Debug)]
 pub(crate) enum Admission<J> {
     /// Delivered to the mailbox of an advertised worker.
     Handed,
-    /// The caller must start worker `WorkerId` with this job (already counted
-    /// as live).
+    /// The caller must start worker `WorkerId` with this job.
     Start(WorkerId, J),
-    /// Waiting in the queue.
-    Queued(Ticket),
-    /// Rejected: every worker busy, none may start, the queue is full.
+    /// Waiting in the queue; the caller gives up after `patience`.
+    Queued(Ticket, Duration),
+    /// Rejected: the queue is full.
     Overloaded(J),
     /// Rejected: the pool is closed.
     Closed(J),
@@ -114,6 +166,7 @@ pub(crate) enum Admission<J> {
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub(crate) struct Occupancy {
     pub live: usize,
+    pub running: usize,
     pub advertised: usize,
     pub queued: usize,
 }
@@ -123,32 +176,57 @@ pub(crate) struct Pool<J> {
     state: Mutex<State<J>>,
 }
 
+struct Queued<J> {
+    ticket: Ticket,
+    job: J,
+    since: Instant,
+}
+
 struct State<J> {
-    queue: VecDeque<(Ticket, J)>,
-    next_ticket: u64,
+    /// Sorted by ticket: pushed at the back with increasing tickets, at the
+    /// front (jobs returned by workers) with decreasing ones.
+    queue: VecDeque<Queued<J>>,
+    next_back: i64,
+    next_front: i64,
     /// Workers with spare capacity, most recent last: hand-off is LIFO, so
     /// the busiest instances stay warm and surplus ones idle out.
     advertised: Vec<(WorkerId, Mailbox<J>)>,
-    /// Workers started and not yet exited, including instantiating ones.
-    live: usize,
+    /// Live workers (started, not exited) and whether each is running.
+    workers: HashMap<WorkerId, bool>,
+    running: usize,
     /// Prewarm workers started but not yet advertised.
     prewarming: Vec<WorkerId>,
+    /// After an instantiation failed for lack of capacity (pool slots,
+    /// memory budget): no new worker until one exits and frees some.
+    at_capacity: bool,
     next_worker: WorkerId,
     closed: bool,
+    codel: Codel,
 }
 
-impl<J> Pool<J> {
+impl<J: Sheddable> Pool<J> {
     pub(crate) fn new(limits: PoolLimits) -> Self {
+        let codel = Codel {
+            target: limits.queue_target,
+            interval: limits.queue_interval,
+            interval_end: None,
+            min_delay: None,
+            overloaded: false,
+        };
         Pool {
             limits,
             state: Mutex::new(State {
                 queue: VecDeque::new(),
-                next_ticket: 0,
+                next_back: 0,
+                next_front: -1,
                 advertised: Vec::new(),
-                live: 0,
+                workers: HashMap::new(),
+                running: 0,
                 prewarming: Vec::new(),
+                at_capacity: false,
                 next_worker: 1,
                 closed: false,
+                codel,
             }),
         }
     }
@@ -163,38 +241,43 @@ impl<J> Pool<J> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Admits a new request's job: hands it to an advertised worker, asks for
-    /// a new worker, queues it, or rejects it.
-    pub(crate) fn admit(&self, job: J) -> Admission<J> {
+    /// Admits a new request's job at `now`: hands it to an advertised
+    /// worker or asks for a new one (while fewer than `max_running` run),
+    /// queues it, or rejects it.
+    pub(crate) fn admit(&self, job: J, now: Instant) -> Admission<J> {
+        let limits = &self.limits;
         let mut state = self.lock();
         if state.closed {
             return Admission::Closed(job);
         }
-        let job = match state.hand_off(job) {
-            Ok(()) => return Admission::Handed,
-            Err(job) => job,
-        };
-        if state.live < self.limits.max_instances {
-            let id = state.start_worker();
-            return Admission::Start(id, job);
+        if state.queue.is_empty() && state.running < limits.max_running {
+            state.codel.observe(Duration::ZERO, now);
+            let job = match state.hand_off(job) {
+                Ok(()) => return Admission::Handed,
+                Err(job) => job,
+            };
+            if state.may_start(limits) {
+                return Admission::Start(state.start_worker(), job);
+            }
+            return state.enqueue(job, now, limits);
         }
-        if state.queue.len() < self.limits.max_queue_len {
-            let ticket = Ticket(state.next_ticket);
-            state.next_ticket += 1;
-            state.queue.push_back((ticket, job));
-            return Admission::Queued(ticket);
-        }
-        Admission::Overloaded(job)
+        state.shed_stale(now);
+        state.enqueue(job, now, limits)
     }
 
-    /// Worker `id` has capacity for one more job. Returns the oldest queued
-    /// job if there is one; otherwise the worker is advertised and a later
-    /// job arrives in `mailbox`. Either way the advertisement is used up by
-    /// one job: the worker advertises again when it has capacity again.
-    pub(crate) fn advertise(&self, id: WorkerId, mailbox: &Mailbox<J>) -> Option<J> {
+    /// Worker `id` has capacity for one more job and waits on I/O (or has
+    /// nothing to do). Returns a queued job if one may start now; otherwise
+    /// the worker is advertised and a later job arrives in `mailbox`. Either
+    /// way the advertisement is used up by one job: the worker advertises
+    /// again when it has capacity again. A worker given a job is running.
+    pub(crate) fn advertise(&self, id: WorkerId, mailbox: &Mailbox<J>, now: Instant) -> Option<J> {
         let mut state = self.lock();
         state.prewarming.retain(|&w| w != id);
-        if let Some((_, job)) = state.queue.pop_front() {
+        state.set_running(id, false);
+        if state.running < self.limits.max_running
+            && let Some(job) = state.next_job(now)
+        {
+            state.set_running(id, true);
             return Some(job);
         }
         if !state.closed && !state.advertised.iter().any(|(w, _)| *w == id) {
@@ -209,60 +292,90 @@ impl<J> Pool<J> {
         self.lock().advertised.retain(|(w, _)| *w != id);
     }
 
+    /// Worker `id` waits on I/O (or has nothing to do) without advertising:
+    /// queued jobs may start elsewhere in its place.
+    pub(crate) fn park(&self, id: WorkerId, now: Instant) -> Starts<J> {
+        let mut state = self.lock();
+        state.set_running(id, false);
+        state.fill(now, &self.limits)
+    }
+
+    /// Worker `id` runs guest code again (its I/O completed).
+    pub(crate) fn unpark(&self, id: WorkerId) {
+        self.lock().set_running(id, true);
+    }
+
     /// Takes a queued job back out (its caller gave up or timed out).
-    /// `None` means it was already handed to a worker.
+    /// `None` means it was already handed to a worker, or shed.
     pub(crate) fn cancel(&self, ticket: Ticket) -> Option<J> {
         let mut state = self.lock();
-        let index = state.queue.iter().position(|(t, _)| *t == ticket)?;
-        state.queue.remove(index).map(|(_, job)| job)
+        let index = state
+            .queue
+            .binary_search_by_key(&ticket, |queued| queued.ticket)
+            .ok()?;
+        state.queue.remove(index).map(|queued| queued.job)
     }
 
     /// Worker `id` has exited; `unstarted` are jobs it received but never
     /// started, which go to the front of the line. Returns the workers the
     /// caller must start for queued jobs, now that there is room.
-    pub(crate) fn exited(&self, id: WorkerId, unstarted: Vec<J>) -> Vec<(WorkerId, J)> {
+    pub(crate) fn exited(&self, id: WorkerId, unstarted: Vec<J>, now: Instant) -> Starts<J> {
         let mut state = self.lock();
-        state.advertised.retain(|(w, _)| *w != id);
-        state.prewarming.retain(|&w| w != id);
-        state.live -= 1;
+        state.remove_worker(id);
+        state.at_capacity = false;
         for job in unstarted.into_iter().rev() {
-            state.hand_off_or_queue_first(job);
+            state.push_front(job, now);
         }
-        let mut starts = Vec::new();
-        while state.live < self.limits.max_instances
-            && let Some((_, job)) = state.queue.pop_front()
-        {
-            let id = state.start_worker();
-            starts.push((id, job));
+        state.fill(now, &self.limits)
+    }
+
+    /// Worker `id` could not instantiate for lack of capacity (a full
+    /// instance pool, an exhausted memory budget): it is gone, and no worker
+    /// starts until another exits and frees some. Its `job` goes back to the
+    /// front of the line. `Err` hands the job back when no other worker is
+    /// alive to free anything: then the capacity is held elsewhere and
+    /// waiting would not help.
+    pub(crate) fn at_capacity(
+        &self,
+        id: WorkerId,
+        job: Option<J>,
+        now: Instant,
+    ) -> Result<Starts<J>, Option<J>> {
+        let mut state = self.lock();
+        state.remove_worker(id);
+        if state.workers.is_empty() {
+            return Err(job);
         }
-        starts
+        state.at_capacity = true;
+        if let Some(job) = job {
+            state.push_front(job, now);
+        }
+        Ok(state.fill(now, &self.limits))
     }
 
     /// Takes back a job a worker received but could not start: it goes to
-    /// another advertised worker, or a new one (returned for the caller to
-    /// start), or the front of the queue.
-    pub(crate) fn readmit(&self, job: J) -> Option<(WorkerId, J)> {
+    /// the front of the line, and on to whatever may take it now.
+    pub(crate) fn readmit(&self, job: J, now: Instant) -> Starts<J> {
         let mut state = self.lock();
-        match state.hand_off(job) {
-            Ok(()) => None,
-            Err(job) if state.live < self.limits.max_instances => Some((state.start_worker(), job)),
-            Err(job) => {
-                state.hand_off_or_queue_first(job);
-                None
-            }
-        }
+        state.push_front(job, now);
+        state.fill(now, &self.limits)
     }
 
     /// Reserves workers to start without a job, to bring the instances
-    /// ready ahead of demand up to [`PoolLimits::prewarm`].
+    /// ready ahead of demand up to [`PoolLimits::prewarm`], as far as the
+    /// running limit allows (instantiating is running).
     pub(crate) fn prewarm(&self) -> Vec<WorkerId> {
+        let limits = &self.limits;
         let mut state = self.lock();
-        let ready = state.advertised.len() + state.prewarming.len();
-        let room = self.limits.max_instances - state.live;
-        let wanted = self.limits.prewarm.saturating_sub(ready).min(room);
-        if state.closed {
+        if state.closed || state.at_capacity {
             return Vec::new();
         }
+        let ready = state.advertised.len() + state.prewarming.len();
+        let wanted = limits
+            .prewarm
+            .saturating_sub(ready)
+            .min(limits.max_instances.saturating_sub(state.workers.len()))
+            .min(limits.max_running.saturating_sub(state.running));
         (0..wanted)
             .map(|_| {
                 let id = state.start_worker();
@@ -287,20 +400,49 @@ impl<J> Pool<J> {
     pub(crate) fn occupancy(&self) -> Occupancy {
         let state = self.lock();
         Occupancy {
-            live: state.live,
+            live: state.workers.len(),
+            running: state.running,
             advertised: state.advertised.len(),
             queued: state.queue.len(),
         }
     }
 }
 
-impl<J> State<J> {
+impl<J: Sheddable> State<J> {
+    fn may_start(&self, limits: &PoolLimits) -> bool {
+        !self.at_capacity && self.workers.len() < limits.max_instances
+    }
+
+    fn set_running(&mut self, id: WorkerId, running: bool) {
+        if let Some(was) = self.workers.get_mut(&id)
+            && *was != running
+        {
+            *was = running;
+            if running {
+                self.running += 1;
+            } else {
+                self.running -= 1;
+            }
+        }
+    }
+
+    fn remove_worker(&mut self, id: WorkerId) {
+        self.advertised.retain(|(w, _)| *w != id);
+        self.prewarming.retain(|&w| w != id);
+        if self.workers.remove(&id) == Some(true) {
+            self.running -= 1;
+        }
+    }
+
     /// Gives `job` to the most recently advertised worker whose mailbox is
-    /// still open, or hands it back.
+    /// still open, which is running from now on; or hands the job back.
     fn hand_off(&mut self, mut job: J) -> Result<(), J> {
-        while let Some((_, mailbox)) = self.advertised.pop() {
+        while let Some((id, mailbox)) = self.advertised.pop() {
             match mailbox.send(job) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.set_running(id, true);
+                    return Ok(());
+                }
                 // That worker is gone (it will report its exit); try the next.
                 Err(mpsc::error::SendError(returned)) => job = returned,
             }
@@ -308,20 +450,131 @@ impl<J> State<J> {
         Err(job)
     }
 
+    /// Starts queued jobs while fewer than `max_running` workers run and
+    /// some worker can take them.
+    fn fill(&mut self, now: Instant, limits: &PoolLimits) -> Starts<J> {
+        let mut starts = Vec::new();
+        while self.running < limits.max_running
+            && (!self.advertised.is_empty() || self.may_start(limits))
+            && let Some(job) = self.next_job(now)
+        {
+            match self.hand_off(job) {
+                Ok(()) => {}
+                Err(job) if self.may_start(limits) => starts.push((self.start_worker(), job)),
+                Err(job) => {
+                    self.push_front(job, now);
+                    break;
+                }
+            }
+        }
+        starts
+    }
+
+    fn enqueue(&mut self, job: J, now: Instant, limits: &PoolLimits) -> Admission<J> {
+        if self.queue.len() >= limits.max_queue_len {
+            return Admission::Overloaded(job);
+        }
+        let ticket = Ticket(self.next_back);
+        self.next_back += 1;
+        self.queue.push_back(Queued {
+            ticket,
+            job,
+            since: now,
+        });
+        let patience = if self.codel.overloaded {
+            limits.queue_target
+        } else {
+            limits.max_queue_wait
+        };
+        Admission::Queued(ticket, patience)
+    }
+
     /// Already-admitted jobs skip the line (and the queue's length limit).
-    fn hand_off_or_queue_first(&mut self, job: J) {
-        if let Err(job) = self.hand_off(job) {
-            let ticket = Ticket(self.next_ticket);
-            self.next_ticket += 1;
-            self.queue.push_front((ticket, job));
+    fn push_front(&mut self, job: J, now: Instant) {
+        let ticket = Ticket(self.next_front);
+        self.next_front -= 1;
+        self.queue.push_front(Queued {
+            ticket,
+            job,
+            since: now,
+        });
+    }
+
+    /// The next job to start: the oldest, or, while overloaded, the newest
+    /// after shedding those that waited too long.
+    fn next_job(&mut self, now: Instant) -> Option<J> {
+        let oldest = self.queue.front()?.since;
+        self.codel
+            .observe(now.saturating_duration_since(oldest), now);
+        self.shed_stale(now);
+        let queued = if self.codel.overloaded {
+            self.queue.pop_back()
+        } else {
+            self.queue.pop_front()
+        };
+        if self.queue.is_empty() {
+            // The queue drained: a sojourn of zero for what comes next.
+            self.codel.observe(Duration::ZERO, now);
+        }
+        queued.map(|queued| queued.job)
+    }
+
+    /// While overloaded, sheds every job that waited longer than the target.
+    fn shed_stale(&mut self, now: Instant) {
+        if !self.codel.overloaded {
+            return;
+        }
+        while let Some(oldest) = self.queue.front()
+            && now.saturating_duration_since(oldest.since) > self.codel.target
+        {
+            if let Some(queued) = self.queue.pop_front() {
+                queued.job.shed();
+            }
         }
     }
 
     fn start_worker(&mut self) -> WorkerId {
-        self.live += 1;
         let id = self.next_worker;
         self.next_worker += 1;
+        self.workers.insert(id, true);
+        self.running += 1;
         id
+    }
+}
+
+/// The overload detector of a CoDel queue: the queue becomes overloaded for
+/// the next interval when, over the last one, the sampled wait never fell
+/// below the target (a standing queue rather than a burst). It stays so
+/// while the wait never falls below half the target: shedding keeps the
+/// oldest wait near the target, so only a queue that (nearly) drains shows
+/// that the overload is over.
+struct Codel {
+    target: Duration,
+    interval: Duration,
+    interval_end: Option<Instant>,
+    min_delay: Option<Duration>,
+    overloaded: bool,
+}
+
+impl Codel {
+    fn observe(&mut self, delay: Duration, now: Instant) {
+        match self.interval_end {
+            Some(end) if now < end => {}
+            Some(end) => {
+                // A whole interval without samples counts as no queue.
+                let stale = now >= end + self.interval;
+                let threshold = if self.overloaded {
+                    self.target / 2
+                } else {
+                    self.target
+                };
+                self.overloaded = !stale && self.min_delay.is_some_and(|min| min > threshold);
+                self.min_delay = None;
+                self.interval_end = Some(now + self.interval);
+            }
+            None => self.interval_end = Some(now + self.interval),
+        }
+        self.min_delay = Some(self.min_delay.map_or(delay, |min| min.min(delay)));
     }
 }
 

@@ -14,59 +14,128 @@
 //! a trap for a later request would cut it off.
 //!
 //! Concurrency is earned: taking a job clears `accept_more`, assuming the new
-//! task is CPU-bound. Only when the event loop returns `Pending` (every task
-//! waits on I/O) does the outer loop set it again and let the inner loop
-//! advertise. A CPU-bound guest so never hoards requests.
+//! task is CPU-bound. Only when the event loop returns `Pending` without
+//! having woken itself (every task waits on I/O, as opposed to a guest
+//! yielding at an epoch tick) does the outer loop set it again and let the
+//! inner loop advertise. A CPU-bound guest so never hoards requests.
+//!
+//! The same observation tells the [`Supervisor`] whether this worker is
+//! *running* (instantiating, or its guest computing) or *parked* (waiting on
+//! I/O): the scheduler starts new requests only while few enough run.
+//!
+//! The worker talks to whoever dispatches to it only through [`Supervisor`],
+//! the interface defined here.
 
 use std::collections::BTreeMap;
 use std::future::poll_fn;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
-use tokio::sync::mpsc;
+use futures::task::AtomicWaker;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use wasmtime::AsContextMut as _;
 use wasmtime::component::Accessor;
 
-use crate::call::{Dispatch, Ended, Fate, GuestCall, Responder};
-use crate::handler::{Job, Shared};
+use crate::call::{Dispatch, Ended, Fate, GuestCall, Reply, Responder};
 use crate::metrics::{ExitReason, InstanceReport};
 use crate::policy::{
     HandlerState, Instance, Proxy, ShouldAccept, WorkerExpiration, WorkerState, WorkerStatus,
 };
-use crate::pool::WorkerId;
-use crate::{ExpirationError, InstantiationError, TrapOrPanicError};
+use crate::pool::{Mailbox, WorkerId};
+use crate::{Error, ExpirationError, Request, TrapOrPanicError};
+
+type RequestData<S> = <<S as HandlerState>::WorkerState as WorkerState>::RequestData;
+
+/// A request on its way to a worker.
+pub(crate) struct Job<S: HandlerState> {
+    pub(crate) data: RequestData<S>,
+    pub(crate) request: Request,
+    pub(crate) tx: oneshot::Sender<Reply>,
+}
+
+impl<S: HandlerState> Job<S> {
+    /// Fails a job before any worker took it.
+    pub(crate) fn reply_early(tx: oneshot::Sender<Reply>, error: Error) {
+        let _ = tx.send(Reply {
+            delivery: Err(error),
+            dispatch: None,
+        });
+    }
+}
+
+/// Why a worker has no instance.
+pub(crate) struct InstantiationFailure {
+    pub(crate) cause: Arc<wasmtime::Error>,
+    /// The circuit was open: nothing was attempted.
+    pub(crate) circuit_open: bool,
+    /// No room (instance pool, memory budget): waiting may help.
+    pub(crate) at_capacity: bool,
+}
+
+/// What a worker needs from whoever dispatches requests to it.
+pub(crate) trait Supervisor<S: HandlerState>: Send + Sync + Sized + 'static {
+    /// Fires when the handler shuts down: take nothing more, finish, exit.
+    fn shutdown(&self) -> &CancellationToken;
+
+    /// Creates the instance of worker `id` (with whatever retries apply).
+    fn instantiate(
+        &self,
+        id: WorkerId,
+    ) -> impl Future<Output = Result<Instance<S>, InstantiationFailure>> + Send;
+
+    /// Worker `id` ended without an instance; `first` is the job it was
+    /// started for, now the supervisor's to requeue or fail.
+    fn instantiation_failed(
+        self: &Arc<Self>,
+        id: WorkerId,
+        first: Option<Job<S>>,
+        failure: InstantiationFailure,
+        report: InstanceReport,
+    );
+
+    /// Worker `id` waits on I/O and has room for one more request: returns
+    /// one now, or mails one to `mailbox` later. A worker given a job is
+    /// running.
+    fn advertise(&self, id: WorkerId, mailbox: &Mailbox<Job<S>>) -> Option<Job<S>>;
+
+    /// Worker `id` has no room any more; jobs already mailed are its own.
+    fn withdraw(&self, id: WorkerId);
+
+    /// Worker `id` waits on I/O (or has nothing to do).
+    fn park(self: &Arc<Self>, id: WorkerId);
+
+    /// Worker `id` runs guest code again.
+    fn unpark(&self, id: WorkerId);
+
+    /// A job mailed to a worker that could not take it after all.
+    fn redispatch(self: &Arc<Self>, job: Job<S>);
+
+    /// Worker `id` has ended: `unstarted` were mailed to it but never
+    /// reached the guest, so they may go elsewhere.
+    fn exited(self: &Arc<Self>, id: WorkerId, unstarted: Vec<Job<S>>, report: InstanceReport);
+}
 
 /// Runs worker `id` from instantiation to disposal. `first` is the job it
 /// was started for (`None` for a prewarmed worker).
-pub(crate) async fn run<S: HandlerState>(
-    shared: Arc<Shared<S>>,
+pub(crate) async fn run<S: HandlerState, D: Supervisor<S>>(
+    supervisor: Arc<D>,
     id: WorkerId,
     first: Option<Job<S>>,
 ) {
     let span = tracing::info_span!("instance", incarnation = id);
-    let mut exit = ExitGuard {
-        shared: shared.clone(),
-        id,
-        unstarted: Vec::new(),
-        report: None,
-    };
     async {
         let began = Instant::now();
-        let instance = match shared.instantiate(id).await {
+        let instance = match supervisor.instantiate(id).await {
             Ok(instance) => instance,
             Err(failure) => {
-                tracing::warn!(error = %format_args!("{:#}", failure.cause), "instantiation failed");
-                if let Some(Job { request, tx, .. }) = first {
-                    let error = InstantiationError::new(request, failure.cause.clone(), failure.circuit_open);
-                    Job::<S>::reply_early(tx, error.into());
-                }
-                exit.report = Some(InstanceReport {
+                let report = InstanceReport {
                     incarnation: id,
                     instantiation_time: began.elapsed(),
                     lifetime: Duration::ZERO,
@@ -75,27 +144,42 @@ pub(crate) async fn run<S: HandlerState>(
                     reason: ExitReason::InstantiationFailed,
                     error: Some(format!("{:#}", failure.cause)),
                     peak_memory: None,
-                });
+                };
+                supervisor.instantiation_failed(id, first, failure, report);
                 return;
             }
         };
         let instantiation_time = began.elapsed();
         tracing::debug!(?instantiation_time, "instantiated");
-        serve(&shared, id, instance, first, instantiation_time, &mut exit).await;
+        let mut exit = ExitGuard {
+            supervisor: supervisor.clone(),
+            id,
+            unstarted: Vec::new(),
+            report: None,
+        };
+        serve(
+            &supervisor,
+            id,
+            instance,
+            first,
+            instantiation_time,
+            &mut exit,
+        )
+        .await;
     }
     .instrument(span)
     .await;
 }
 
-/// Makes sure the pool hears of the worker's end, even if it panicked.
-struct ExitGuard<S: HandlerState> {
-    shared: Arc<Shared<S>>,
+/// Makes sure the supervisor hears of the worker's end, even if it panicked.
+struct ExitGuard<S: HandlerState, D: Supervisor<S>> {
+    supervisor: Arc<D>,
     id: WorkerId,
     unstarted: Vec<Job<S>>,
     report: Option<InstanceReport>,
 }
 
-impl<S: HandlerState> Drop for ExitGuard<S> {
+impl<S: HandlerState, D: Supervisor<S>> Drop for ExitGuard<S, D> {
     fn drop(&mut self) {
         let report = self.report.take().unwrap_or_else(|| InstanceReport {
             incarnation: self.id,
@@ -107,8 +191,28 @@ impl<S: HandlerState> Drop for ExitGuard<S> {
             error: Some("the worker panicked".into()),
             peak_memory: None,
         });
-        self.shared
-            .worker_exited(self.id, std::mem::take(&mut self.unstarted), report);
+        self.supervisor
+            .exited(self.id, std::mem::take(&mut self.unstarted), report);
+    }
+}
+
+/// Tells a guest that yielded (at an epoch tick: it still has CPU work)
+/// from one that waits on I/O: the event loop's waker is wrapped in this,
+/// and a yield wakes it before the poll returns.
+#[derive(Default)]
+struct WakeSpy {
+    woken: AtomicBool,
+    inner: AtomicWaker,
+}
+
+impl Wake for WakeSpy {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Relaxed);
+        self.inner.wake();
     }
 }
 
@@ -150,13 +254,13 @@ enum Outcome {
     ExpiredWhile(WorkerStatus),
 }
 
-async fn serve<S: HandlerState>(
-    shared: &Arc<Shared<S>>,
+async fn serve<S: HandlerState, D: Supervisor<S>>(
+    supervisor: &Arc<D>,
     id: WorkerId,
     instance: Instance<S>,
     first: Option<Job<S>>,
     instantiation_time: Duration,
-    exit: &mut ExitGuard<S>,
+    exit: &mut ExitGuard<S, D>,
 ) {
     let Instance {
         mut store,
@@ -170,6 +274,9 @@ async fn serve<S: HandlerState>(
     let (mailbox, mut inbox) = mpsc::unbounded_channel::<Job<S>>();
     let status = Mutex::new((WorkerStatus::Idle, born));
     let accept_more = AtomicBool::new(true);
+    // Whether the supervisor counts this worker as running: it was started
+    // running, and every job it is given makes it running again.
+    let running = AtomicBool::new(true);
     let served = AtomicU64::new(0);
     let peak = AtomicUsize::new(0);
     let prewarmed = first.is_none();
@@ -178,8 +285,8 @@ async fn serve<S: HandlerState>(
         Proxy::P3(guest) => *guest.wasi_http_handler().func_handle().func(),
     };
     let (proxy, state) = (&proxy, &state);
-    let (fate_ref, status_ref, accept_ref, served_ref, peak_ref) =
-        (&fate, &status, &accept_more, &served, &peak);
+    let (fate_ref, status_ref, accept_ref, served_ref, peak_ref, running_ref) =
+        (&fate, &status, &accept_more, &served, &peak, &running);
     let inbox_ref = &mut inbox;
 
     let inner = async move |accessor: &Accessor<S::StoreData>| -> wasmtime::Result<Finished> {
@@ -192,7 +299,7 @@ async fn serve<S: HandlerState>(
         let mut may_accept = true;
         let mut advertised = false;
         let mut reason = Finished::ReuseSpent;
-        let mut shutdown = pin!(shared.shutdown.cancelled());
+        let mut shutdown = pin!(supervisor.shutdown().cancelled());
 
         let accept = |job: Job<S>,
                       calls: &mut FuturesUnordered<_>,
@@ -280,24 +387,27 @@ async fn serve<S: HandlerState>(
                         }
                     };
                 if want && !advertised {
-                    if let Some(job) = shared.pool.advertise(id, &mailbox) {
+                    let job = supervisor.advertise(id, &mailbox);
+                    running_ref.store(job.is_some(), Relaxed);
+                    if let Some(job) = job {
                         accept(job, &mut calls, &mut starts, &mut total);
                         continue;
                     }
                     advertised = true;
                 } else if !want && advertised {
-                    shared.pool.withdraw(id);
+                    supervisor.withdraw(id);
                     advertised = false;
                 }
 
                 // Jobs mailed while this worker was advertised.
                 if let Poll::Ready(Some(job)) = inbox_ref.poll_recv(cx) {
                     advertised = false;
+                    running_ref.store(true, Relaxed);
                     if want {
                         accept(job, &mut calls, &mut starts, &mut total);
                     } else {
                         // Capacity went away as the job arrived: pass it on.
-                        shared.redispatch(job);
+                        supervisor.redispatch(job);
                     }
                     continue;
                 }
@@ -312,7 +422,7 @@ async fn serve<S: HandlerState>(
                 }
                 if !(may_accept && ready) {
                     if advertised {
-                        shared.pool.withdraw(id);
+                        supervisor.withdraw(id);
                     }
                     return Poll::Ready(Ok(std::mem::replace(&mut reason, Finished::ReuseSpent)));
                 }
@@ -329,8 +439,13 @@ async fn serve<S: HandlerState>(
     let outcome = {
         let mut event_loop = pin!(store.run_concurrent(inner));
         let mut expiration = pin!(expiration);
+        let spy = Arc::new(WakeSpy::default());
+        let spy_waker = Waker::from(spy.clone());
         poll_fn(|cx| {
-            let mut poll = event_loop.as_mut().poll(cx);
+            let mut spy_cx = Context::from_waker(&spy_waker);
+            spy.inner.register(cx.waker());
+            spy.woken.store(false, Relaxed);
+            let mut poll = event_loop.as_mut().poll(&mut spy_cx);
             if poll.is_pending() {
                 // Level two: polled here, outside the event loop, so that a
                 // guest stuck on the CPU or in a host call cannot hide.
@@ -344,9 +459,20 @@ async fn serve<S: HandlerState>(
                     }
                     return Poll::Ready(Outcome::ExpiredWhile(current));
                 }
-                // Every task waits on I/O: the instance may take more work.
-                if !accept_more.swap(true, Relaxed) {
-                    poll = event_loop.as_mut().poll(cx);
+                if spy.woken.swap(false, Relaxed) {
+                    // The guest yielded: it still has CPU work to do.
+                    if !running.swap(true, Relaxed) {
+                        supervisor.unpark(id);
+                    }
+                } else {
+                    // Every task waits on I/O: others may run in our place,
+                    // and this instance may take more work.
+                    if running.swap(false, Relaxed) {
+                        supervisor.park(id);
+                    }
+                    if !accept_more.swap(true, Relaxed) {
+                        poll = event_loop.as_mut().poll(&mut spy_cx);
+                    }
                 }
             }
             poll.map(|result| match result.and_then(|inner| inner) {
@@ -362,7 +488,7 @@ async fn serve<S: HandlerState>(
 
     // Jobs mailed but never started go back to the pool. Withdrawing first
     // means none can arrive after the mailbox is drained.
-    shared.pool.withdraw(id);
+    supervisor.withdraw(id);
     while let Ok(job) = inbox.try_recv() {
         exit.unstarted.push(job);
     }

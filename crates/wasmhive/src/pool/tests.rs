@@ -1,25 +1,49 @@
 //! The scheduling core under many requests, random completion order,
 //! cancellations, exits and crashes, with no wasmtime involved.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 
 use super::*;
 
+thread_local! {
+    /// Jobs shed by the pool on this thread, in order.
+    static SHED: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Sheddable for u64 {
+    fn shed(self) {
+        SHED.with(|shed| shed.borrow_mut().push(self));
+    }
+}
+
+fn take_shed() -> Vec<u64> {
+    SHED.with(|shed| std::mem::take(&mut *shed.borrow_mut()))
+}
+
+/// Limits where the running limit never binds, unless a test sets it.
 fn limits(max_instances: usize, max_queue_len: usize) -> PoolLimits {
     PoolLimits {
         max_instances,
+        max_running: usize::MAX,
         max_queue_len,
         ..PoolLimits::default()
     }
 }
 
+fn now() -> Instant {
+    Instant::now()
+}
+
+const MS: Duration = Duration::from_millis(1);
+
 #[test]
 fn first_job_starts_a_worker_then_the_queue_fills_then_overload() {
     let pool = Pool::new(limits(1, 2));
-    assert!(matches!(pool.admit(1), Admission::Start(1, 1)));
-    assert!(matches!(pool.admit(2), Admission::Queued(_)));
-    assert!(matches!(pool.admit(3), Admission::Queued(_)));
-    assert!(matches!(pool.admit(4), Admission::Overloaded(4)));
+    assert!(matches!(pool.admit(1, now()), Admission::Start(1, 1)));
+    assert!(matches!(pool.admit(2, now()), Admission::Queued(..)));
+    assert!(matches!(pool.admit(3, now()), Admission::Queued(..)));
+    assert!(matches!(pool.admit(4, now()), Admission::Overloaded(4)));
     let occupancy = pool.occupancy();
     assert_eq!((occupancy.live, occupancy.queued), (1, 2));
 }
@@ -28,41 +52,41 @@ fn first_job_starts_a_worker_then_the_queue_fills_then_overload() {
 fn advertising_worker_takes_the_oldest_queued_job_first() {
     let pool = Pool::new(limits(1, 4));
     let (tx, mut rx) = mpsc::unbounded_channel();
-    assert!(matches!(pool.admit(1), Admission::Start(1, 1)));
-    assert!(matches!(pool.admit(2), Admission::Queued(_)));
-    assert!(matches!(pool.admit(3), Admission::Queued(_)));
-    assert_eq!(pool.advertise(1, &tx), Some(2));
-    assert_eq!(pool.advertise(1, &tx), Some(3));
+    assert!(matches!(pool.admit(1, now()), Admission::Start(1, 1)));
+    assert!(matches!(pool.admit(2, now()), Admission::Queued(..)));
+    assert!(matches!(pool.admit(3, now()), Admission::Queued(..)));
+    assert_eq!(pool.advertise(1, &tx, now()), Some(2));
+    assert_eq!(pool.advertise(1, &tx, now()), Some(3));
     // Nothing queued: the worker is advertised and the next job is mailed.
-    assert_eq!(pool.advertise(1, &tx), None);
-    assert!(matches!(pool.admit(4), Admission::Handed));
+    assert_eq!(pool.advertise(1, &tx, now()), None);
+    assert!(matches!(pool.admit(4, now()), Admission::Handed));
     assert_eq!(rx.try_recv().ok(), Some(4));
     // The advertisement was used up by that job.
-    assert!(matches!(pool.admit(5), Admission::Queued(_)));
+    assert!(matches!(pool.admit(5, now()), Admission::Queued(..)));
 }
 
 #[test]
 fn cancelled_queued_job_is_removed_and_never_handed_out() {
     let pool = Pool::new(limits(1, 4));
     let (tx, _rx) = mpsc::unbounded_channel();
-    assert!(matches!(pool.admit(1), Admission::Start(..)));
-    let Admission::Queued(ticket) = pool.admit(2) else {
+    assert!(matches!(pool.admit(1, now()), Admission::Start(..)));
+    let Admission::Queued(ticket, _) = pool.admit(2, now()) else {
         panic!("expected queued")
     };
     assert_eq!(pool.cancel(ticket), Some(2));
     assert_eq!(pool.cancel(ticket), None);
-    assert_eq!(pool.advertise(1, &tx), None);
+    assert_eq!(pool.advertise(1, &tx, now()), None);
     assert_eq!(pool.occupancy().queued, 0);
 }
 
 #[test]
 fn exit_starts_a_worker_for_queued_jobs_and_requeues_unstarted_ones() {
     let pool = Pool::new(limits(1, 4));
-    assert!(matches!(pool.admit(1), Admission::Start(1, 1)));
-    assert!(matches!(pool.admit(2), Admission::Queued(_)));
+    assert!(matches!(pool.admit(1, now()), Admission::Start(1, 1)));
+    assert!(matches!(pool.admit(2, now()), Admission::Queued(..)));
     // Worker 1 dies with job 7 in its mailbox, never started: job 7 goes
     // first, ahead of job 2.
-    let starts = pool.exited(1, vec![7]);
+    let starts = pool.exited(1, vec![7], now());
     assert_eq!(starts, vec![(2, 7)]);
     assert_eq!(pool.occupancy().queued, 1);
     assert_eq!(pool.occupancy().live, 1);
@@ -76,10 +100,10 @@ fn last_available_worker_withdrawing_does_not_orphan_a_request() {
     // advertise again; it never sits in a queue no worker will read.
     let pool = Pool::new(limits(2, 4));
     let (tx, mut rx) = mpsc::unbounded_channel();
-    assert!(matches!(pool.admit(1), Admission::Start(1, 1)));
-    assert_eq!(pool.advertise(1, &tx), None);
+    assert!(matches!(pool.admit(1, now()), Admission::Start(1, 1)));
+    assert_eq!(pool.advertise(1, &tx, now()), None);
     pool.withdraw(1);
-    match pool.admit(2) {
+    match pool.admit(2, now()) {
         Admission::Start(2, 2) => {}
         other => panic!("expected a new worker, got {other:?}"),
     }
@@ -88,16 +112,17 @@ fn last_available_worker_withdrawing_does_not_orphan_a_request() {
 
 #[test]
 fn prewarm_fills_up_to_target_and_counts_pending_ones() {
-    let pool: Pool<u32> = Pool::new(PoolLimits {
+    let pool: Pool<u64> = Pool::new(PoolLimits {
         prewarm: 3,
         max_instances: 4,
+        max_running: 8,
         ..PoolLimits::default()
     });
     assert_eq!(pool.prewarm(), vec![1, 2, 3]);
     assert_eq!(pool.prewarm(), Vec::<WorkerId>::new());
     let (tx, _rx) = mpsc::unbounded_channel();
-    assert_eq!(pool.advertise(1, &tx), None);
-    assert!(matches!(pool.admit(10), Admission::Handed));
+    assert_eq!(pool.advertise(1, &tx, now()), None);
+    assert!(matches!(pool.admit(10, now()), Admission::Handed));
     // Worker 1 was taken: one more may start, within max_instances.
     assert_eq!(pool.prewarm(), vec![4]);
     assert_eq!(pool.prewarm(), Vec::<WorkerId>::new());
@@ -107,14 +132,151 @@ fn prewarm_fills_up_to_target_and_counts_pending_ones() {
 fn closed_pool_rejects_but_keeps_queued_jobs_for_draining() {
     let pool = Pool::new(limits(1, 4));
     let (tx, _rx) = mpsc::unbounded_channel();
-    assert!(matches!(pool.admit(1), Admission::Start(..)));
-    assert!(matches!(pool.admit(2), Admission::Queued(_)));
+    assert!(matches!(pool.admit(1, now()), Admission::Start(..)));
+    assert!(matches!(pool.admit(2, now()), Admission::Queued(..)));
     pool.close();
-    assert!(matches!(pool.admit(3), Admission::Closed(3)));
-    assert_eq!(pool.advertise(1, &tx), Some(2));
-    assert_eq!(pool.advertise(1, &tx), None);
+    assert!(matches!(pool.admit(3, now()), Admission::Closed(3)));
+    assert_eq!(pool.advertise(1, &tx, now()), Some(2));
+    assert_eq!(pool.advertise(1, &tx, now()), None);
     assert_eq!(pool.occupancy().advertised, 0);
     assert!(pool.prewarm().is_empty());
+}
+
+#[test]
+fn only_max_running_workers_start_requests_and_parking_lets_the_next_one_start() {
+    let pool = Pool::new(PoolLimits {
+        max_running: 2,
+        ..limits(8, 8)
+    });
+    assert!(matches!(pool.admit(1, now()), Admission::Start(1, 1)));
+    assert!(matches!(pool.admit(2, now()), Admission::Start(2, 2)));
+    // Two run: the third waits, though instances are free.
+    assert!(matches!(pool.admit(3, now()), Admission::Queued(..)));
+    assert_eq!(pool.occupancy().running, 2);
+    // Worker 1 blocks on I/O: job 3 starts on a new worker in its place.
+    assert_eq!(pool.park(1, now()), vec![(3, 3)]);
+    assert_eq!(pool.occupancy().running, 2);
+    // Its I/O completes: it runs again, above the limit (admission only).
+    pool.unpark(1);
+    assert_eq!(pool.occupancy().running, 3);
+    assert!(matches!(pool.admit(4, now()), Admission::Queued(..)));
+    // An advertising worker parks and takes a job only below the limit.
+    let (tx, _rx) = mpsc::unbounded_channel();
+    assert_eq!(pool.advertise(2, &tx, now()), None);
+    assert_eq!(pool.occupancy().running, 2);
+    assert_eq!(pool.advertise(3, &tx, now()), Some(4));
+    assert_eq!(
+        pool.occupancy(),
+        Occupancy {
+            live: 3,
+            running: 2,
+            advertised: 1,
+            queued: 0
+        }
+    );
+}
+
+#[test]
+fn a_standing_queue_turns_lifo_and_sheds_what_waited_past_the_target() {
+    let pool = Pool::new(PoolLimits {
+        max_running: 1,
+        queue_target: 5 * MS,
+        queue_interval: 100 * MS,
+        ..limits(1, 1000)
+    });
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let t0 = now();
+    assert!(matches!(pool.admit(0, t0), Admission::Start(1, 0)));
+    // A standing queue of three, each job waiting 30 ms (> target), for
+    // more than an interval: FIFO all along, nothing shed.
+    for job in 1..=3 {
+        assert!(
+            matches!(pool.admit(job, t0), Admission::Queued(_, p) if p == Duration::from_secs(2))
+        );
+    }
+    // (The first interval saw the empty queue of the first admission.)
+    let mut at = t0;
+    for job in 4..=22 {
+        at += 10 * MS;
+        assert!(matches!(pool.admit(job, at), Admission::Queued(..)));
+        assert_eq!(
+            pool.advertise(1, &tx, at),
+            Some(job - 3),
+            "FIFO while not overloaded"
+        );
+    }
+    assert!(take_shed().is_empty());
+    // The second interval ends: the queue is overloaded, sheds what waited
+    // past the target and serves the newest.
+    at += 10 * MS;
+    assert!(matches!(pool.admit(23, at), Admission::Queued(..)));
+    assert_eq!(pool.advertise(1, &tx, at), Some(23));
+    assert!(pool.lock().codel.overloaded, "a standing queue is overload");
+    assert_eq!(take_shed(), vec![20, 21, 22]);
+    // Overloaded: new arrivals are told to wait only the target, the
+    // newest goes first, and the old ones are shed.
+    let Admission::Queued(_, patience) = pool.admit(1000, at) else {
+        panic!()
+    };
+    assert_eq!(patience, 5 * MS);
+    assert!(matches!(pool.admit(1001, at + MS), Admission::Queued(..)));
+    assert_eq!(pool.advertise(1, &tx, at + 2 * MS), Some(1001));
+    assert_eq!(pool.advertise(1, &tx, at + 3 * MS), Some(1000));
+    assert!(matches!(
+        pool.admit(1002, at + 3 * MS),
+        Admission::Queued(..)
+    ));
+    assert!(matches!(
+        pool.admit(1003, at + 10 * MS),
+        Admission::Queued(..)
+    ));
+    assert_eq!(take_shed(), vec![1002]);
+    assert_eq!(pool.occupancy().queued, 1);
+    // The queue drains: after an interval with no wait, it is FIFO again.
+    assert_eq!(pool.advertise(1, &tx, at + 11 * MS), Some(1003));
+    assert_eq!(pool.advertise(1, &tx, at + 200 * MS), None);
+    let Admission::Handed = pool.admit(2000, at + 201 * MS) else {
+        panic!()
+    };
+    assert!(
+        matches!(pool.admit(2001, at + 202 * MS), Admission::Queued(_, p) if p == Duration::from_secs(2))
+    );
+}
+
+#[test]
+fn a_full_pool_is_capacity_the_job_waits_for_an_exit() {
+    let pool = Pool::new(limits(4, 8));
+    assert!(matches!(pool.admit(1, now()), Admission::Start(1, 1)));
+    assert!(matches!(pool.admit(2, now()), Admission::Start(2, 2)));
+    // Worker 2 finds no room to instantiate: job 2 waits, nothing starts
+    // until worker 1 exits, though max_instances would allow it.
+    assert_eq!(pool.at_capacity(2, Some(2), now()).ok(), Some(vec![]));
+    assert!(matches!(pool.admit(3, now()), Admission::Queued(..)));
+    assert!(pool.prewarm().is_empty());
+    assert_eq!(pool.exited(1, vec![], now()), vec![(3, 2), (4, 3)]);
+    // With no other instance alive, waiting would not help: the job comes back.
+    assert_eq!(pool.exited(3, vec![], now()), vec![]);
+    assert_eq!(pool.at_capacity(4, Some(9), now()).err(), Some(Some(9)));
+}
+
+#[test]
+fn cancel_finds_jobs_pushed_at_either_end() {
+    let pool = Pool::new(PoolLimits {
+        max_running: 1,
+        ..limits(1, 8)
+    });
+    assert!(matches!(pool.admit(1, now()), Admission::Start(1, 1)));
+    let Admission::Queued(back, _) = pool.admit(2, now()) else {
+        panic!()
+    };
+    assert!(pool.readmit(3, now()).is_empty());
+    let Admission::Queued(last, _) = pool.admit(4, now()) else {
+        panic!()
+    };
+    assert_eq!(pool.cancel(last), Some(4));
+    assert_eq!(pool.cancel(back), Some(2));
+    let (tx, _rx) = mpsc::unbounded_channel();
+    assert_eq!(pool.advertise(1, &tx, now()), Some(3));
 }
 
 /// xorshift64*: a tiny deterministic generator, so failures replay.
@@ -148,6 +310,8 @@ struct SimWorker {
     running: Vec<u64>,
     capacity: usize,
     advertised: bool,
+    /// Whether the pool should count it as running.
+    busy: bool,
 }
 
 struct Sim {
@@ -157,6 +321,7 @@ struct Sim {
     tickets: Vec<(Ticket, u64)>,
     next_job: u64,
     max_instances: usize,
+    max_running: usize,
 }
 
 impl Sim {
@@ -170,6 +335,7 @@ impl Sim {
                 running: job.into_iter().collect(),
                 capacity,
                 advertised: false,
+                busy: true,
             },
         );
         assert!(old.is_none(), "worker id {id} reused");
@@ -179,7 +345,14 @@ impl Sim {
         let occupancy = self.pool.occupancy();
         assert_eq!(occupancy.live, self.workers.len());
         assert!(occupancy.live <= self.max_instances);
-        if occupancy.queued > 0 {
+        // A job mailed to a worker makes it running at once.
+        let busy = self
+            .workers
+            .values()
+            .filter(|w| w.busy || !w.inbox.is_empty())
+            .count();
+        assert_eq!(occupancy.running, busy);
+        if occupancy.queued > 0 && occupancy.running < self.max_running {
             assert_eq!(
                 occupancy.advertised, 0,
                 "queued jobs while a worker is free"
@@ -197,15 +370,15 @@ impl Sim {
     fn step(&mut self, rng: &mut Rng) {
         let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
         let some_worker = |rng: &mut Rng| (!ids.is_empty()).then(|| ids[rng.below(ids.len())]);
-        match rng.below(8) {
+        match rng.below(9) {
             0 | 1 => {
                 let job = self.next_job;
                 self.next_job += 1;
                 self.fates.insert(job, Fate::Pending);
-                match self.pool.admit(job) {
+                match self.pool.admit(job, now()) {
                     Admission::Handed => {}
                     Admission::Start(id, job) => self.start(id, Some(job), 1 + rng.below(3)),
-                    Admission::Queued(ticket) => self.tickets.push((ticket, job)),
+                    Admission::Queued(ticket, _) => self.tickets.push((ticket, job)),
                     Admission::Overloaded(job) => {
                         self.fates.insert(job, Fate::Overloaded);
                     }
@@ -218,7 +391,25 @@ impl Sim {
                     let worker = self.workers.get_mut(&id).unwrap();
                     while let Ok(job) = worker.inbox.try_recv() {
                         worker.advertised = false;
+                        worker.busy = true;
                         worker.running.push(job);
+                    }
+                }
+            }
+            8 => {
+                // A worker blocks on I/O, or runs again.
+                if let Some(id) = some_worker(rng) {
+                    let worker = self.workers.get_mut(&id).unwrap();
+                    if !worker.inbox.is_empty() {
+                        // Mail wakes it: it does not block now.
+                    } else if worker.busy {
+                        worker.busy = false;
+                        for (new_id, job) in self.pool.park(id, now()) {
+                            self.start(new_id, Some(job), 1 + rng.below(3));
+                        }
+                    } else {
+                        worker.busy = true;
+                        self.pool.unpark(id);
                     }
                 }
             }
@@ -231,7 +422,9 @@ impl Sim {
                         && worker.inbox.is_empty()
                         && worker.running.len() < worker.capacity
                     {
-                        match self.pool.advertise(id, &worker.mailbox) {
+                        let job = self.pool.advertise(id, &worker.mailbox, now());
+                        worker.busy = job.is_some();
+                        match job {
                             Some(job) => worker.running.push(job),
                             None => worker.advertised = true,
                         }
@@ -292,7 +485,7 @@ impl Sim {
         }
         assert!(worker.running.is_empty());
         drop(worker);
-        for (new_id, job) in self.pool.exited(id, unstarted) {
+        for (new_id, job) in self.pool.exited(id, unstarted, now()) {
             self.start(new_id, Some(job), 1);
         }
     }
@@ -305,13 +498,26 @@ impl Sim {
                 let worker = self.workers.get_mut(&id).unwrap();
                 while let Ok(job) = worker.inbox.try_recv() {
                     worker.advertised = false;
+                    worker.busy = true;
                     worker.running.push(job);
                 }
                 for job in worker.running.drain(..) {
                     self.fates.insert(job, Fate::Completed);
                 }
+                if worker.advertised && worker.busy {
+                    // Done computing: it blocks (on its client) again.
+                    worker.busy = false;
+                    let starts = self.pool.park(id, now());
+                    for (new_id, job) in starts {
+                        self.start(new_id, Some(job), 1);
+                    }
+                    self.check();
+                    continue;
+                }
                 if !worker.advertised {
-                    match self.pool.advertise(id, &worker.mailbox) {
+                    let job = self.pool.advertise(id, &worker.mailbox, now());
+                    worker.busy = job.is_some();
+                    match job {
                         Some(job) => worker.running.push(job),
                         None => worker.advertised = true,
                     }
@@ -335,19 +541,27 @@ impl Sim {
 fn randomized_stress_loses_and_orphans_nothing() {
     for seed in 1..=40u64 {
         let max_instances = 1 + (seed as usize % 5);
+        let max_running = 1 + (seed as usize % 3);
         let mut sim = Sim {
-            pool: Pool::new(limits(max_instances, seed as usize % 7)),
+            pool: Pool::new(PoolLimits {
+                max_running,
+                ..limits(max_instances, seed as usize % 7)
+            }),
             workers: BTreeMap::new(),
             fates: HashMap::new(),
             tickets: Vec::new(),
             next_job: 0,
             max_instances,
+            max_running,
         };
         let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
         for _ in 0..5_000 {
             sim.step(&mut rng);
         }
         sim.drain();
+        for job in take_shed() {
+            sim.fates.insert(job, Fate::Overloaded);
+        }
         let pending: Vec<_> = sim
             .fates
             .iter()

@@ -1,0 +1,239 @@
+//! [`Dispatcher`]: owns the pool, the circuit and prewarming; creates
+//! instances with retries; and reacts to what workers report (parked,
+//! running again, exited).
+//!
+//! It implements the [`Supervisor`] interface that `worker.rs` defines, so
+//! the worker knows nothing of pools or circuits, and the handler facade
+//! knows nothing of workers.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::circuit::{Circuit, Failure};
+use crate::error::AtCapacity;
+use crate::metrics::{ExitReason, InstanceReport, Recorder};
+use crate::policy::{HandlerState, Instance};
+use crate::pool::{Mailbox, Pool, PoolLimits, Sheddable, Starts, WorkerId};
+use crate::worker::{self, InstantiationFailure, Job, Supervisor};
+use crate::{InstantiationError, Overloaded};
+
+pub(crate) struct Dispatcher<S: HandlerState> {
+    state: S,
+    pub(crate) pool: Pool<Job<S>>,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) recorder: Arc<dyn Recorder>,
+    circuit: Circuit,
+    /// A prewarm refill is scheduled for when the circuit closes.
+    refill_scheduled: AtomicBool,
+    pub(crate) counters: Counters,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) instantiations: AtomicU64,
+    pub(crate) instantiation_failures: AtomicU64,
+    pub(crate) requests_started: AtomicU64,
+    pub(crate) overloaded: AtomicU64,
+    pub(crate) exits: [AtomicU64; ExitReason::ALL.len()],
+}
+
+impl<S: HandlerState> Sheddable for Job<S> {
+    fn shed(self) {
+        Job::<S>::reply_early(self.tx, Overloaded::new(Duration::from_secs(1)).into());
+    }
+}
+
+impl<S: HandlerState> Dispatcher<S> {
+    pub(crate) fn new(state: S, limits: PoolLimits, recorder: Arc<dyn Recorder>) -> Arc<Self> {
+        let dispatcher = Arc::new(Dispatcher {
+            state,
+            circuit: Circuit::new(
+                limits.circuit_failures,
+                limits.circuit_window,
+                limits.circuit_cooldown,
+            ),
+            pool: Pool::new(limits),
+            shutdown: CancellationToken::new(),
+            recorder,
+            refill_scheduled: AtomicBool::new(false),
+            counters: Counters::default(),
+        });
+        dispatcher.refill_prewarm();
+        dispatcher
+    }
+
+    pub(crate) fn state(&self) -> &S {
+        &self.state
+    }
+
+    pub(crate) fn spawn_worker(self: &Arc<Self>, id: WorkerId, job: Option<Job<S>>) {
+        tokio::spawn(worker::run(self.clone(), id, job));
+    }
+
+    pub(crate) fn spawn_all(self: &Arc<Self>, starts: Starts<Job<S>>) {
+        for (id, job) in starts {
+            self.spawn_worker(id, Some(job));
+        }
+    }
+
+    /// Brings the prewarmed instances back up to target, unless the circuit
+    /// is open: then once, when it closes.
+    pub(crate) fn refill_prewarm(self: &Arc<Self>) {
+        if self.pool.limits().prewarm == 0 || self.shutdown.is_cancelled() {
+            return;
+        }
+        if let Some(until) = self.circuit.open_until(Instant::now()) {
+            if !self.refill_scheduled.swap(true, Relaxed) {
+                let this = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(until.into()).await;
+                    this.refill_scheduled.store(false, Relaxed);
+                    this.refill_prewarm();
+                });
+            }
+            return;
+        }
+        for id in self.pool.prewarm() {
+            self.spawn_worker(id, None);
+        }
+    }
+
+    fn record_exit(&self, report: &InstanceReport) {
+        self.counters.exits[report.reason.index()].fetch_add(1, Relaxed);
+        self.recorder.instance(report);
+    }
+}
+
+impl<S: HandlerState> Supervisor<S> for Dispatcher<S> {
+    fn shutdown(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    /// Creates an instance for worker `id`, retrying with backoff, unless
+    /// the circuit is open. Lack of capacity is not retried here: the pool
+    /// waits for an instance to end instead.
+    async fn instantiate(&self, id: WorkerId) -> Result<Instance<S>, InstantiationFailure> {
+        if let Err(cause) = self.circuit.admit(Instant::now()) {
+            return Err(InstantiationFailure {
+                cause,
+                circuit_open: true,
+                at_capacity: false,
+            });
+        }
+        let limits = self.pool.limits();
+        let mut backoff = limits.retry_backoff;
+        let mut attempt = 0;
+        loop {
+            let error = match self.state.instantiate(id).await {
+                Ok(instance) => {
+                    self.circuit.succeeded();
+                    self.counters.instantiations.fetch_add(1, Relaxed);
+                    return Ok(instance);
+                }
+                Err(error) => error,
+            };
+            let cause = Arc::new(error);
+            if is_capacity(&cause) {
+                return Err(InstantiationFailure {
+                    cause,
+                    circuit_open: false,
+                    at_capacity: true,
+                });
+            }
+            self.counters.instantiation_failures.fetch_add(1, Relaxed);
+            let failure = self.circuit.failed(&cause, Instant::now());
+            let error = format!("{cause:#}");
+            match failure {
+                Failure::First => tracing::warn!(%error, "instantiation failed"),
+                Failure::Repeated => tracing::debug!(attempt, %error, "instantiation failed"),
+                Failure::Opened => tracing::warn!(
+                    %error,
+                    cooldown = ?limits.circuit_cooldown,
+                    "instantiation circuit opened after repeated failures"
+                ),
+            }
+            if failure == Failure::Opened
+                || attempt >= limits.instantiation_retries
+                || self.shutdown.is_cancelled()
+            {
+                return Err(InstantiationFailure {
+                    cause,
+                    circuit_open: false,
+                    at_capacity: false,
+                });
+            }
+            tokio::time::sleep(backoff).await;
+            backoff *= 2;
+            attempt += 1;
+        }
+    }
+
+    fn instantiation_failed(
+        self: &Arc<Self>,
+        id: WorkerId,
+        first: Option<Job<S>>,
+        failure: InstantiationFailure,
+        report: InstanceReport,
+    ) {
+        let now = Instant::now();
+        let first = if failure.at_capacity {
+            match self.pool.at_capacity(id, first, now) {
+                Ok(starts) => {
+                    tracing::debug!(error = %format_args!("{:#}", failure.cause), "at capacity; waiting for an instance to end");
+                    self.spawn_all(starts);
+                    return;
+                }
+                // Nothing of ours holds the capacity: fail like any error.
+                Err(first) => {
+                    tracing::warn!(error = %format_args!("{:#}", failure.cause), "instantiation failed for lack of capacity");
+                    self.spawn_all(self.pool.exited(id, Vec::new(), now));
+                    first
+                }
+            }
+        } else {
+            self.spawn_all(self.pool.exited(id, Vec::new(), now));
+            first
+        };
+        if let Some(Job { request, tx, .. }) = first {
+            let error = InstantiationError::new(request, failure.cause, failure.circuit_open);
+            Job::<S>::reply_early(tx, error.into());
+        }
+        self.record_exit(&report);
+        self.refill_prewarm();
+    }
+
+    fn advertise(&self, id: WorkerId, mailbox: &Mailbox<Job<S>>) -> Option<Job<S>> {
+        self.pool.advertise(id, mailbox, Instant::now())
+    }
+
+    fn withdraw(&self, id: WorkerId) {
+        self.pool.withdraw(id);
+    }
+
+    fn park(self: &Arc<Self>, id: WorkerId) {
+        self.spawn_all(self.pool.park(id, Instant::now()));
+    }
+
+    fn unpark(&self, id: WorkerId) {
+        self.pool.unpark(id);
+    }
+
+    fn redispatch(self: &Arc<Self>, job: Job<S>) {
+        self.spawn_all(self.pool.readmit(job, Instant::now()));
+    }
+
+    fn exited(self: &Arc<Self>, id: WorkerId, unstarted: Vec<Job<S>>, report: InstanceReport) {
+        self.record_exit(&report);
+        self.spawn_all(self.pool.exited(id, unstarted, Instant::now()));
+        self.refill_prewarm();
+    }
+}
+
+/// Whether an instantiation failed for lack of shared capacity (a full
+/// pooling allocator, an exhausted memory budget) rather than a fault.
+fn is_capacity(error: &wasmtime::Error) -> bool {
+    error.is::<wasmtime::PoolConcurrencyLimitError>() || error.is::<AtCapacity>()
+}
