@@ -119,3 +119,28 @@ async fn exhausted_retries_hand_the_request_back_and_the_circuit_opens() {
     );
     assert!(fast.take_request().is_some());
 }
+
+#[tokio::test(start_paused = true)]
+async fn failing_prewarm_backs_off_under_the_circuit_instead_of_spinning() {
+    let limits = PoolLimits {
+        prewarm: 2,
+        circuit_failures: 5,
+        circuit_window: Duration::from_secs(10),
+        circuit_cooldown: Duration::from_secs(5),
+        ..PoolLimits::default()
+    };
+    let (handler, attempts) = flaky(u32::MAX, limits);
+    // A minute of (paused, auto-advancing) time with nothing else to do.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let attempts = attempts.load(Relaxed);
+    // Up to the opening: the circuit's 5, plus the retries of the (at most
+    // max_running) workers in flight. Then one probe per worker per
+    // cool-down, 12 cool-downs in a minute.
+    let running = PoolLimits::default().max_running as u32;
+    let bound = 5 + 2 * running + 13 * running;
+    assert!(
+        (5..=bound).contains(&attempts),
+        "{attempts} instantiation attempts in a minute (bound {bound})"
+    );
+    assert_eq!(handler.stats().instantiations, 0);
+}

@@ -83,6 +83,19 @@ pub struct ServeArgs {
     #[arg(long, default_value = "128MiB", value_parser = parse_size)]
     pub max_memory: u64,
 
+    /// Linear memory and tables of all instances together (e.g. `2GiB`);
+    /// growth past it fails inside the guest (500), and new instances wait
+    /// for memory to be freed [default: half of the machine's memory, or of
+    /// the cgroup's limit if lower].
+    #[arg(long, value_parser = parse_size)]
+    pub max_total_memory: Option<u64>,
+
+    /// Instances running guest code at once when a request starts; an
+    /// instance waiting on I/O does not count. Requests beyond it wait in
+    /// the queue [default: the server's worker threads].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_running: Option<u32>,
+
     /// Client connections open at once; further clients wait to be
     /// accepted.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
@@ -141,6 +154,12 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// The memory budget of all instances, in bytes.
+    pub fn max_total_memory(&self) -> u64 {
+        self.max_total_memory
+            .unwrap_or_else(|| physical_memory().unwrap_or(8 << 30) / 2)
+    }
+
     /// The compilation cache directory the flags and environment ask for.
     pub fn cache_dir(&self) -> Option<PathBuf> {
         if self.no_cache {
@@ -177,6 +196,24 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// The memory this process may use: the machine's, or its cgroup's limit if
+/// lower (Linux); `None` where neither can be read.
+fn physical_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let total_kib: u64 = meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|limit| limit.trim().parse::<u64>().ok());
+    Some(cgroup.map_or(total_kib * 1024, |limit| limit.min(total_kib * 1024)))
 }
 
 /// `HOST:PORT`, or `:PORT` for 127.0.0.1.

@@ -28,8 +28,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::Instrument as _;
 use wasmhive::{
-    AdaptiveConcurrency, App, BodyError, Error, Limits, PoolLimits, ProxyHandler, Runtime,
-    RuntimeConfig,
+    AdaptiveConcurrency, App, BodyError, Error, Limits, MemoryBudget, PoolLimits, ProxyHandler,
+    Runtime, RuntimeConfig,
 };
 
 use crate::admin::Admin;
@@ -70,8 +70,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(_) => Some(telemetry::init_metrics()?),
         None => None,
     };
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
     let pool = PoolLimits {
         max_instances: args.max_instances as usize,
+        max_running: args.max_running.map_or(workers, |n| n as usize),
         max_queue_len: args.queue_len,
         max_queue_wait: args.queue_timeout,
         prewarm: args.prewarm,
@@ -158,18 +160,21 @@ struct Loaded {
 /// The component with the limits, environment and outbound allowlist of
 /// the flags.
 fn load_app(args: &ServeArgs) -> anyhow::Result<Loaded> {
-    let runtime = Runtime::new(&RuntimeConfig {
+    let config = RuntimeConfig {
         pooling: !args.no_pooling,
         max_instances: args.max_instances as usize,
         max_memory: usize::try_from(args.max_memory).unwrap_or(usize::MAX),
         cache_dir: args.cache_dir(),
         ..RuntimeConfig::default()
-    })?;
+    };
     let loading = Instant::now();
-    let (component, name) = match &args.component {
-        Some(path) => (runtime.load_file(path)?, path.display().to_string()),
+    let ((runtime, component), name) = match &args.component {
+        Some(path) => (
+            Runtime::for_component_file(&config, path)?,
+            path.display().to_string(),
+        ),
         None => (
-            runtime.load_bytes(wasmhive_guests::DEMO_WASM)?,
+            Runtime::for_component(&config, wasmhive_guests::DEMO_WASM)?,
             "the bundled demo app".to_string(),
         ),
     };
@@ -186,7 +191,10 @@ fn load_app(args: &ServeArgs) -> anyhow::Result<Loaded> {
         max_memory: usize::try_from(args.max_memory).unwrap_or(usize::MAX),
         ..defaults
     };
-    let mut app = app.label_output(!args.no_logging_prefix);
+    let budget = MemoryBudget::new(usize::try_from(args.max_total_memory()).unwrap_or(usize::MAX));
+    let mut app = app
+        .label_output(!args.no_logging_prefix)
+        .with_memory_budget(budget);
     for (key, value) in &args.env {
         app = app.with_env(key, value);
     }

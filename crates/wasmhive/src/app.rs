@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use wasmtime::component::{Component, GuestTaskId, Linker, ResourceTable};
-use wasmtime::{ResourceLimiter, Store, StoreContextMut};
+use wasmtime::{Store, StoreContextMut};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
@@ -19,6 +19,7 @@ use wasmtime_wasi_http::p3::bindings::ServicePre;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
 use crate::limits::{Limits, LimitsExpiration, World};
+use crate::memory::{MemoryBudget, MemoryLimiter};
 use crate::metrics::InstanceReport;
 use crate::policy::{HandlerState, Instance, Proxy, RequestDeadline, ShouldAccept, WorkerState};
 use crate::runtime::{LoadError, Runtime};
@@ -38,6 +39,7 @@ pub struct App {
     env: Vec<(String, String)>,
     outbound: Arc<[OutboundAuthority]>,
     label_output: bool,
+    budget: Option<MemoryBudget>,
 }
 
 enum Pre {
@@ -74,6 +76,7 @@ impl App {
             env: Vec::new(),
             outbound: Arc::from([]),
             label_output: true,
+            budget: None,
         })
     }
 
@@ -112,6 +115,14 @@ impl App {
         self
     }
 
+    /// Charges every instance's linear memories and tables to `budget`,
+    /// shared with whatever else holds a clone of it. Default: no budget
+    /// beyond [`Limits::max_memory`] per instance.
+    pub fn with_memory_budget(mut self, budget: MemoryBudget) -> App {
+        self.budget = Some(budget);
+        self
+    }
+
     /// Whether guest stdout/stderr lines are prefixed with the instance and
     /// request they come from. Default: true.
     pub fn label_output(mut self, label: bool) -> App {
@@ -142,7 +153,7 @@ impl HandlerState for App {
             hooks: OutboundHooks {
                 allowed: self.outbound.clone(),
             },
-            memory: MemoryLimiter::new(self.limits.max_memory),
+            memory: MemoryLimiter::new(self.limits.max_memory, self.budget.clone()),
         };
         let mut store = Store::new(self.runtime.engine(), host);
         store.limiter(|host| &mut host.memory);
@@ -151,8 +162,15 @@ impl HandlerState for App {
         store.set_epoch_deadline(1);
         store.epoch_deadline_async_yield_and_update(1);
         let proxy = match &self.pre {
-            Pre::P2(pre) => Proxy::P2(pre.instantiate_async(&mut store).await?),
-            Pre::P3(pre) => Proxy::P3(pre.instantiate_async(&mut store).await?),
+            Pre::P2(pre) => pre.instantiate_async(&mut store).await.map(Proxy::P2),
+            Pre::P3(pre) => pre.instantiate_async(&mut store).await.map(Proxy::P3),
+        };
+        let proxy = match proxy {
+            Ok(proxy) => proxy,
+            Err(error) => match store.data().memory.capacity_error() {
+                Some(capacity) => return Err(error.context(capacity)),
+                None => return Err(error),
+            },
         };
         Ok(Instance {
             store,
@@ -194,13 +212,15 @@ impl WorkerState for AppWorker {
     fn drop(&self, store: Store<Host>, exit: &mut InstanceReport) {
         let memory = &store.data().memory;
         exit.peak_memory = Some(memory.peak);
-        if memory.denied
-            && let Some(error) = &mut exit.error
-        {
-            error.push_str(&format!(
-                " (after reaching the memory limit of {} bytes)",
-                memory.limit
-            ));
+        if let Some(error) = &mut exit.error {
+            if memory.denied {
+                error.push_str(&format!(
+                    " (after reaching the memory limit of {} bytes)",
+                    memory.limit()
+                ));
+            } else if memory.over_budget {
+                error.push_str(" (after the shared memory budget ran out)");
+            }
         }
     }
 }
@@ -236,53 +256,6 @@ impl WasiView for Host {
 impl WasiHttpView for Host {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
         self.http_view()
-    }
-}
-
-/// Caps an instance's linear memory in total (across its memories) and
-/// remembers the peak.
-struct MemoryLimiter {
-    limit: usize,
-    used: usize,
-    peak: usize,
-    denied: bool,
-}
-
-impl MemoryLimiter {
-    fn new(limit: usize) -> Self {
-        MemoryLimiter {
-            limit,
-            used: 0,
-            peak: 0,
-            denied: false,
-        }
-    }
-}
-
-impl ResourceLimiter for MemoryLimiter {
-    fn memory_growing(
-        &mut self,
-        current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        let used = self.used - current.min(self.used) + desired;
-        if used > self.limit {
-            self.denied = true;
-            return Ok(false);
-        }
-        self.used = used;
-        self.peak = self.peak.max(used);
-        Ok(true)
-    }
-
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        Ok(desired <= 1 << 20)
     }
 }
 

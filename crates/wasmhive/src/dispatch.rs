@@ -159,13 +159,13 @@ impl<S: HandlerState> Supervisor<S> for Dispatcher<S> {
                 || attempt >= limits.instantiation_retries
                 || self.shutdown.is_cancelled()
             {
-                return Err(InstantiationFailure {
-                    cause,
-                    circuit_open: false,
-                    at_capacity: false,
-                });
+                return Err(InstantiationFailure::fault(cause));
             }
             tokio::time::sleep(backoff).await;
+            // Others' failures may have opened the circuit meanwhile.
+            if self.circuit.admit(Instant::now()).is_err() {
+                return Err(InstantiationFailure::fault(cause));
+            }
             backoff *= 2;
             attempt += 1;
         }

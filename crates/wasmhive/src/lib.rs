@@ -98,6 +98,7 @@ mod error;
 mod handler;
 mod limiter;
 mod limits;
+mod memory;
 mod metrics;
 mod policy;
 mod pool;
@@ -112,13 +113,14 @@ pub use error::{
 pub use handler::ProxyHandler;
 pub use limiter::AdaptiveConcurrency;
 pub use limits::{Limits, LimitsExpiration, World};
+pub use memory::MemoryBudget;
 pub use metrics::{ExitReason, InstanceReport, Outcome, Recorder, RequestReport, Stats};
 pub use policy::{
     HandlerState, Instance, Proxy, RequestDeadline, ShouldAccept, WorkerExpiration, WorkerState,
     WorkerStatus,
 };
 pub use pool::PoolLimits;
-pub use runtime::{LoadError, Runtime, RuntimeConfig};
+pub use runtime::{Footprint, LoadError, Runtime, RuntimeConfig};
 
 /// The body of requests and responses: a boxed stream of bytes, as
 /// `wasmtime-wasi-http` uses. [`into_body`] makes one from any body, such as

@@ -24,12 +24,16 @@
 //! A CoDel-managed queue with adaptive LIFO (as in Facebook's Wangle): the
 //! sojourn time of the oldest waiting request is sampled at every dequeue.
 //! If over a whole interval it never dropped below
-//! [`PoolLimits::queue_target`], the queue is standing, i.e. overloaded: it
-//! then serves the newest request first (it still has a client willing to
-//! wait) and sheds every request that has waited longer than the target,
-//! so admitted requests stay fast and the surplus gets its `503` within a
-//! few milliseconds. Otherwise it is FIFO, and a burst may wait up to
-//! [`PoolLimits::max_queue_wait`].
+//! [`PoolLimits::queue_target`] (a standing queue) *and* more requests
+//! joined the queue than left it for a worker (a growing one), the queue is
+//! overloaded: it then serves the newest request first (it still has a
+//! client willing to wait) and sheds every request that has waited longer
+//! than the target, so admitted requests stay fast and the surplus gets its
+//! `503` within a few milliseconds. Otherwise it is FIFO, and a burst may
+//! wait up to [`PoolLimits::max_queue_wait`]. The growth condition is what
+//! tells overload (requests arrive faster than they are served) from many
+//! clients each waiting for their turn, such as 200 connections on one
+//! instance: those are queued and served, not shed.
 //!
 //! # No orphans
 //!
@@ -211,6 +215,8 @@ impl<J: Sheddable> Pool<J> {
             interval: limits.queue_interval,
             interval_end: None,
             min_delay: None,
+            joined: 0,
+            left: 0,
             overloaded: false,
         };
         Pool {
@@ -476,6 +482,7 @@ impl<J: Sheddable> State<J> {
         }
         let ticket = Ticket(self.next_back);
         self.next_back += 1;
+        self.codel.joined += 1;
         self.queue.push_back(Queued {
             ticket,
             job,
@@ -516,6 +523,7 @@ impl<J: Sheddable> State<J> {
             // The queue drained: a sojourn of zero for what comes next.
             self.codel.observe(Duration::ZERO, now);
         }
+        self.codel.left += 1;
         queued.map(|queued| queued.job)
     }
 
@@ -544,15 +552,19 @@ impl<J: Sheddable> State<J> {
 
 /// The overload detector of a CoDel queue: the queue becomes overloaded for
 /// the next interval when, over the last one, the sampled wait never fell
-/// below the target (a standing queue rather than a burst). It stays so
-/// while the wait never falls below half the target: shedding keeps the
-/// oldest wait near the target, so only a queue that (nearly) drains shows
-/// that the overload is over.
+/// below the target (a standing queue rather than a burst) and more jobs
+/// joined than left for a worker (a growing one). It stays so while both
+/// hold with half the target: shedding keeps the oldest wait near the
+/// target, so only a queue that (nearly) drains shows the overload is over.
 struct Codel {
     target: Duration,
     interval: Duration,
     interval_end: Option<Instant>,
     min_delay: Option<Duration>,
+    /// Jobs queued during this interval.
+    joined: u32,
+    /// Jobs taken from the queue by workers during this interval.
+    left: u32,
     overloaded: bool,
 }
 
@@ -568,8 +580,11 @@ impl Codel {
                 } else {
                     self.target
                 };
-                self.overloaded = !stale && self.min_delay.is_some_and(|min| min > threshold);
+                self.overloaded = !stale
+                    && self.joined > self.left
+                    && self.min_delay.is_some_and(|min| min > threshold);
                 self.min_delay = None;
+                (self.joined, self.left) = (0, 0);
                 self.interval_end = Some(now + self.interval);
             }
             None => self.interval_end = Some(now + self.interval),

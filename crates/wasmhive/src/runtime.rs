@@ -25,6 +25,10 @@ pub struct RuntimeConfig {
     /// Instances the pooling allocator has room for; keep it at least
     /// [`PoolLimits::max_instances`](crate::PoolLimits). Default: 256.
     pub max_instances: usize,
+    /// What one instance takes from the pool; the pool has room for
+    /// `max_instances` of them. [`Runtime::for_component`] measures it from
+    /// the component. Default: [`Footprint::default`].
+    pub footprint: Footprint,
     /// Largest linear memory of one instance, in bytes: the pool's slot size
     /// (enforced per instance by [`Limits::max_memory`](crate::Limits)).
     /// Default: 128 MiB.
@@ -49,6 +53,7 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             pooling: true,
             max_instances: 256,
+            footprint: Footprint::default(),
             max_memory: 128 << 20,
             epoch_tick: Duration::from_millis(1),
             cache_dir: None,
@@ -112,6 +117,89 @@ pub enum LoadError {
     /// The wasmtime engine could not be created.
     #[error("cannot create the wasmtime engine: {0}")]
     Engine(String),
+    /// The component's initial linear memory is larger than an instance may
+    /// have.
+    #[error(
+        "the component needs {needed} bytes of linear memory at start, more than the \
+         per-instance limit of {limit} bytes (raise --max-memory)"
+    )]
+    MemoryTooSmall {
+        /// The component's initial memory, in bytes.
+        needed: u64,
+        /// The per-instance limit.
+        limit: usize,
+    },
+    /// The pooling allocator cannot reserve room for the requested number
+    /// of instances of this component.
+    #[error(
+        "cannot reserve address space for {instances} instances of this component \
+         ({memories} linear memories of up to {memory_reservation} bytes each): lower \
+         --max-instances, or serve without the pooling allocator (--no-pooling); {reason}"
+    )]
+    PoolTooLarge {
+        /// Instances asked for.
+        instances: usize,
+        /// Linear memories the pool would hold.
+        memories: u64,
+        /// Address space reserved per memory.
+        memory_reservation: u64,
+        /// What the engine said.
+        reason: String,
+    },
+}
+
+/// What one instance of a component takes from the pooling allocator.
+///
+/// Core instances are only counted by the pool, not reserved, so they get a
+/// generous allowance; memories and tables reserve address space per slot
+/// and are sized exactly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Footprint {
+    /// Linear memories one instance defines.
+    pub memories: u32,
+    /// Tables one instance defines.
+    pub tables: u32,
+    /// Largest initial size of any of its memories, in bytes.
+    pub initial_memory: u64,
+    /// Largest initial size of any of its tables, in elements.
+    pub initial_table_elements: u64,
+}
+
+impl Default for Footprint {
+    /// Room for a component built by `wit-component` from one module: a
+    /// memory or two and a few tables.
+    fn default() -> Self {
+        Footprint {
+            memories: 2,
+            tables: 4,
+            initial_memory: 0,
+            initial_table_elements: 0,
+        }
+    }
+}
+
+impl Footprint {
+    /// Core instances one component instance may have: only counted by the
+    /// pool (no memory is reserved for them), so this is an allowance, well
+    /// above the 14 of a componentize-py app.
+    const CORE_INSTANCES: u32 = 64;
+
+    /// Measures `component`. A component that instantiates an imported
+    /// module cannot be measured; it gets the default.
+    pub fn of(component: &Component) -> Footprint {
+        let Some(needs) = component.resources_required() else {
+            return Footprint::default();
+        };
+        Footprint {
+            memories: needs.num_memories,
+            tables: needs.num_tables,
+            initial_memory: needs
+                .max_initial_memory_size
+                .unwrap_or(0)
+                .saturating_mul(64 * 1024),
+            initial_table_elements: needs.max_initial_table_size.unwrap_or(0),
+        }
+    }
 }
 
 impl Runtime {
@@ -119,24 +207,107 @@ impl Runtime {
     /// the compilation cache, if configured and usable) and starts its epoch
     /// ticker.
     pub fn new(config: &RuntimeConfig) -> Result<Runtime, LoadError> {
-        let engine_error = |e: wasmtime::Error| LoadError::Engine(format!("{e:#}"));
         let cache = compile_cache(config);
-        let build = |pooling| Engine::new(&engine_config(config, pooling, cache.as_ref()));
-        let pooled = config.pooling.then(|| build(true)).and_then(|result| {
-            result
-                .inspect_err(|error| {
-                    tracing::warn!(
-                        error = %format_args!("{error:#}"),
-                        "cannot reserve address space for the pooling allocator; \
-                         falling back to on-demand allocation"
-                    )
-                })
-                .ok()
-        });
+        let pooled = config
+            .pooling
+            .then(|| pooled_engine(config, cache.as_ref()));
         let (engine, pooling) = match pooled {
-            Some(engine) => (engine, true),
-            None => (build(false).map_err(engine_error)?, false),
+            Some(Ok(engine)) => (engine, true),
+            Some(Err(error)) => {
+                tracing::warn!(
+                    error = %format_args!("{error:#}"),
+                    "cannot reserve address space for the pooling allocator; \
+                     falling back to on-demand allocation"
+                );
+                (on_demand_engine(config, cache.as_ref())?, false)
+            }
+            None => (on_demand_engine(config, cache.as_ref())?, false),
         };
+        Self::with_engine(engine, pooling, cache, config)
+    }
+
+    /// Loads a component and builds a runtime whose pooling allocator is
+    /// sized for `config.max_instances` instances of it (the component's
+    /// [`Footprint`]), returning both.
+    ///
+    /// The component is compiled once, on an engine without a pool, and
+    /// moved to the sized engine. Fails with [`LoadError::MemoryTooSmall`]
+    /// when its initial memory exceeds `config.max_memory`, and with
+    /// [`LoadError::PoolTooLarge`] when the pool cannot reserve room for
+    /// that many instances; if not even one instance fits (a restricted
+    /// address space), the runtime allocates on demand instead.
+    pub fn for_component(
+        config: &RuntimeConfig,
+        bytes: &[u8],
+    ) -> Result<(Runtime, Component), LoadError> {
+        let probe = Runtime::new(&RuntimeConfig {
+            pooling: false,
+            ..config.clone()
+        })?;
+        let component = probe.load_bytes(bytes)?;
+        let footprint = Footprint::of(&component);
+        if footprint.initial_memory > config.max_memory as u64 {
+            return Err(LoadError::MemoryTooSmall {
+                needed: footprint.initial_memory,
+                limit: config.max_memory,
+            });
+        }
+        if !config.pooling {
+            return Ok((probe, component));
+        }
+        let sized = RuntimeConfig {
+            footprint,
+            ..config.clone()
+        };
+        let engine = match pooled_engine(&sized, probe.0.cache.as_ref()) {
+            Ok(engine) => engine,
+            Err(error) => {
+                let one = RuntimeConfig {
+                    max_instances: 1,
+                    ..sized.clone()
+                };
+                if pooled_engine(&one, None).is_ok() {
+                    return Err(LoadError::PoolTooLarge {
+                        instances: config.max_instances,
+                        memories: u64::from(footprint.memories) * config.max_instances as u64,
+                        memory_reservation: DEFAULT_MEMORY_RESERVATION
+                            .max(config.max_memory as u64),
+                        reason: format!("{error:#}"),
+                    });
+                }
+                tracing::warn!(
+                    error = %format_args!("{error:#}"),
+                    "cannot reserve address space for the pooling allocator; \
+                     falling back to on-demand allocation"
+                );
+                return Ok((probe, component));
+            }
+        };
+        let compiled = component
+            .serialize()
+            .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
+        let runtime = Runtime::with_engine(engine, true, probe.0.cache.clone(), config)?;
+        // SAFETY: these bytes were serialized just now by an engine with the
+        // same compilation settings; only the instance allocator differs.
+        let component = unsafe { Component::deserialize(runtime.engine(), &compiled) }
+            .map_err(|e| LoadError::Incompatible(format!("{e:#}")))?;
+        Ok((runtime, component))
+    }
+
+    /// [`Self::for_component`] with the bytes of the file at `path`.
+    pub fn for_component_file(
+        config: &RuntimeConfig,
+        path: impl AsRef<Path>,
+    ) -> Result<(Runtime, Component), LoadError> {
+        Self::for_component(config, &read(path.as_ref())?)
+    }
+
+    fn with_engine(
+        engine: Engine,
+        pooling: bool,
+        cache: Option<Cache>,
+        config: &RuntimeConfig,
+    ) -> Result<Runtime, LoadError> {
         let ticker = EpochTicker::start(engine.clone(), config.epoch_tick)
             .map_err(|e| LoadError::Engine(format!("cannot start the epoch ticker: {e}")))?;
         Ok(Runtime(Arc::new(RuntimeInner {
@@ -166,12 +337,7 @@ impl Runtime {
     /// Loads a component file: a `.wasm` component (compiled now) or one
     /// precompiled by [`Self::precompile`] for this same engine.
     pub fn load_file(&self, path: impl AsRef<Path>) -> Result<Component, LoadError> {
-        let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        self.load_bytes(&bytes)
+        self.load_bytes(&read(path.as_ref())?)
     }
 
     /// Loads a component from bytes; see [`Self::load_file`].
@@ -211,6 +377,26 @@ impl Runtime {
     }
 }
 
+/// wasmtime's default address-space reservation per linear memory on 64-bit
+/// hosts (a pool slot is at least this large).
+const DEFAULT_MEMORY_RESERVATION: u64 = 4 << 30;
+
+fn read(path: &Path) -> Result<Vec<u8>, LoadError> {
+    std::fs::read(path).map_err(|source| LoadError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn on_demand_engine(config: &RuntimeConfig, cache: Option<&Cache>) -> Result<Engine, LoadError> {
+    Engine::new(&engine_config(config, false, cache))
+        .map_err(|e| LoadError::Engine(format!("{e:#}")))
+}
+
+fn pooled_engine(config: &RuntimeConfig, cache: Option<&Cache>) -> wasmtime::Result<Engine> {
+    Engine::new(&engine_config(config, true, cache))
+}
+
 /// The compilation cache of `config`, if it asks for one and it can be had.
 fn compile_cache(config: &RuntimeConfig) -> Option<Cache> {
     let dir = config.cache_dir.as_ref()?;
@@ -235,15 +421,19 @@ fn engine_config(config: &RuntimeConfig, pooling: bool, cache: Option<&Cache>) -
     wasm.cache(cache.cloned());
     if pooling {
         let instances = u32::try_from(config.max_instances).unwrap_or(u32::MAX);
+        let footprint = &config.footprint;
+        let (memories, tables) = (footprint.memories.max(1), footprint.tables.max(1));
         let mut pool = PoolingAllocationConfig::default();
-        // A component built by wit-component has a handful of core
-        // instances (the module plus adapter shims), a memory or two, and a
-        // few tables; give each slot room for that.
         pool.total_component_instances(instances)
-            .total_core_instances(instances.saturating_mul(8))
-            .total_memories(instances.saturating_mul(2))
-            .total_tables(instances.saturating_mul(4))
-            .total_stacks(instances.saturating_mul(4))
+            .total_core_instances(instances.saturating_mul(Footprint::CORE_INSTANCES))
+            .total_memories(instances.saturating_mul(memories))
+            .max_memories_per_module(memories)
+            .total_tables(instances.saturating_mul(tables))
+            .max_tables_per_module(tables)
+            .table_elements(20_000.max(footprint.initial_table_elements as usize))
+            // A fiber stack per guest task running at once: reserved, but
+            // committed only as used.
+            .total_stacks(instances.saturating_mul(16))
             .max_memory_size(config.max_memory);
         wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     }

@@ -79,6 +79,17 @@ pub(crate) struct InstantiationFailure {
     pub(crate) at_capacity: bool,
 }
 
+impl InstantiationFailure {
+    /// The instantiation itself failed.
+    pub(crate) fn fault(cause: Arc<wasmtime::Error>) -> Self {
+        InstantiationFailure {
+            cause,
+            circuit_open: false,
+            at_capacity: false,
+        }
+    }
+}
+
 /// What a worker needs from whoever dispatches requests to it.
 pub(crate) trait Supervisor<S: HandlerState>: Send + Sync + Sized + 'static {
     /// Fires when the handler shuts down: take nothing more, finish, exit.

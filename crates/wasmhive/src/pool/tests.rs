@@ -188,15 +188,15 @@ fn a_standing_queue_turns_lifo_and_sheds_what_waited_past_the_target() {
     let t0 = now();
     assert!(matches!(pool.admit(0, t0), Admission::Start(1, 0)));
     // A standing queue of three, each job waiting 30 ms (> target), for
-    // more than an interval: FIFO all along, nothing shed.
+    // more than an interval, but served as fast as jobs arrive (closed-loop
+    // clients taking turns): FIFO all along, nothing shed.
     for job in 1..=3 {
         assert!(
             matches!(pool.admit(job, t0), Admission::Queued(_, p) if p == Duration::from_secs(2))
         );
     }
-    // (The first interval saw the empty queue of the first admission.)
     let mut at = t0;
-    for job in 4..=22 {
+    for job in 4..=30 {
         at += 10 * MS;
         assert!(matches!(pool.admit(job, at), Admission::Queued(..)));
         assert_eq!(
@@ -205,14 +205,29 @@ fn a_standing_queue_turns_lifo_and_sheds_what_waited_past_the_target() {
             "FIFO while not overloaded"
         );
     }
+    assert!(!pool.lock().codel.overloaded);
     assert!(take_shed().is_empty());
-    // The second interval ends: the queue is overloaded, sheds what waited
-    // past the target and serves the newest.
-    at += 10 * MS;
-    assert!(matches!(pool.admit(23, at), Admission::Queued(..)));
-    assert_eq!(pool.advertise(1, &tx, at), Some(23));
-    assert!(pool.lock().codel.overloaded, "a standing queue is overload");
-    assert_eq!(take_shed(), vec![20, 21, 22]);
+    // Now jobs arrive twice as fast as they are served: a growing queue.
+    // Once an interval of that has ended, the next dequeue finds the queue
+    // overloaded: it sheds what waited past the target, serves the newest.
+    let mut job = 31;
+    loop {
+        at += 5 * MS;
+        assert!(matches!(pool.admit(job, at), Admission::Queued(..)));
+        at += 5 * MS;
+        assert!(matches!(pool.admit(job + 1, at), Admission::Queued(..)));
+        job += 2;
+        let queued = pool.occupancy().queued;
+        let next = pool.advertise(1, &tx, at);
+        if pool.lock().codel.overloaded {
+            assert_eq!(next, Some(job - 1), "the newest first");
+            // All but the newest two had waited past the target.
+            assert_eq!(take_shed().len(), queued - 2);
+            assert_eq!(pool.advertise(1, &tx, at), Some(job - 2));
+            break;
+        }
+        assert!(job < 100, "never overloaded");
+    }
     // Overloaded: new arrivals are told to wait only the target, the
     // newest goes first, and the old ones are shed.
     let Admission::Queued(_, patience) = pool.admit(1000, at) else {
