@@ -1,9 +1,13 @@
-//! The guest components of `guests/`, compiled for `wasm32-wasip2` by this
-//! crate's build script, for the tests, the benches and the CLI's demo app.
+//! The guest components of `guests/`, built by this crate's build script, for
+//! the tests, the benches and the CLI's demo app: the Rust guests compiled
+//! for `wasm32-wasip2`, and a Python and a JavaScript app (`PYTHON_APP`,
+//! `JS_APP`) packaged by componentize-py and componentize-js.
 //!
 //! Each component is a [`Guest`] constant named after it (`HELLO_P2` for
 //! `hello-p2`). Building this crate needs the `wasm32-wasip2` target
-//! (`rustup target add wasm32-wasip2`); nothing else is run by hand.
+//! (`rustup target add wasm32-wasip2`), `python3` (with venv and pip) and
+//! `node` (with npm); the first build installs the pinned packaging tools
+//! from PyPI and npm under the target directory. Nothing is run by hand.
 
 /// A compiled guest component.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
