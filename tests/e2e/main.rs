@@ -8,8 +8,10 @@ mod faults;
 mod hostile;
 mod isolation;
 mod lifecycle;
+mod memory;
 mod outbound;
 mod overload;
+mod real_apps;
 mod serving;
 
 use std::io::{BufRead as _, BufReader};
@@ -17,6 +19,11 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// Held by the tests that load the machine (hundreds of clients, storms,
+/// open-loop overload), so that they run one at a time rather than
+/// measuring each other on CI's two cores.
+pub static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The binary under test.
 pub fn wasmhive() -> Command {
@@ -30,6 +37,8 @@ pub struct Server {
     pub addr: SocketAddr,
     /// Every stderr line so far, the first one included.
     pub stderr: Arc<Mutex<Vec<String>>>,
+    /// Reads stderr into `stderr` until the server exits.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Server {
@@ -46,7 +55,7 @@ impl Server {
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let (first_tx, first_rx) = std::sync::mpsc::channel();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        std::thread::spawn({
+        let reader = std::thread::spawn({
             let stderr = stderr.clone();
             move || {
                 if let Some(Ok(first)) = lines.next() {
@@ -76,7 +85,39 @@ impl Server {
             child,
             addr,
             stderr,
+            reader: Some(reader),
         }
+    }
+
+    /// Shuts the server down as a user would (SIGTERM: drain, then exit)
+    /// and checks that it exited 0 without a panic; returns its stderr.
+    pub async fn finish(mut self) -> String {
+        self.signal("TERM");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the server did not exit after SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        // The pipe is closed: the reader ends once it has every line.
+        if let Some(reader) = self.reader.take() {
+            reader.join().unwrap();
+        }
+        let output = self.stderr.lock().unwrap().join("\n");
+        assert!(
+            status.success(),
+            "the server exited with {status}:\n{output}"
+        );
+        assert!(
+            !output.contains("panicked"),
+            "the server panicked:\n{output}"
+        );
+        output
     }
 
     /// The admin address, from the log line announcing it.
@@ -110,13 +151,23 @@ impl Server {
 
     /// The server's resident set size, in bytes.
     pub fn rss(&self) -> u64 {
+        self.memory_status("VmRSS")
+    }
+
+    /// The highest resident set size the server has had, in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        self.memory_status("VmHWM")
+    }
+
+    /// A size field (`VmRSS`, `VmHWM`) of `/proc/PID/status`, in bytes.
+    fn memory_status(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .expect("the server is running");
         let kib: u64 = status
             .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
             .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS in /proc/PID/status");
+            .unwrap_or_else(|| panic!("{field} in /proc/PID/status"));
         kib * 1024
     }
 

@@ -12,6 +12,7 @@ use crate::{Server, try_call};
 
 #[tokio::test]
 async fn ten_times_capacity_for_ten_seconds() {
+    let _alone = crate::HEAVY.lock().await;
     // Capacity: 4 instances, one 50 ms request each at a time: 80 r/s.
     let server = Server::start(&[
         guests::SLEEP_P3.path,
@@ -97,6 +98,7 @@ async fn ten_times_capacity_for_ten_seconds() {
 
 #[tokio::test]
 async fn adaptive_concurrency_sheds_cpu_bound_overload_at_once() {
+    let _alone = crate::HEAVY.lock().await;
     // 64 clients keep a CPU-bound guest busy on a machine with a few cores:
     // the pool's own limits would admit them all and slow every one down.
     // The adaptive limit must fall below them and answer the surplus 503.

@@ -85,7 +85,7 @@ impl<S: HandlerState> Dispatcher<S> {
         if self.pool.limits().prewarm == 0 || self.shutdown.is_cancelled() {
             return;
         }
-        if let Some(until) = self.circuit.open_until(Instant::now()) {
+        if let Some(until) = self.circuit.open_until(now()) {
             if !self.refill_scheduled.swap(true, Relaxed) {
                 let this = self.clone();
                 tokio::spawn(async move {
@@ -116,7 +116,7 @@ impl<S: HandlerState> Supervisor<S> for Dispatcher<S> {
     /// the circuit is open. Lack of capacity is not retried here: the pool
     /// waits for an instance to end instead.
     async fn instantiate(&self, id: WorkerId) -> Result<Instance<S>, InstantiationFailure> {
-        if let Err(cause) = self.circuit.admit(Instant::now()) {
+        if let Err(cause) = self.circuit.admit(now()) {
             return Err(InstantiationFailure {
                 cause,
                 circuit_open: true,
@@ -144,7 +144,7 @@ impl<S: HandlerState> Supervisor<S> for Dispatcher<S> {
                 });
             }
             self.counters.instantiation_failures.fetch_add(1, Relaxed);
-            let failure = self.circuit.failed(&cause, Instant::now());
+            let failure = self.circuit.failed(&cause, now());
             let error = format!("{cause:#}");
             match failure {
                 Failure::First => tracing::warn!(%error, "instantiation failed"),
@@ -163,7 +163,7 @@ impl<S: HandlerState> Supervisor<S> for Dispatcher<S> {
             }
             tokio::time::sleep(backoff).await;
             // Others' failures may have opened the circuit meanwhile.
-            if self.circuit.admit(Instant::now()).is_err() {
+            if self.circuit.admit(now()).is_err() {
                 return Err(InstantiationFailure::fault(cause));
             }
             backoff *= 2;
@@ -178,7 +178,7 @@ impl<S: HandlerState> Supervisor<S> for Dispatcher<S> {
         failure: InstantiationFailure,
         report: InstanceReport,
     ) {
-        let now = Instant::now();
+        let now = now();
         let first = if failure.at_capacity {
             match self.pool.at_capacity(id, first, now) {
                 Ok(starts) => {
@@ -206,7 +206,7 @@ impl<S: HandlerState> Supervisor<S> for Dispatcher<S> {
     }
 
     fn advertise(&self, id: WorkerId, mailbox: &Mailbox<Job<S>>) -> Option<Job<S>> {
-        self.pool.advertise(id, mailbox, Instant::now())
+        self.pool.advertise(id, mailbox, now())
     }
 
     fn withdraw(&self, id: WorkerId) {
@@ -214,7 +214,7 @@ impl<S: HandlerState> Supervisor<S> for Dispatcher<S> {
     }
 
     fn park(self: &Arc<Self>, id: WorkerId) {
-        self.spawn_all(self.pool.park(id, Instant::now()));
+        self.spawn_all(self.pool.park(id, now()));
     }
 
     fn unpark(&self, id: WorkerId) {
@@ -222,14 +222,20 @@ impl<S: HandlerState> Supervisor<S> for Dispatcher<S> {
     }
 
     fn redispatch(self: &Arc<Self>, job: Job<S>) {
-        self.spawn_all(self.pool.readmit(job, Instant::now()));
+        self.spawn_all(self.pool.readmit(job, now()));
     }
 
     fn exited(self: &Arc<Self>, id: WorkerId, unstarted: Vec<Job<S>>, report: InstanceReport) {
         self.record_exit(&report);
-        self.spawn_all(self.pool.exited(id, unstarted, Instant::now()));
+        self.spawn_all(self.pool.exited(id, unstarted, now()));
         self.refill_prewarm();
     }
+}
+
+/// The time scheduling decisions are made at: tokio's clock, so that they
+/// agree with the timers that act on them (and tests can pause it).
+pub(crate) fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
 }
 
 /// Whether an instantiation failed for lack of shared capacity (a full

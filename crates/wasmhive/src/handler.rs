@@ -79,7 +79,7 @@ impl<S: HandlerState> ProxyHandler<S> {
     /// still finish in the background, until the instance expires).
     pub async fn handle(&self, data: RequestData<S>, request: Request) -> Result<Response, Error> {
         let dispatcher = &self.dispatcher;
-        let admitted = Instant::now();
+        let admitted = crate::dispatch::now();
         let mut record = Record {
             recorder: &*dispatcher.recorder,
             admitted,
@@ -262,7 +262,7 @@ impl Record<'_> {
     }
 
     fn report(&mut self, dispatch: Option<Dispatch>, outcome: Outcome) {
-        let now = Instant::now();
+        let now = crate::dispatch::now();
         let report = RequestReport {
             incarnation: dispatch.map(|d| d.incarnation),
             queue_wait: dispatch.map_or(now - self.admitted, |d| d.accepted_at - self.admitted),

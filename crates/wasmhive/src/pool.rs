@@ -24,8 +24,9 @@
 //! A CoDel-managed queue with adaptive LIFO (as in Facebook's Wangle): the
 //! sojourn time of the oldest waiting request is sampled at every dequeue.
 //! If over a whole interval it never dropped below
-//! [`PoolLimits::queue_target`] (a standing queue) *and* more requests
-//! joined the queue than left it for a worker (a growing one), the queue is
+//! [`PoolLimits::queue_target`] (a standing queue) *and* more than twice as
+//! many requests joined the queue as left it for a worker, plus a margin of
+//! 16 (a growing one), and so for two intervals in a row, the queue is
 //! overloaded: it then serves the newest request first (it still has a
 //! client willing to wait) and sheds every request that has waited longer
 //! than the target, so admitted requests stay fast and the surplus gets its
@@ -217,6 +218,7 @@ impl<J: Sheddable> Pool<J> {
             min_delay: None,
             joined: 0,
             left: 0,
+            grew: false,
             overloaded: false,
         };
         Pool {
@@ -556,6 +558,10 @@ impl<J: Sheddable> State<J> {
 /// joined than left for a worker (a growing one). It stays so while both
 /// hold with half the target: shedding keeps the oldest wait near the
 /// target, so only a queue that (nearly) drains shows the overload is over.
+/// Jobs beyond twice the departures that must join in an interval for the
+/// queue to count as growing.
+const GROWTH_MARGIN: u32 = 16;
+
 struct Codel {
     target: Duration,
     interval: Duration,
@@ -565,6 +571,8 @@ struct Codel {
     joined: u32,
     /// Jobs taken from the queue by workers during this interval.
     left: u32,
+    /// The last interval had a standing, growing queue.
+    grew: bool,
     overloaded: bool,
 }
 
@@ -575,14 +583,30 @@ impl Codel {
             Some(end) => {
                 // A whole interval without samples counts as no queue.
                 let stale = now >= end + self.interval;
-                let threshold = if self.overloaded {
-                    self.target / 2
+                let (wait, growing) = if self.overloaded {
+                    (self.target / 2, self.joined > self.left)
                 } else {
-                    self.target
+                    // With few requests an interval, two or three more
+                    // arrivals are noise, not growth.
+                    (self.target, self.joined > 2 * self.left + GROWTH_MARGIN)
                 };
-                self.overloaded = !stale
-                    && self.joined > self.left
-                    && self.min_delay.is_some_and(|min| min > threshold);
+                let standing = !stale && self.min_delay.is_some_and(|min| min > wait);
+                // Entering takes two growing intervals in a row: clients
+                // ramping up, or re-queueing at once after a shed, grow the
+                // queue for one interval; sustained overload keeps doing so.
+                let grew_before = std::mem::replace(&mut self.grew, standing && growing);
+                let overloaded = standing && growing && (self.overloaded || grew_before);
+                if overloaded != self.overloaded {
+                    tracing::info!(
+                        overloaded,
+                        joined = self.joined,
+                        left = self.left,
+                        min_wait = ?self.min_delay,
+                        "request queue overload {}",
+                        if overloaded { "began: newest first, shedding" } else { "ended" }
+                    );
+                }
+                self.overloaded = overloaded;
                 self.min_delay = None;
                 (self.joined, self.left) = (0, 0);
                 self.interval_end = Some(now + self.interval);

@@ -207,26 +207,32 @@ fn a_standing_queue_turns_lifo_and_sheds_what_waited_past_the_target() {
     }
     assert!(!pool.lock().codel.overloaded);
     assert!(take_shed().is_empty());
-    // Now jobs arrive twice as fast as they are served: a growing queue.
+    // Now jobs arrive five times as fast as they are served: a growing queue
+    // (for two intervals in a row before it counts).
     // Once an interval of that has ended, the next dequeue finds the queue
     // overloaded: it sheds what waited past the target, serves the newest.
     let mut job = 31;
     loop {
-        at += 5 * MS;
-        assert!(matches!(pool.admit(job, at), Admission::Queued(..)));
-        at += 5 * MS;
-        assert!(matches!(pool.admit(job + 1, at), Admission::Queued(..)));
-        job += 2;
+        for arrival in 0..5 {
+            at += 2 * MS;
+            assert!(matches!(
+                pool.admit(job + arrival, at),
+                Admission::Queued(..)
+            ));
+        }
+        job += 5;
         let queued = pool.occupancy().queued;
         let next = pool.advertise(1, &tx, at);
         if pool.lock().codel.overloaded {
             assert_eq!(next, Some(job - 1), "the newest first");
-            // All but the newest two had waited past the target.
-            assert_eq!(take_shed().len(), queued - 2);
+            // All but the newest three had waited past the target.
+            assert_eq!(take_shed().len(), queued - 3);
             assert_eq!(pool.advertise(1, &tx, at), Some(job - 2));
+            assert_eq!(pool.advertise(1, &tx, at), Some(job - 3));
+            assert_eq!(pool.occupancy().queued, 0);
             break;
         }
-        assert!(job < 100, "never overloaded");
+        assert!(job < 300, "never overloaded");
     }
     // Overloaded: new arrivals are told to wait only the target, the
     // newest goes first, and the old ones are shed.
