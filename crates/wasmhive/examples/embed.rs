@@ -15,8 +15,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path = args.next().ok_or("usage: embed COMPONENT.wasm [ADDR]")?;
     let addr = args.next().unwrap_or_else(|| "127.0.0.1:8080".into());
 
-    let runtime = Runtime::new(&RuntimeConfig::default())?;
-    let app = App::new(&runtime, &runtime.load_file(&path)?)?;
+    // The engine's instance pool is sized for this component.
+    let (runtime, component) = Runtime::for_component_file(&RuntimeConfig::default(), &path)?;
+    let app = App::new(&runtime, &component)?;
     let handler = ProxyHandler::new(app, PoolLimits::default());
 
     let listener = tokio::net::TcpListener::bind(&addr).await?;

@@ -24,6 +24,9 @@ pub(crate) struct Circuit {
 struct State {
     failures: VecDeque<Instant>,
     open_until: Option<Instant>,
+    /// After the cool-down, one attempt is let through; until it resolves
+    /// (or another cool-down passes, should it never resolve) others wait.
+    probing_until: Option<Instant>,
     last_error: Option<Arc<wasmtime::Error>>,
 }
 
@@ -53,18 +56,29 @@ impl Circuit {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// `Err` with the last failure while the circuit is open at `now`.
+    /// `Err` with the last failure while the circuit is open at `now`. The
+    /// first call after the cool-down is the probe and gets `Ok`; the calls
+    /// after it get `Err` until the probe succeeds or fails.
     pub(crate) fn admit(&self, now: Instant) -> Result<(), Arc<wasmtime::Error>> {
-        let state = self.lock();
-        match (state.open_until, &state.last_error) {
-            (Some(until), Some(error)) if now < until => Err(error.clone()),
-            _ => Ok(()),
+        let mut state = self.lock();
+        let (Some(until), Some(error)) = (state.open_until, state.last_error.clone()) else {
+            return Ok(());
+        };
+        if now < until || state.probing_until.is_some_and(|probing| now < probing) {
+            return Err(error);
         }
+        state.probing_until = Some(now + self.cooldown);
+        Ok(())
     }
 
-    /// When the circuit closes, if it is open at `now`.
+    /// When [`Self::admit`] may let an attempt through again, if it would
+    /// not at `now` (open, or a probe under way).
     pub(crate) fn open_until(&self, now: Instant) -> Option<Instant> {
-        self.lock().open_until.filter(|until| now < *until)
+        let state = self.lock();
+        state
+            .open_until
+            .filter(|until| now < *until)
+            .or(state.probing_until.filter(|until| now < *until))
     }
 
     /// An instantiation succeeded: the streak is over.
@@ -92,6 +106,7 @@ impl Circuit {
         let probe_failed = state.open_until.is_some_and(|until| until <= now);
         if state.failures.len() >= self.threshold || probe_failed {
             state.open_until = Some(now + self.cooldown);
+            state.probing_until = None;
             state.failures.clear();
             return Failure::Opened;
         }
@@ -123,9 +138,12 @@ mod tests {
         assert_eq!(circuit.failed(&error(), t0 + 2 * SECOND), Failure::Opened);
         assert!(circuit.admit(t0 + 2 * SECOND).is_err());
         assert_eq!(circuit.open_until(t0 + 3 * SECOND), Some(t0 + 7 * SECOND));
-        // Closed again once the cool-down has passed: one probe may go.
+        // Once the cool-down has passed, one probe may go, and only one.
         assert!(circuit.admit(t0 + 7 * SECOND).is_ok());
-        assert_eq!(circuit.open_until(t0 + 7 * SECOND), None);
+        assert!(circuit.admit(t0 + 7 * SECOND).is_err());
+        assert_eq!(circuit.open_until(t0 + 7 * SECOND), Some(t0 + 12 * SECOND));
+        // A probe that never reports back does not hold the circuit for ever.
+        assert!(circuit.admit(t0 + 12 * SECOND).is_ok());
     }
 
     #[test]

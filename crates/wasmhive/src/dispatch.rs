@@ -28,6 +28,8 @@ pub(crate) struct Dispatcher<S: HandlerState> {
     circuit: Circuit,
     /// A prewarm refill is scheduled for when the circuit closes.
     refill_scheduled: AtomicBool,
+    /// A look at whether capacity came back is scheduled.
+    capacity_retry_scheduled: AtomicBool,
     pub(crate) counters: Counters,
 }
 
@@ -40,7 +42,15 @@ pub(crate) struct Counters {
     pub(crate) exits: [AtomicU64; ExitReason::ALL.len()],
 }
 
+/// How long after running out of capacity the pool tries to start a worker
+/// again, if no instance of its own has ended meanwhile.
+const CAPACITY_RETRY: Duration = Duration::from_millis(100);
+
 impl<S: HandlerState> Sheddable for Job<S> {
+    fn admitted(&self) -> Instant {
+        self.admitted
+    }
+
     fn shed(self) {
         Job::<S>::reply_early(self.tx, Overloaded::new(Duration::from_secs(1)).into());
     }
@@ -59,6 +69,7 @@ impl<S: HandlerState> Dispatcher<S> {
             shutdown: CancellationToken::new(),
             recorder,
             refill_scheduled: AtomicBool::new(false),
+            capacity_retry_scheduled: AtomicBool::new(false),
             counters: Counters::default(),
         });
         dispatcher.refill_prewarm();
@@ -99,6 +110,37 @@ impl<S: HandlerState> Dispatcher<S> {
         for id in self.pool.prewarm() {
             self.spawn_worker(id, None);
         }
+    }
+
+    /// Counts a failed instantiation toward the circuit and logs it: the
+    /// first of a streak and each opening at `warn`, the rest at `debug`.
+    fn note_failure(&self, cause: &Arc<wasmtime::Error>, now: Instant, error: &str) -> Failure {
+        self.counters.instantiation_failures.fetch_add(1, Relaxed);
+        let failure = self.circuit.failed(cause, now);
+        match failure {
+            Failure::First => tracing::warn!(%error, "instantiation failed"),
+            Failure::Repeated => tracing::debug!(%error, "instantiation failed"),
+            Failure::Opened => tracing::warn!(
+                %error,
+                cooldown = ?self.pool.limits().circuit_cooldown,
+                "instantiation circuit opened after repeated failures"
+            ),
+        }
+        failure
+    }
+
+    /// Capacity may come back without an instance of ours ending (another
+    /// app sharing the memory budget frees some): look again a little later.
+    fn retry_capacity_later(self: &Arc<Self>) {
+        if self.capacity_retry_scheduled.swap(true, Relaxed) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(CAPACITY_RETRY).await;
+            this.capacity_retry_scheduled.store(false, Relaxed);
+            this.spawn_all(this.pool.retry_capacity(now()));
+        });
     }
 
     fn record_exit(&self, report: &InstanceReport) {
@@ -143,18 +185,7 @@ impl<S: HandlerState> Supervisor<S> for Dispatcher<S> {
                     at_capacity: true,
                 });
             }
-            self.counters.instantiation_failures.fetch_add(1, Relaxed);
-            let failure = self.circuit.failed(&cause, now());
-            let error = format!("{cause:#}");
-            match failure {
-                Failure::First => tracing::warn!(%error, "instantiation failed"),
-                Failure::Repeated => tracing::debug!(attempt, %error, "instantiation failed"),
-                Failure::Opened => tracing::warn!(
-                    %error,
-                    cooldown = ?limits.circuit_cooldown,
-                    "instantiation circuit opened after repeated failures"
-                ),
-            }
+            let failure = self.note_failure(&cause, now(), &format!("{cause:#}"));
             if failure == Failure::Opened
                 || attempt >= limits.instantiation_retries
                 || self.shutdown.is_cancelled()
@@ -179,30 +210,36 @@ impl<S: HandlerState> Supervisor<S> for Dispatcher<S> {
         report: InstanceReport,
     ) {
         let now = now();
-        let first = if failure.at_capacity {
+        if failure.at_capacity {
+            let error = format!("{:#}", failure.cause);
             match self.pool.at_capacity(id, first, now) {
                 Ok(starts) => {
-                    tracing::debug!(error = %format_args!("{:#}", failure.cause), "at capacity; waiting for an instance to end");
+                    tracing::debug!(%error, "at capacity; waiting for an instance to end");
                     self.spawn_all(starts);
-                    return;
+                    self.retry_capacity_later();
                 }
-                // Nothing of ours holds the capacity: fail like any error.
+                // No instance of ours is alive to free any: the capacity is
+                // held elsewhere (a budget shared with other apps, say).
+                // Count it toward the circuit, so that prewarming backs off,
+                // and tell the client to come back.
                 Err(first) => {
-                    tracing::warn!(error = %format_args!("{:#}", failure.cause), "instantiation failed for lack of capacity");
+                    self.note_failure(&failure.cause, now, &error);
                     self.spawn_all(self.pool.exited(id, Vec::new(), now));
-                    first
+                    if let Some(job) = first {
+                        job.shed();
+                    }
+                    self.refill_prewarm();
                 }
             }
-        } else {
-            self.spawn_all(self.pool.exited(id, Vec::new(), now));
-            first
-        };
+            return;
+        }
+        self.spawn_all(self.pool.exited(id, Vec::new(), now));
         if let Some(Job { request, tx, .. }) = first {
             let error = InstantiationError::new(request, failure.cause, failure.circuit_open);
             Job::<S>::reply_early(tx, error.into());
         }
-        self.record_exit(&report);
         self.refill_prewarm();
+        self.record_exit(&report);
     }
 
     fn advertise(&self, id: WorkerId, mailbox: &Mailbox<Job<S>>) -> Option<Job<S>> {
@@ -226,9 +263,11 @@ impl<S: HandlerState> Supervisor<S> for Dispatcher<S> {
     }
 
     fn exited(self: &Arc<Self>, id: WorkerId, unstarted: Vec<Job<S>>, report: InstanceReport) {
-        self.record_exit(&report);
+        // The pool first: a panicking recorder must not leave it a worker
+        // short.
         self.spawn_all(self.pool.exited(id, unstarted, now()));
         self.refill_prewarm();
+        self.record_exit(&report);
     }
 }
 

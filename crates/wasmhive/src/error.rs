@@ -196,7 +196,9 @@ pub struct ShuttingDown;
 /// A [`HandlerState::instantiate`](crate::HandlerState::instantiate) that
 /// fails with an error whose chain holds this (or wasmtime's
 /// `PoolConcurrencyLimitError`) makes the request wait for another instance
-/// to end instead of failing, and does not count against the circuit.
+/// of the handler to end instead of failing, and does not count against the
+/// circuit. When none is alive to free anything, the request fails at once
+/// with [`Overloaded`] (`503`), and the failure does count.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("no capacity for another instance: {what}")]
 pub struct AtCapacity {

@@ -96,7 +96,12 @@ impl<S: HandlerState> ProxyHandler<S> {
             },
         };
         let (tx, mut rx) = oneshot::channel();
-        let job = Job { data, request, tx };
+        let job = Job {
+            admitted,
+            data,
+            request,
+            tx,
+        };
         let queued = match dispatcher.pool.admit(job, admitted) {
             Admission::Handed => None,
             Admission::Start(id, job) => {

@@ -13,8 +13,7 @@
 //! use wasmhive::{App, PoolLimits, ProxyHandler, Runtime, RuntimeConfig};
 //!
 //! # async fn demo(request: wasmhive::Request) -> Result<(), Box<dyn std::error::Error>> {
-//! let runtime = Runtime::new(&RuntimeConfig::default())?;
-//! let component = runtime.load_file("app.wasm")?;
+//! let (runtime, component) = Runtime::for_component_file(&RuntimeConfig::default(), "app.wasm")?;
 //! let app = App::new(&runtime, &component)?;
 //! let handler = ProxyHandler::new(app, PoolLimits::default());
 //! // In your hyper/axum service, with a request id of your choosing:
@@ -30,14 +29,19 @@
 //!    a place under the adaptive in-flight limit or fails at once with
 //!    [`Overloaded`]; it gives the place back at its response head, and its
 //!    latency moves the limit (`limiter.rs`).
-//! 1. [`ProxyHandler::handle`] asks the [`Pool`](PoolLimits) to admit the
-//!    request. Under one lock the pool hands it to the most recently
-//!    advertised worker with spare capacity, or reserves a new worker for it
-//!    (within `max_instances`), or queues it (within `max_queue_len`), or
-//!    rejects it at once with [`Overloaded`] (or [`ShuttingDown`]).
-//! 2. A queued request waits at most `max_queue_wait`, then leaves the queue
-//!    with [`Overloaded`]. Dropping the `handle` future also takes it out of
-//!    the queue: it never reaches a guest.
+//! 1. [`ProxyHandler::handle`] asks the pool (`pool.rs`) to admit the
+//!    request. Under one lock, if fewer than [`PoolLimits::max_running`]
+//!    workers are running guest code, the pool hands it to the most recently
+//!    advertised worker with spare capacity or reserves a new worker for it
+//!    (within `max_instances`); otherwise it queues it (within
+//!    `max_queue_len`), or rejects it at once with [`Overloaded`] (or
+//!    [`ShuttingDown`]).
+//! 2. A queued request starts when a worker parks (waits on I/O), advertises
+//!    or exits. It waits at most `max_queue_wait`; while the queue is
+//!    overloaded (a standing, growing queue: CoDel) it is served newest first
+//!    and shed with [`Overloaded`] once it has waited `queue_target`.
+//!    Dropping the `handle` future also takes it out of the queue: it never
+//!    reaches a guest.
 //! 3. The worker starts the request as a guest task in its store
 //!    (`start_call_concurrent`: p3 `handler.handle`, or p2
 //!    `incoming-handler.handle` with a `response-outparam`) and asks its
@@ -52,20 +56,29 @@
 //!
 //! # The worker lifecycle
 //!
-//! * **Instantiation.** [`HandlerState::instantiate`] is retried with
-//!   exponential backoff (`instantiation_retries`, `retry_backoff`). Too
-//!   many failures within `circuit_window` open a circuit: for
-//!   `circuit_cooldown`, requests needing a new instance fail fast. With
-//!   `prewarm > 0`, instances are created ahead of demand and refilled in
-//!   the background whenever one is taken or ends.
+//! * **Instantiation.** The dispatcher (`dispatch.rs`) calls
+//!   [`HandlerState::instantiate`], retried with exponential backoff
+//!   (`instantiation_retries`, `retry_backoff`). Too many failures within
+//!   `circuit_window` open a circuit (`circuit.rs`): for `circuit_cooldown`,
+//!   requests needing a new instance fail fast and prewarming pauses. A
+//!   failure for lack of capacity ([`AtCapacity`], or a full pooling
+//!   allocator) is no failure: the request goes back to the front of the
+//!   queue and no new worker starts until another exits. With `prewarm > 0`,
+//!   instances are created ahead of demand and refilled in the background
+//!   whenever one is taken or ends.
+//! * **Running and parked.** The worker wraps its event loop's waker: when
+//!   the loop returns `Pending` without having woken itself, every guest task
+//!   waits on I/O and the worker tells the dispatcher it parked (the next
+//!   queued request may start elsewhere); a guest that yielded at an epoch
+//!   tick is still running. The worker talks to the dispatcher only through
+//!   the `Supervisor` trait that `worker.rs` defines.
 //! * **Acceptance.** After each event the worker asks
 //!   [`WorkerState::should_accept_request`]: `Yes` (advertise capacity),
 //!   `No` (not now), `Never` (this instance is done). The concurrent count
 //!   it passes includes p3 requests whose response body the instance is
 //!   still writing: a request leaves the books when its body has been read
 //!   or dropped. Concurrency is earned: after taking a request the worker
-//!   advertises again only once its event loop is idle, i.e. every guest
-//!   task waits on I/O.
+//!   advertises again only once it has parked.
 //! * **Two-level expiration.** Level one is the per-request deadline, polled
 //!   inside the store's event loop; when it fires the request fails and the
 //!   instance takes no more requests. Level two is the instance's
@@ -86,7 +99,10 @@
 //!   replayed.
 //!
 //! The scheduling core (`pool.rs`) has no wasmtime in it and is tested on
-//! its own with randomized runs; `worker.rs` holds the event loops.
+//! its own with randomized runs; `worker.rs` holds the event loops;
+//! `memory.rs` the per-instance and global memory limits ([`MemoryBudget`]);
+//! `runtime.rs` the engine, with the pool sized from the component
+//! ([`Runtime::for_component`], [`Footprint`]).
 
 #![deny(missing_docs)]
 

@@ -15,7 +15,8 @@ use crate::AtCapacity;
 /// Growing past it fails inside the guest (usually a trap, so its request
 /// gets a `500`), and an instance whose initial memory does not fit is not
 /// created: its request waits for another instance to end and free some
-/// (see [`AtCapacity`]). Memory is returned when a store is dropped. It
+/// (see [`AtCapacity`]), or, with no instance of its handler alive to free
+/// any, fails at once with [`Overloaded`](crate::Overloaded). Memory is returned when a store is dropped. It
 /// bounds what guests can take; the host's own memory (compiled code,
 /// connections, buffers) comes on top.
 #[derive(Clone, Debug)]
@@ -75,6 +76,9 @@ pub(crate) struct MemoryLimiter {
     charged: usize,
     /// The last growth granted, returned if the growth then failed.
     last_grant: usize,
+    /// `used` and `peak` before the last memory growth granted, restored if
+    /// it then failed.
+    before_grant: Option<(usize, usize)>,
     pub(crate) peak: usize,
     /// The per-instance cap refused a growth.
     pub(crate) denied: bool,
@@ -90,6 +94,7 @@ impl MemoryLimiter {
             used: 0,
             charged: 0,
             last_grant: 0,
+            before_grant: None,
             peak: 0,
             denied: false,
             over_budget: false,
@@ -108,6 +113,7 @@ impl MemoryLimiter {
 
     fn charge(&mut self, bytes: usize) -> bool {
         self.last_grant = 0;
+        self.before_grant = None;
         if let Some(budget) = &self.budget {
             if !budget.take(bytes) {
                 self.over_budget = true;
@@ -119,12 +125,16 @@ impl MemoryLimiter {
         true
     }
 
+    /// The last growth granted failed after all: undo its accounting.
     fn refund_last(&mut self) {
         if let Some(budget) = &self.budget {
             budget.give_back(self.last_grant);
             self.charged -= self.last_grant;
         }
         self.last_grant = 0;
+        if let Some((used, peak)) = self.before_grant.take() {
+            (self.used, self.peak) = (used, peak);
+        }
     }
 }
 
@@ -141,17 +151,22 @@ impl ResourceLimiter for MemoryLimiter {
         &mut self,
         current: usize,
         desired: usize,
-        _maximum: Option<usize>,
+        maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let growth = desired.saturating_sub(current);
-        let used = self.used - current.min(self.used) + desired;
-        if used > self.limit {
-            self.denied = true;
+        if maximum.is_some_and(|maximum| desired > maximum) {
+            // Past the memory's own maximum: wasmtime refuses it anyway.
             return Ok(false);
         }
+        let growth = desired.saturating_sub(current);
+        let used = (self.used - current.min(self.used)).checked_add(desired);
+        let Some(used) = used.filter(|used| *used <= self.limit) else {
+            self.denied = true;
+            return Ok(false);
+        };
         if !self.charge(growth) {
             return Ok(false);
         }
+        self.before_grant = Some((self.used, self.peak));
         self.used = used;
         self.peak = self.peak.max(used);
         Ok(true)
@@ -206,6 +221,15 @@ mod tests {
         assert!(b.memory_growing(40, 50, None).unwrap());
         b.memory_grow_failed(wasmtime::Error::msg("no")).unwrap();
         assert_eq!(budget.used(), 40);
+        assert_eq!((b.used, b.peak), (40, 40), "the failed growth is undone");
+        assert!(
+            !b.memory_growing(40, usize::MAX, None).unwrap(),
+            "no overflow"
+        );
+        assert!(
+            !b.memory_growing(40, 60, Some(50)).unwrap(),
+            "past its maximum"
+        );
         drop(b);
         assert_eq!(budget.used(), 0);
     }

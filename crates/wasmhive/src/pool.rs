@@ -97,7 +97,8 @@ pub struct PoolLimits {
     /// Failed instantiations within [`Self::circuit_window`] that open the
     /// circuit: while open, requests needing a new instance fail fast and
     /// prewarming pauses. A full pool or memory budget is not a failure
-    /// (the request waits for an instance to end). Default: 20.
+    /// (the request waits for an instance to end) unless no instance is
+    /// alive to free any. Default: 20.
     pub circuit_failures: u32,
     /// See [`Self::circuit_failures`]. Default: 10 s.
     pub circuit_window: Duration,
@@ -142,8 +143,12 @@ pub(crate) type Mailbox<J> = mpsc::UnboundedSender<J>;
 /// as live and running).
 pub(crate) type Starts<J> = Vec<(WorkerId, J)>;
 
-/// A job the pool may give up on: shed from an overloaded queue.
+/// A job the pool may give up on: shed from an overloaded queue, or past
+/// the queue's longest wait.
 pub(crate) trait Sheddable {
+    /// When the job's request was admitted: its wait counts from there,
+    /// even when a worker hands it back to the queue.
+    fn admitted(&self) -> Instant;
     /// Fails the job's request as overloaded.
     fn shed(self);
 }
@@ -210,7 +215,10 @@ struct State<J> {
 }
 
 impl<J: Sheddable> Pool<J> {
-    pub(crate) fn new(limits: PoolLimits) -> Self {
+    /// A pool within `limits` (at least one instance, running one).
+    pub(crate) fn new(mut limits: PoolLimits) -> Self {
+        limits.max_instances = limits.max_instances.max(1);
+        limits.max_running = limits.max_running.max(1);
         let codel = Codel {
             target: limits.queue_target,
             interval: limits.queue_interval,
@@ -269,7 +277,7 @@ impl<J: Sheddable> Pool<J> {
             }
             return state.enqueue(job, now, limits);
         }
-        state.shed_stale(now);
+        state.shed_stale(now, limits.max_queue_wait);
         state.enqueue(job, now, limits)
     }
 
@@ -283,7 +291,7 @@ impl<J: Sheddable> Pool<J> {
         state.prewarming.retain(|&w| w != id);
         state.set_running(id, false);
         if state.running < self.limits.max_running
-            && let Some(job) = state.next_job(now)
+            && let Some(job) = state.next_job(now, &self.limits)
         {
             state.set_running(id, true);
             return Some(job);
@@ -359,6 +367,13 @@ impl<J: Sheddable> Pool<J> {
             state.push_front(job, now);
         }
         Ok(state.fill(now, &self.limits))
+    }
+
+    /// Capacity may have come back from elsewhere: workers may start again.
+    pub(crate) fn retry_capacity(&self, now: Instant) -> Starts<J> {
+        let mut state = self.lock();
+        state.at_capacity = false;
+        state.fill(now, &self.limits)
     }
 
     /// Takes back a job a worker received but could not start: it goes to
@@ -464,7 +479,7 @@ impl<J: Sheddable> State<J> {
         let mut starts = Vec::new();
         while self.running < limits.max_running
             && (!self.advertised.is_empty() || self.may_start(limits))
-            && let Some(job) = self.next_job(now)
+            && let Some(job) = self.next_job(now, limits)
         {
             match self.hand_off(job) {
                 Ok(()) => {}
@@ -498,44 +513,46 @@ impl<J: Sheddable> State<J> {
         Admission::Queued(ticket, patience)
     }
 
-    /// Already-admitted jobs skip the line (and the queue's length limit).
+    /// Already-admitted jobs skip the line (and the queue's length limit);
+    /// their wait still counts from their admission.
     fn push_front(&mut self, job: J, now: Instant) {
         let ticket = Ticket(self.next_front);
         self.next_front -= 1;
-        self.queue.push_front(Queued {
-            ticket,
-            job,
-            since: now,
-        });
+        let since = job.admitted().min(now);
+        self.queue.push_front(Queued { ticket, job, since });
     }
 
     /// The next job to start: the oldest, or, while overloaded, the newest
     /// after shedding those that waited too long.
-    fn next_job(&mut self, now: Instant) -> Option<J> {
+    fn next_job(&mut self, now: Instant, limits: &PoolLimits) -> Option<J> {
         let oldest = self.queue.front()?.since;
         self.codel
             .observe(now.saturating_duration_since(oldest), now);
-        self.shed_stale(now);
+        self.shed_stale(now, limits.max_queue_wait);
         let queued = if self.codel.overloaded {
             self.queue.pop_back()
         } else {
             self.queue.pop_front()
-        };
+        }?;
         if self.queue.is_empty() {
             // The queue drained: a sojourn of zero for what comes next.
             self.codel.observe(Duration::ZERO, now);
         }
         self.codel.left += 1;
-        queued.map(|queued| queued.job)
+        Some(queued.job)
     }
 
-    /// While overloaded, sheds every job that waited longer than the target.
-    fn shed_stale(&mut self, now: Instant) {
-        if !self.codel.overloaded {
-            return;
-        }
+    /// Sheds every job at the front that waited longer than it may: the
+    /// target while overloaded, the longest queue wait otherwise (its caller
+    /// times out by then anyway, unless a worker handed it back).
+    fn shed_stale(&mut self, now: Instant, max_wait: Duration) {
+        let max_wait = if self.codel.overloaded {
+            self.codel.target
+        } else {
+            max_wait
+        };
         while let Some(oldest) = self.queue.front()
-            && now.saturating_duration_since(oldest.since) > self.codel.target
+            && now.saturating_duration_since(oldest.since) > max_wait
         {
             if let Some(queued) = self.queue.pop_front() {
                 queued.job.shed();

@@ -55,6 +55,8 @@ type RequestData<S> = <<S as HandlerState>::WorkerState as WorkerState>::Request
 
 /// A request on its way to a worker.
 pub(crate) struct Job<S: HandlerState> {
+    /// When the request was admitted.
+    pub(crate) admitted: Instant,
     pub(crate) data: RequestData<S>,
     pub(crate) request: Request,
     pub(crate) tx: oneshot::Sender<Reply>,
@@ -142,6 +144,15 @@ pub(crate) async fn run<S: HandlerState, D: Supervisor<S>>(
 ) {
     let span = tracing::info_span!("instance", incarnation = id);
     async {
+        // Armed from the start: whatever panics (the policy's instantiate,
+        // the guest, a recorder), the supervisor hears of the end.
+        let mut exit = ExitGuard {
+            supervisor: supervisor.clone(),
+            id,
+            unstarted: Vec::new(),
+            report: None,
+            armed: true,
+        };
         let began = Instant::now();
         let instance = match supervisor.instantiate(id).await {
             Ok(instance) => instance,
@@ -156,18 +167,13 @@ pub(crate) async fn run<S: HandlerState, D: Supervisor<S>>(
                     error: Some(format!("{:#}", failure.cause)),
                     peak_memory: None,
                 };
+                exit.disarm();
                 supervisor.instantiation_failed(id, first, failure, report);
                 return;
             }
         };
         let instantiation_time = began.elapsed();
         tracing::debug!(?instantiation_time, "instantiated");
-        let mut exit = ExitGuard {
-            supervisor: supervisor.clone(),
-            id,
-            unstarted: Vec::new(),
-            report: None,
-        };
         serve(
             &supervisor,
             id,
@@ -188,10 +194,21 @@ struct ExitGuard<S: HandlerState, D: Supervisor<S>> {
     id: WorkerId,
     unstarted: Vec<Job<S>>,
     report: Option<InstanceReport>,
+    armed: bool,
+}
+
+impl<S: HandlerState, D: Supervisor<S>> ExitGuard<S, D> {
+    /// The end is reported another way.
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
 }
 
 impl<S: HandlerState, D: Supervisor<S>> Drop for ExitGuard<S, D> {
     fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
         let report = self.report.take().unwrap_or_else(|| InstanceReport {
             incarnation: self.id,
             instantiation_time: Duration::ZERO,
@@ -316,7 +333,9 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
                       calls: &mut FuturesUnordered<_>,
                       starts: &mut StartTimes,
                       total: &mut usize| {
-            let Job { data, request, tx } = job;
+            let Job {
+                data, request, tx, ..
+            } = job;
             if tx.is_closed() {
                 // The caller left while the job was on its way.
                 return;
