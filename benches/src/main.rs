@@ -18,8 +18,8 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Extra>,
 
-    /// Scenarios to run [default: all]: hello-p2, hello-p3, echo-64k, cpu,
-    /// sleep-io, overload, cold-start, memory.
+    /// Scenarios to run [default: all]: hello-p2, hello-py, hello-js,
+    /// hello-p3, echo-64k, cpu, sleep-io, overload, cold-start, memory.
     scenarios: Vec<String>,
 
     /// Smoke mode: one short round of everything (about 1 s per scenario).

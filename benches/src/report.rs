@@ -133,8 +133,8 @@ impl Report {
             .collect();
         if !throughput.is_empty() {
             md.push_str("Throughput: medians over rounds, (min–max).\n\n");
-            md.push_str("| scenario | settings | server | req/s | p50 ms | p99 ms | failed | client CPU | server CPU |\n");
-            md.push_str("|---|---|---|---|---|---|---|---|---|\n");
+            md.push_str("| scenario | settings | server | req/s | p50 ms | p99 ms | failed | client CPU | server CPU | peak RSS MiB |\n");
+            md.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
             for &key in &throughput {
                 for server in self.servers(key) {
                     let cell = |figure: &str, digits: usize| {
@@ -149,7 +149,7 @@ impl Report {
                     };
                     let _ = writeln!(
                         md,
-                        "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                         key.0,
                         key.1,
                         server.label(),
@@ -159,12 +159,13 @@ impl Report {
                         cell("failed", 0),
                         pct("client_cpu"),
                         pct("server_cpu"),
+                        cell("peak_rss_mib", 0),
                     );
                 }
             }
             md.push_str("\nRatios, paired round by round (median, min–max):\n\n");
-            md.push_str("| scenario | settings | wasmhive / wasmtime req/s | wasmhive / wasmtime p99 | wasmhive / native req/s |\n");
-            md.push_str("|---|---|---|---|---|\n");
+            md.push_str("| scenario | settings | wasmhive / wasmtime req/s | wasmhive / wasmtime p99 | wasmhive / wasmtime peak RSS | wasmhive / native req/s |\n");
+            md.push_str("|---|---|---|---|---|---|\n");
             for &key in &throughput {
                 let r = |b, figure| {
                     self.ratio(key, ServerKind::Wasmhive, b, figure)
@@ -173,11 +174,12 @@ impl Report {
                 };
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {} |",
                     key.0,
                     key.1,
                     r(ServerKind::Wasmtime, "rps"),
                     r(ServerKind::Wasmtime, "p99_ms"),
+                    r(ServerKind::Wasmtime, "peak_rss_mib"),
                     r(ServerKind::Native, "rps"),
                 );
             }

@@ -77,6 +77,28 @@ pub fn all() -> Vec<Scenario> {
             native: true,
         },
         Scenario {
+            name: "hello-py",
+            guest: g::PYTHON_APP,
+            load: Load::Closed {
+                path: "/",
+                body: 0,
+                connections: Some(100),
+            },
+            variants: real_app_variants(),
+            native: false,
+        },
+        Scenario {
+            name: "hello-js",
+            guest: g::JS_APP,
+            load: Load::Closed {
+                path: "/",
+                body: 0,
+                connections: Some(100),
+            },
+            variants: real_app_variants(),
+            native: false,
+        },
+        Scenario {
             name: "hello-p3",
             guest: g::HELLO_P3,
             load: closed("/", 0),
@@ -167,6 +189,21 @@ pub fn all() -> Vec<Scenario> {
     ]
 }
 
+/// The Python and JavaScript apps: a fresh instance per request (both
+/// servers' default for p2), and instances reused 100 times.
+fn real_app_variants() -> Vec<(&'static str, Settings)> {
+    vec![
+        ("defaults", Settings::default()),
+        (
+            "reuse-100",
+            Settings {
+                reuse: Some(100),
+                ..Settings::default()
+            },
+        ),
+    ]
+}
+
 /// How long and how hard.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -229,6 +266,7 @@ pub async fn run_one(
             load::closed_loop(&target, connections, options.warmup, running.pid()).await;
             let m = load::closed_loop(&target, connections, options.duration, running.pid()).await;
             throughput_figures(&mut figures, &m);
+            figures.insert("peak_rss_mib".into(), mib(running.peak_rss()));
             return Ok((figures, m.statuses, m.errors));
         }
         Load::Overload { path } => {

@@ -174,7 +174,12 @@ impl Running {
 
     /// Resident memory, in bytes.
     pub fn rss(&self) -> u64 {
-        rss_of(self.pid()).unwrap_or(0)
+        memory_of(self.pid(), "VmRSS").unwrap_or(0)
+    }
+
+    /// The highest resident memory it has had, in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        memory_of(self.pid(), "VmHWM").unwrap_or(0)
     }
 }
 
@@ -187,8 +192,16 @@ impl Drop for Running {
 
 /// Resident memory of `pid`, from `/proc/PID/status`.
 pub fn rss_of(pid: u32) -> Option<u64> {
+    memory_of(pid, "VmRSS")
+}
+
+/// A size `field` of `/proc/PID/status` (`VmRSS`, `VmHWM`), in bytes.
+fn memory_of(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let line = status.lines().find(|l| {
+        l.strip_prefix(field)
+            .is_some_and(|rest| rest.starts_with(':'))
+    })?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }

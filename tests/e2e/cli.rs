@@ -35,11 +35,18 @@ fn bad_components_are_refused_with_clear_errors() {
             path.display().to_string(),
         ]
     };
-    let cases: [(Vec<String>, &str); 4] = [
+    // The Python app starts with 13 MiB of linear memory.
+    let mut small = serve(std::path::Path::new(guests::PYTHON_APP.path));
+    small.extend(["--max-memory".into(), "4MiB".into()]);
+    let cases: [(Vec<String>, &str); 5] = [
         (serve(&dir.join("missing.wasm")), "cannot read"),
         (serve(&text), "not a WebAssembly component"),
         (serve(&core), "core WebAssembly module"),
         (serve(&empty), "exports no wasi:http handler"),
+        (
+            small,
+            "more than the per-instance limit of 4194304 bytes (raise --max-memory)",
+        ),
     ];
     for (args, expected) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -113,15 +120,24 @@ async fn compiled_components_load_without_compiling() {
         cwasm.to_str().unwrap(),
     ]);
     assert_eq!(code, Some(0), "{stderr}");
-    let server = Server::start(&[cwasm.to_str().unwrap()]);
+    // Native code is not loaded without the opt-in.
+    fails_with(
+        &["serve", "--addr", ":0", cwasm.to_str().unwrap()],
+        "load it only with --allow-precompiled",
+    );
+    let server = Server::start(&[cwasm.to_str().unwrap(), "--allow-precompiled"]);
     assert_eq!(get(server.addr, "/").await.2, "Hello, wasmhive!\n");
+    server.finish().await;
 
     // A damaged precompiled file is refused, not trusted.
     let mut bytes = std::fs::read(&cwasm).unwrap();
     bytes.truncate(bytes.len() / 2);
     let broken = dir.join("broken.cwasm");
     std::fs::write(&broken, bytes).unwrap();
-    fails_with(&["serve", broken.to_str().unwrap()], "error:");
+    fails_with(
+        &["serve", "--allow-precompiled", broken.to_str().unwrap()],
+        "error:",
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

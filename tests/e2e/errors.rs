@@ -81,3 +81,50 @@ async fn guest_output_is_labelled_unless_told_not_to() {
         .expect("guest stderr forwarded");
     assert!(!line.contains("[stderr instance="), "{line}");
 }
+
+#[tokio::test]
+async fn failing_prewarm_makes_a_bounded_number_of_attempts_and_log_lines() {
+    // No instance fits a 64 KiB memory budget, and none is alive to free
+    // any: every prewarm attempt fails and counts toward the circuit.
+    let server = Server::start(&[
+        guests::HELLO_P2.path,
+        "--prewarm",
+        "2",
+        "--max-total-memory",
+        "64KiB",
+        "--admin-addr",
+        "127.0.0.1:0",
+    ]);
+    let admin = server.admin_addr();
+    let opened = "instantiation circuit opened";
+    server
+        .wait_for_line(opened, Duration::from_secs(30))
+        .expect("the circuit opens");
+    // While it is open, a request needing an instance fails fast.
+    let (status, headers, _) = get(server.addr, "/").await;
+    assert_eq!(status, 503);
+    assert!(headers.contains_key("retry-after"));
+    // After the 5 s cool-down one probe fails and the circuit opens again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.lines_containing(opened) < 2 {
+        assert!(Instant::now() < deadline, "the circuit never re-opened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, _, metrics) = get(admin, "/metrics").await;
+    let attempts = crate::metric(&metrics, "wasmhive_instantiation_failures_total");
+    let output = server.finish().await;
+    // 20 failures open the circuit; then one probe per cool-down (plus the
+    // attempts under way when it opened, at most one per running worker).
+    assert!(
+        (20.0..=24.0).contains(&attempts),
+        "{attempts} failed instantiations"
+    );
+    let warnings = output
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("instantiation"))
+        .count();
+    assert!(
+        warnings <= 4,
+        "{warnings} warnings about instantiation:\n{output}"
+    );
+}

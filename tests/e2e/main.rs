@@ -149,6 +149,16 @@ impl Server {
         }
     }
 
+    /// How many stderr lines so far contain `needle`.
+    pub fn lines_containing(&self, needle: &str) -> usize {
+        self.stderr
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
     /// The server's resident set size, in bytes.
     pub fn rss(&self) -> u64 {
         self.memory_status("VmRSS")

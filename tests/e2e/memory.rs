@@ -50,12 +50,18 @@ async fn oom_storm_stays_within_the_budget_and_bystanders_are_served() {
     }
     let seen = bystander.stop().await;
     let peak = server.peak_rss();
-    server.finish().await;
+    let output = server.finish().await;
     assert!(!seen.is_empty());
     assert!(
         seen.iter().all(|outcome| *outcome == Ok(200)),
-        "bystanders got {:?}",
-        seen.iter().filter(|o| **o != Ok(200)).collect::<Vec<_>>()
+        "bystanders got {:?}\n{}",
+        seen.iter().filter(|o| **o != Ok(200)).collect::<Vec<_>>(),
+        output
+            .lines()
+            .filter(|l| !l.contains("[std"))
+            .take(30)
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     assert!(
         peak <= 2 * GIB + HOST_OVERHEAD,

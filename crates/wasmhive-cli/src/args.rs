@@ -29,7 +29,8 @@ pub enum Command {
 pub struct ServeArgs {
     /// The component to serve: a `.wasm` component exporting
     /// `wasi:http/incoming-handler@0.2` or `wasi:http/handler@0.3`, or a
-    /// `.cwasm` from `wasmhive compile`. Without one, the bundled demo app.
+    /// `.cwasm` from `wasmhive compile` (with `--allow-precompiled`).
+    /// Without one, the bundled demo app.
     pub component: Option<PathBuf>,
 
     /// Address to listen on; `:PORT` means 127.0.0.1:PORT, and port 0
@@ -136,6 +137,12 @@ pub struct ServeArgs {
     /// `[stdout instance=N request=M]`.
     #[arg(long)]
     pub no_logging_prefix: bool,
+
+    /// Accept a precompiled component (a `.cwasm` from `wasmhive compile`).
+    /// It is native code run with the server's rights and not verified:
+    /// pass this only for files this host made and nothing else can write.
+    #[arg(long)]
+    pub allow_precompiled: bool,
 
     /// Allocate instances on demand instead of from the pooling allocator.
     #[arg(long)]

@@ -169,6 +169,11 @@ fn load_app(args: &ServeArgs) -> anyhow::Result<Loaded> {
     };
     let loading = Instant::now();
     let ((runtime, component), name) = match &args.component {
+        Some(path) if args.allow_precompiled && Runtime::is_precompiled_file(path) => (
+            // SAFETY: the user vouches for the file with --allow-precompiled.
+            unsafe { Runtime::for_precompiled_file(&config, path)? },
+            path.display().to_string(),
+        ),
         Some(path) => (
             Runtime::for_component_file(&config, path)?,
             path.display().to_string(),

@@ -30,7 +30,8 @@
 //! overloaded: it then serves the newest request first (it still has a
 //! client willing to wait) and sheds every request that has waited longer
 //! than the target, so admitted requests stay fast and the surplus gets its
-//! `503` within a few milliseconds. Otherwise it is FIFO, and a burst may
+//! `503` within a few milliseconds, until requests no longer join faster than
+//! they leave. Otherwise it is FIFO, and a burst may
 //! wait up to [`PoolLimits::max_queue_wait`]. The growth condition is what
 //! tells overload (requests arrive faster than they are served) from many
 //! clients each waiting for their turn, such as 200 connections on one
@@ -267,7 +268,8 @@ impl<J: Sheddable> Pool<J> {
             return Admission::Closed(job);
         }
         if state.queue.is_empty() && state.running < limits.max_running {
-            state.codel.observe(Duration::ZERO, now);
+            let may_enter = !state.at_capacity;
+            state.codel.observe(Duration::ZERO, now, may_enter);
             let job = match state.hand_off(job) {
                 Ok(()) => return Admission::Handed,
                 Err(job) => job,
@@ -494,12 +496,14 @@ impl<J: Sheddable> State<J> {
     }
 
     fn enqueue(&mut self, job: J, now: Instant, limits: &PoolLimits) -> Admission<J> {
+        // A full queue hides growth: a job refused for lack of room joined
+        // as much as one let in.
+        self.codel.joined += 1;
         if self.queue.len() >= limits.max_queue_len {
             return Admission::Overloaded(job);
         }
         let ticket = Ticket(self.next_back);
         self.next_back += 1;
-        self.codel.joined += 1;
         self.queue.push_back(Queued {
             ticket,
             job,
@@ -526,8 +530,11 @@ impl<J: Sheddable> State<J> {
     /// after shedding those that waited too long.
     fn next_job(&mut self, now: Instant, limits: &PoolLimits) -> Option<J> {
         let oldest = self.queue.front()?.since;
+        // Waiting for memory or pool slots is not overload: shedding
+        // newcomers would free neither.
+        let may_enter = !self.at_capacity;
         self.codel
-            .observe(now.saturating_duration_since(oldest), now);
+            .observe(now.saturating_duration_since(oldest), now, may_enter);
         self.shed_stale(now, limits.max_queue_wait);
         let queued = if self.codel.overloaded {
             self.queue.pop_back()
@@ -536,7 +543,7 @@ impl<J: Sheddable> State<J> {
         }?;
         if self.queue.is_empty() {
             // The queue drained: a sojourn of zero for what comes next.
-            self.codel.observe(Duration::ZERO, now);
+            self.codel.observe(Duration::ZERO, now, may_enter);
         }
         self.codel.left += 1;
         Some(queued.job)
@@ -569,22 +576,24 @@ impl<J: Sheddable> State<J> {
     }
 }
 
-/// The overload detector of a CoDel queue: the queue becomes overloaded for
-/// the next interval when, over the last one, the sampled wait never fell
-/// below the target (a standing queue rather than a burst) and more jobs
-/// joined than left for a worker (a growing one). It stays so while both
-/// hold with half the target: shedding keeps the oldest wait near the
-/// target, so only a queue that (nearly) drains shows the overload is over.
 /// Jobs beyond twice the departures that must join in an interval for the
 /// queue to count as growing.
 const GROWTH_MARGIN: u32 = 16;
 
+/// The overload detector of a CoDel queue: the queue becomes overloaded
+/// when, over each of the last two intervals, the sampled wait never fell
+/// below the target (a standing queue rather than a burst) and more than
+/// twice as many jobs joined as left for a worker, plus a margin (a queue
+/// growing fast; clients taking turns keep the two about equal). It stays
+/// so while jobs join faster than they leave for a worker (shed ones count
+/// as having joined, not as having left).
 struct Codel {
     target: Duration,
     interval: Duration,
     interval_end: Option<Instant>,
     min_delay: Option<Duration>,
-    /// Jobs queued during this interval.
+    /// Jobs that joined (or, the queue being full, tried to join) during
+    /// this interval.
     joined: u32,
     /// Jobs taken from the queue by workers during this interval.
     left: u32,
@@ -594,25 +603,32 @@ struct Codel {
 }
 
 impl Codel {
-    fn observe(&mut self, delay: Duration, now: Instant) {
+    /// Samples the wait `delay` at `now`, ending the interval if it is
+    /// over; overload may begin then only if `may_enter`.
+    fn observe(&mut self, delay: Duration, now: Instant, may_enter: bool) {
         match self.interval_end {
             Some(end) if now < end => {}
             Some(end) => {
                 // A whole interval without samples counts as no queue.
                 let stale = now >= end + self.interval;
-                let (wait, growing) = if self.overloaded {
-                    (self.target / 2, self.joined > self.left)
+                // Overload ends when jobs no longer join faster than they
+                // leave. (The queue may empty for a moment while shedding:
+                // a client that stalls a few milliseconds does that.)
+                let growing = if self.overloaded {
+                    self.joined > self.left
                 } else {
                     // With few requests an interval, two or three more
                     // arrivals are noise, not growth.
-                    (self.target, self.joined > 2 * self.left + GROWTH_MARGIN)
+                    self.joined > 2 * self.left + GROWTH_MARGIN
                 };
-                let standing = !stale && self.min_delay.is_some_and(|min| min > wait);
+                let standing = self.overloaded
+                    || !stale && self.min_delay.is_some_and(|min| min > self.target);
                 // Entering takes two growing intervals in a row: clients
                 // ramping up, or re-queueing at once after a shed, grow the
                 // queue for one interval; sustained overload keeps doing so.
                 let grew_before = std::mem::replace(&mut self.grew, standing && growing);
-                let overloaded = standing && growing && (self.overloaded || grew_before);
+                let overloaded =
+                    standing && growing && (self.overloaded || grew_before && may_enter);
                 if overloaded != self.overloaded {
                     tracing::info!(
                         overloaded,

@@ -100,6 +100,13 @@ pub enum LoadError {
     /// The component does not validate or compile.
     #[error("invalid component: {0}")]
     Invalid(String),
+    /// Precompiled code offered where only WebAssembly is accepted.
+    #[error(
+        "this is precompiled native code (a .cwasm), which runs with the server's rights \
+         and is trusted blindly when loaded: load it only with --allow-precompiled (in \
+         the library, the unsafe Runtime::load_precompiled_file)"
+    )]
+    Precompiled,
     /// A precompiled component made by another wasmtime or with other settings.
     #[error(
         "precompiled component cannot be used here (recompile it with `wasmhive compile`): {0}"
@@ -240,11 +247,35 @@ impl Runtime {
         config: &RuntimeConfig,
         bytes: &[u8],
     ) -> Result<(Runtime, Component), LoadError> {
+        Self::sized_for(config, Source::Wasm(bytes))
+    }
+
+    /// [`Self::for_component`] for a precompiled file, memory-mapped.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Self::load_precompiled_file`]: the file is trusted native
+    /// code.
+    pub unsafe fn for_precompiled_file(
+        config: &RuntimeConfig,
+        path: impl AsRef<Path>,
+    ) -> Result<(Runtime, Component), LoadError> {
+        Self::sized_for(config, Source::Precompiled(path.as_ref()))
+    }
+
+    fn sized_for(
+        config: &RuntimeConfig,
+        source: Source<'_>,
+    ) -> Result<(Runtime, Component), LoadError> {
         let probe = Runtime::new(&RuntimeConfig {
             pooling: false,
             ..config.clone()
         })?;
-        let component = probe.load_bytes(bytes)?;
+        let component = match source {
+            Source::Wasm(bytes) => probe.load_bytes(bytes)?,
+            // SAFETY: the caller of `for_precompiled_file` vouches for it.
+            Source::Precompiled(path) => unsafe { probe.load_precompiled_file(path)? },
+        };
         let footprint = Footprint::of(&component);
         if footprint.initial_memory > config.max_memory as u64 {
             return Err(LoadError::MemoryTooSmall {
@@ -283,14 +314,21 @@ impl Runtime {
                 return Ok((probe, component));
             }
         };
-        let compiled = component
-            .serialize()
-            .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
         let runtime = Runtime::with_engine(engine, true, probe.0.cache.clone(), config)?;
-        // SAFETY: these bytes were serialized just now by an engine with the
-        // same compilation settings; only the instance allocator differs.
-        let component = unsafe { Component::deserialize(runtime.engine(), &compiled) }
-            .map_err(|e| LoadError::Incompatible(format!("{e:#}")))?;
+        let component = match source {
+            Source::Wasm(_) => {
+                let compiled = component
+                    .serialize()
+                    .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
+                // SAFETY: these bytes were serialized just now by an engine
+                // with the same compilation settings; only the instance
+                // allocator differs.
+                unsafe { Component::deserialize(runtime.engine(), &compiled) }
+                    .map_err(|e| LoadError::Incompatible(format!("{e:#}")))?
+            }
+            // SAFETY: the caller of `for_precompiled_file` vouches for it.
+            Source::Precompiled(path) => unsafe { runtime.load_precompiled_file(path)? },
+        };
         Ok((runtime, component))
     }
 
@@ -334,22 +372,62 @@ impl Runtime {
         self.0.cache.as_ref().map_or(0, Cache::cache_hits)
     }
 
-    /// Loads a component file: a `.wasm` component (compiled now) or one
-    /// precompiled by [`Self::precompile`] for this same engine.
+    /// Loads a `.wasm` component file, compiling it now (or taking it from
+    /// the compilation cache). Precompiled files are refused with
+    /// [`LoadError::Precompiled`]: see [`Self::load_precompiled_file`].
     pub fn load_file(&self, path: impl AsRef<Path>) -> Result<Component, LoadError> {
         self.load_bytes(&read(path.as_ref())?)
+    }
+
+    /// Whether the file at `path` is a precompiled component (a `.cwasm`),
+    /// judged by its header alone.
+    pub fn is_precompiled_file(path: impl AsRef<Path>) -> bool {
+        matches!(
+            Engine::detect_precompiled_file(path),
+            Ok(Some(Precompiled::Component))
+        )
+    }
+
+    /// Loads a component precompiled by [`Self::precompile`] (a `.cwasm`),
+    /// memory-mapping the file rather than reading it.
+    ///
+    /// # Safety
+    ///
+    /// The file is native code that wasmtime runs without verifying it: a
+    /// crafted or tampered file runs arbitrary code with the host's rights.
+    /// Load only files this host produced (or that you trust as much as the
+    /// host's own binary), and that nothing else can write. wasmtime checks
+    /// only that the file was made by a compatible wasmtime and settings.
+    pub unsafe fn load_precompiled_file(
+        &self,
+        path: impl AsRef<Path>,
+    ) -> Result<Component, LoadError> {
+        let path = path.as_ref();
+        match Engine::detect_precompiled_file(path) {
+            Ok(Some(Precompiled::Component)) => {}
+            Ok(Some(Precompiled::Module)) => return Err(LoadError::CoreModule),
+            Ok(None) => {
+                return Err(LoadError::Incompatible(format!(
+                    "{} is not precompiled",
+                    path.display()
+                )));
+            }
+            Err(error) => {
+                return Err(LoadError::Read {
+                    path: path.display().to_string(),
+                    source: std::io::Error::other(format!("{error:#}")),
+                });
+            }
+        }
+        // SAFETY: the caller vouches for the file (see above).
+        unsafe { Component::deserialize_file(&self.0.engine, path) }
+            .map_err(|e| LoadError::Incompatible(format!("{e:#}")))
     }
 
     /// Loads a component from bytes; see [`Self::load_file`].
     pub fn load_bytes(&self, bytes: &[u8]) -> Result<Component, LoadError> {
         match Engine::detect_precompiled(bytes) {
-            Some(Precompiled::Component) => {
-                // SAFETY: deserializing runs no code, but trusts that the
-                // bytes are wasmtime's output; the engine checks that they
-                // were produced by a compatible wasmtime and configuration.
-                return unsafe { Component::deserialize(&self.0.engine, bytes) }
-                    .map_err(|e| LoadError::Incompatible(format!("{e:#}")));
-            }
+            Some(Precompiled::Component) => return Err(LoadError::Precompiled),
             Some(Precompiled::Module) => return Err(LoadError::CoreModule),
             None => {}
         }
@@ -375,6 +453,14 @@ impl Runtime {
             .precompile_component(wasm)
             .map_err(|e| LoadError::Invalid(format!("{e:#}")))
     }
+}
+
+/// Where a component comes from.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    Wasm(&'a [u8]),
+    /// A trusted precompiled file.
+    Precompiled(&'a Path),
 }
 
 /// wasmtime's default address-space reservation per linear memory on 64-bit
