@@ -76,28 +76,8 @@ pub fn all() -> Vec<Scenario> {
             ],
             native: true,
         },
-        Scenario {
-            name: "hello-py",
-            guest: g::PYTHON_APP,
-            load: Load::Closed {
-                path: "/",
-                body: 0,
-                connections: Some(100),
-            },
-            variants: real_app_variants(),
-            native: false,
-        },
-        Scenario {
-            name: "hello-js",
-            guest: g::JS_APP,
-            load: Load::Closed {
-                path: "/",
-                body: 0,
-                connections: Some(100),
-            },
-            variants: real_app_variants(),
-            native: false,
-        },
+        real_app("hello-py", g::PYTHON_APP),
+        real_app("hello-js", g::JS_APP),
         Scenario {
             name: "hello-p3",
             guest: g::HELLO_P3,
@@ -189,19 +169,30 @@ pub fn all() -> Vec<Scenario> {
     ]
 }
 
-/// The Python and JavaScript apps: a fresh instance per request (both
-/// servers' default for p2), and instances reused 100 times.
-fn real_app_variants() -> Vec<(&'static str, Settings)> {
-    vec![
-        ("defaults", Settings::default()),
-        (
-            "reuse-100",
-            Settings {
-                reuse: Some(100),
-                ..Settings::default()
-            },
-        ),
-    ]
+/// A Python or JavaScript app's hello route at 100 connections, with a
+/// fresh instance per request (both servers' default for p2) and with
+/// instances reused 100 times.
+fn real_app(name: &'static str, guest: Guest) -> Scenario {
+    Scenario {
+        name,
+        guest,
+        load: Load::Closed {
+            path: "/",
+            body: 0,
+            connections: Some(100),
+        },
+        variants: vec![
+            ("defaults", Settings::default()),
+            (
+                "reuse-100",
+                Settings {
+                    reuse: Some(100),
+                    ..Settings::default()
+                },
+            ),
+        ],
+        native: false,
+    }
 }
 
 /// How long and how hard.

@@ -8,24 +8,12 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use bytes::Bytes;
 use wasmhive_tests::guests::{self, Guest};
+use wasmhive_tests::payload;
 
 use crate::{Server, get, try_call};
 
 const REQUESTS: usize = 2000;
 const CONCURRENCY: usize = 200;
-
-/// A body of `len` bytes that differs from request to request.
-fn payload(seed: usize, len: usize) -> Bytes {
-    let mut state = (seed as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
 
 /// Sends `REQUESTS` requests from `CONCURRENCY` clients: three in four
 /// `GET /`, one in four `POST /echo` with up to 64 KiB of body, checked

@@ -1,8 +1,7 @@
 //! hello and echo, p2 and p3: the right bodies, byte for byte, any size.
 
-use bytes::Bytes;
 use wasmhive::PoolLimits;
-use wasmhive_tests::{get, guests, handler, http_call, read_body, request, serve};
+use wasmhive_tests::{get, guests, handler, http_call, payload, read_body, request, serve};
 
 #[tokio::test]
 async fn hello_p2_and_p3_answer_hello() {
@@ -19,26 +18,12 @@ async fn hello_p2_and_p3_answer_hello() {
     }
 }
 
-/// A body of `len` bytes that is not a repeating pattern of any short period.
-fn payload(len: usize) -> Bytes {
-    let mut state = 0x2545_f491_u32;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 17;
-            state ^= state << 5;
-            state as u8
-        })
-        .collect::<Vec<u8>>()
-        .into()
-}
-
 #[tokio::test]
 async fn echo_round_trips_bodies_byte_for_byte_through_the_library() {
     for guest in [guests::ECHO_P2, guests::ECHO_P3] {
         let (handler, _) = handler(guest, |_| {}, PoolLimits::default());
         for len in [0, 1024, 8 << 20] {
-            let body = payload(len);
+            let body = payload(0, len);
             let response = handler
                 .handle(1, request("POST", "/echo/path?x=1&y=two", body.clone()))
                 .await
@@ -64,7 +49,7 @@ async fn echo_over_loopback_http_returns_method_path_headers_and_body() {
         let (handler, _) = handler(guest, |_| {}, PoolLimits::default());
         let addr = serve(handler).await;
         for len in [0, 1024, 8 << 20] {
-            let body = payload(len);
+            let body = payload(0, len);
             let (status, headers, echoed) = http_call(
                 addr,
                 "PUT",

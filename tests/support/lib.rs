@@ -211,3 +211,17 @@ pub async fn http_call(
         .to_bytes();
     (status, headers, body)
 }
+
+/// A body of `len` bytes with no repeating pattern of any short period,
+/// different for each `seed`: echoes of it can only match byte for byte.
+pub fn payload(seed: usize, len: usize) -> Bytes {
+    let mut state = (seed as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
