@@ -4,7 +4,7 @@
 //! before answering (`500` if reading it fails), like a handler that parses
 //! its input first.
 
-use wasip3::http::types::{ErrorCode, Request, Response};
+use wasip3::http::types::{ErrorCode, Request, Response, Scheme};
 use wasip3::wit_bindgen::StreamResult;
 use wasip3::wit_future;
 use wasmhive_guest_components::{echo_headers, p3, query_param};
@@ -17,8 +17,15 @@ const CHUNK: usize = 64 * 1024;
 
 impl wasip3::exports::http::handler::Guest for Echo {
     async fn handle(request: Request) -> Result<Response, ErrorCode> {
+        let scheme = request.get_scheme().map(|scheme| match scheme {
+            Scheme::Http => "http".to_string(),
+            Scheme::Https => "https".to_string(),
+            Scheme::Other(other) => other,
+        });
         let headers = echo_headers(
             p3::method(&request),
+            scheme,
+            request.get_authority(),
             request.get_path_with_query().unwrap_or_default(),
             request.get_headers().copy_all(),
         );

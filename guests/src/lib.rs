@@ -27,15 +27,21 @@ pub fn next_count() -> u64 {
 }
 
 /// The response headers an echo guest sends for a request: `x-echo-method`,
-/// `x-echo-path` (path and query), each request header again as
-/// `x-echo-header-NAME`, and the request's `content-type`.
+/// `x-echo-scheme` and `x-echo-authority` (`-` when absent), `x-echo-path`
+/// (path and query), each request header again as `x-echo-header-NAME`,
+/// and the request's `content-type`.
 pub fn echo_headers(
     method: String,
+    scheme: Option<String>,
+    authority: Option<String>,
     path_with_query: String,
     request_headers: Vec<(String, Vec<u8>)>,
 ) -> Vec<(String, Vec<u8>)> {
+    let or_dash = |value: Option<String>| value.unwrap_or_else(|| "-".into()).into_bytes();
     let mut headers = vec![
         ("x-echo-method".to_string(), method.into_bytes()),
+        ("x-echo-scheme".to_string(), or_dash(scheme)),
+        ("x-echo-authority".to_string(), or_dash(authority)),
         ("x-echo-path".to_string(), path_with_query.into_bytes()),
     ];
     for (name, value) in request_headers {

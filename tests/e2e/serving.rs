@@ -160,3 +160,80 @@ async fn malformed_and_oversized_requests_never_reach_a_guest() {
     // Neither reached the guest: its first request counts 1.
     assert_eq!(get(server.addr, "/").await.2, "1");
 }
+
+/// The value of header `name` in a raw response.
+fn header<'a>(response: &'a str, name: &str) -> Option<&'a str> {
+    response.lines().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        key.eq_ignore_ascii_case(name).then(|| value.trim())
+    })
+}
+
+#[tokio::test]
+async fn guests_see_the_scheme_and_authority_of_every_request() {
+    for guest in [guests::ECHO_P2, guests::ECHO_P3] {
+        let server = Server::start(&[guest.path, "--admin-addr", "127.0.0.1:0"]);
+        let addr = server.addr;
+        // Origin form, as HTTP/1.1 clients send it: the Host header.
+        let (status, headers, _) = http_call(addr, "GET", "/a?b=1", &[], Bytes::new()).await;
+        assert_eq!(status, 200, "{}", guest.name);
+        assert_eq!(headers["x-echo-scheme"], "http", "{}", guest.name);
+        assert_eq!(headers["x-echo-authority"], addr.to_string().as_str());
+        assert_eq!(headers["x-echo-path"], "/a?b=1");
+        // Absolute form: the target's authority wins over Host.
+        let response = raw_exchange(
+            &server,
+            b"GET http://app.example:8080/x HTTP/1.1\r\nHost: ignored.example\r\n\r\n",
+        );
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert_eq!(header(&response, "x-echo-scheme"), Some("http"));
+        assert_eq!(
+            header(&response, "x-echo-authority"),
+            Some("app.example:8080")
+        );
+        assert_eq!(header(&response, "x-echo-path"), Some("/x"));
+        // h2c: the :scheme and :authority pseudo-headers.
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .http2_only(true)
+                .build_http::<Full<Bytes>>();
+        let response = client
+            .get(format!("http://{addr}/h2").parse().unwrap())
+            .await
+            .expect("h2c request");
+        assert_eq!(response.version(), http::Version::HTTP_2);
+        assert_eq!(response.headers()["x-echo-scheme"], "http");
+        assert_eq!(
+            response.headers()["x-echo-authority"],
+            addr.to_string().as_str()
+        );
+
+        // Missing, malformed or repeated Host: 400 before any instance.
+        let admin = server.admin_addr();
+        let (_, _, metrics) = get(admin, "/metrics").await;
+        let instances = crate::metric(&metrics, "wasmhive_instantiations_total");
+        for host_lines in [
+            "Host: a:99999\r\n",
+            "Host: a b\r\n",
+            "Host: a/b\r\n",
+            "Host: u@a\r\n",
+            "Host: \r\n",
+            "Host: a\r\nHost: b\r\n",
+        ] {
+            let head = format!("GET / HTTP/1.1\r\n{host_lines}Connection: close\r\n\r\n");
+            let response = raw_exchange(&server, head.as_bytes());
+            assert!(
+                response.starts_with("HTTP/1.1 400"),
+                "{host_lines:?}: {response}"
+            );
+            assert!(response.contains("invalid request"), "{response}");
+        }
+        let (_, _, metrics) = get(admin, "/metrics").await;
+        assert_eq!(
+            crate::metric(&metrics, "wasmhive_instantiations_total"),
+            instances,
+            "no instance was created for them"
+        );
+        server.finish().await;
+    }
+}

@@ -80,7 +80,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         adaptive_concurrency: args.adaptive_concurrency.then(AdaptiveConcurrency::default),
         ..PoolLimits::default()
     };
-    let handler = ProxyHandler::with_recorder(app, pool, Arc::new(telemetry::MetricsRecorder));
 
     let listener = TcpListener::bind(args.addr)
         .await
@@ -96,6 +95,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     eprintln!("Serving HTTP on http://{}/", listener.local_addr()?);
     tracing::info!(%component, ?world, ?took, from_cache, "component loaded");
     tracing::debug!(?limits, "instance limits");
+    // Made after the address line: prewarming starts with it, and what it
+    // logs must not come first.
+    let handler = ProxyHandler::with_recorder(app, pool, Arc::new(telemetry::MetricsRecorder));
 
     let draining = Arc::new(AtomicBool::new(false));
     if let (Some(admin_listener), Some(metrics)) = (admin_listener, metrics) {
@@ -355,7 +357,9 @@ fn error_response(error: &Error) -> Response {
         }
         _ => tracing::warn!(%error, status = status.as_u16(), "request failed"),
     }
-    let mut response = plain(status, format!("{error}\n"));
+    // The details stay in the log: the client learns the status and a
+    // fixed sentence, never a trap, a path or a stack.
+    let mut response = plain(status, format!("{}\n", error.public_message()));
     if let Some(after) = error.retry_after() {
         let seconds = after.as_secs_f64().ceil().max(1.0) as u64;
         response

@@ -277,17 +277,8 @@ impl std::str::FromStr for OutboundAuthority {
     type Err = InvalidAuthority;
 
     fn from_str(value: &str) -> Result<Self, Self::Err> {
-        let invalid = || InvalidAuthority(value.to_string());
-        let authority: http::uri::Authority = value.trim().parse().map_err(|_| invalid())?;
-        // User info (`user@host`) names no host of its own, and whatever
-        // follows the host must be a port number.
-        let after_host = authority.as_str().strip_prefix(authority.host());
-        if authority.host().is_empty()
-            || authority.as_str().contains('@')
-            || after_host.is_none_or(|rest| !rest.is_empty() && authority.port_u16().is_none())
-        {
-            return Err(invalid());
-        }
+        let authority = crate::target::checked_authority(value.trim())
+            .ok_or_else(|| InvalidAuthority(value.to_string()))?;
         Ok(OutboundAuthority {
             host: authority.host().to_ascii_lowercase(),
             port: authority.port_u16(),

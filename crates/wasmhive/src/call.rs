@@ -186,7 +186,9 @@ impl<T: Send + 'static> GuestCall<T> {
         request: Request,
         responder: &Responder,
     ) -> Result<GuestCall<T>, Error> {
-        let invalid = |e: wasmtime::Error| Error::InvalidRequest(format!("{e:#}"));
+        // The request was validated before it was admitted: what fails here
+        // is the host's doing (a full resource table, the call set-up).
+        let invalid = |e: wasmtime::Error| Error::Internal(format!("{e:#}"));
         match proxy {
             Proxy::P2(guest) => {
                 let mut http = view(store.data_mut());

@@ -33,17 +33,24 @@ pub enum Error {
     /// The guest answered with a `wasi:http` `error-code` instead of a response.
     #[error("the guest returned an error: {0}")]
     Guest(String),
-    /// The request could not be handed to the guest (e.g. an HTTP/1.0 request
-    /// with neither an authority nor a `Host` header).
+    /// The request is malformed in a way the guest cannot be given (no
+    /// authority and no `Host` header, an invalid or repeated `Host`): the
+    /// client's fault, found before any instance is involved.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// The host failed to hand the request to the guest (a full resource
+    /// table, a failed call set-up): the server's fault.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl Error {
     /// The HTTP status to answer with: `503` when the handler is overloaded,
     /// shutting down, or its instantiation circuit is open; `504` when the
-    /// guest did not respond in time; `400` for a request the guest cannot
-    /// be given; `500` for traps, guest errors and instantiation failures.
+    /// guest did not respond in time; `400` for a malformed request (the
+    /// only client fault); `500` for everything else that went wrong on the
+    /// server's side: traps, guest errors, failed instantiations, host
+    /// faults.
     pub fn status(&self) -> http::StatusCode {
         use http::StatusCode;
         match self {
@@ -51,9 +58,28 @@ impl Error {
             Error::Instantiation(e) if e.is_circuit_open() => StatusCode::SERVICE_UNAVAILABLE,
             Error::Expired(_) => StatusCode::GATEWAY_TIMEOUT,
             Error::InvalidRequest(_) => StatusCode::BAD_REQUEST,
-            Error::Instantiation(_) | Error::TrapOrPanic(_) | Error::Guest(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
+            Error::Instantiation(_)
+            | Error::TrapOrPanic(_)
+            | Error::Guest(_)
+            | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A short, fixed text for the client, saying which of the statuses of
+    /// [`Self::status`] this is and nothing of the guest's or host's
+    /// internals (those belong in logs: use the error's `Display`).
+    pub fn public_message(&self) -> &'static str {
+        match self {
+            Error::Overloaded(_) => "the server is busy; retry later",
+            Error::ShuttingDown(_) => "the server is shutting down; retry later",
+            Error::Instantiation(e) if e.is_circuit_open() => {
+                "the application is unavailable; retry later"
             }
+            Error::Instantiation(_) => "the application could not be started",
+            Error::Expired(_) => "the application did not respond in time",
+            Error::TrapOrPanic(_) | Error::Guest(_) => "the application failed",
+            Error::InvalidRequest(_) => "invalid request",
+            Error::Internal(_) => "internal server error",
         }
     }
 
@@ -68,14 +94,11 @@ impl Error {
         }
     }
 
-    /// Whether retrying the same request later may succeed: the handler was
-    /// overloaded or shutting down, or instances could not be created for a
-    /// while. Clients can be told so with `503` and `Retry-After`.
+    /// Whether retrying the same request later may succeed: exactly the
+    /// `503`s (overloaded, shutting down, instantiation circuit open), which
+    /// come with a [`Self::retry_after`]. The request never reached a guest.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            Error::Overloaded(_) | Error::ShuttingDown(_) | Error::Instantiation(_)
-        )
+        self.retry_after().is_some()
     }
 }
 
@@ -209,5 +232,83 @@ impl AtCapacity {
     /// Capacity ran out of `what` (e.g. "the memory budget").
     pub fn new(what: impl Into<String>) -> Self {
         AtCapacity { what: what.into() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http::StatusCode;
+
+    use super::*;
+
+    fn request() -> Request {
+        http::Request::new(crate::into_body(http_body_util::Empty::new()))
+    }
+
+    fn instantiation(circuit_open: bool) -> Error {
+        let cause = Arc::new(wasmtime::Error::msg("secret detail at /srv/app.wasm"));
+        InstantiationError::new(request(), cause, circuit_open).into()
+    }
+
+    #[test]
+    fn every_error_maps_to_a_status_retry_advice_and_a_safe_message() {
+        let cases: Vec<(Error, StatusCode, Option<Duration>)> = vec![
+            (
+                Overloaded::new(Duration::from_secs(2)).into(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some(Duration::from_secs(2)),
+            ),
+            (
+                ShuttingDown.into(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some(Duration::from_secs(1)),
+            ),
+            (
+                instantiation(true),
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some(Duration::from_secs(1)),
+            ),
+            (
+                instantiation(false),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                None,
+            ),
+            (ExpirationError.into(), StatusCode::GATEWAY_TIMEOUT, None),
+            (
+                TrapOrPanicError::new("wasm trap: secret detail").into(),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                None,
+            ),
+            (
+                Error::Guest("secret detail".into()),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                None,
+            ),
+            (
+                Error::InvalidRequest("no Host".into()),
+                StatusCode::BAD_REQUEST,
+                None,
+            ),
+            (
+                Error::Internal("secret detail".into()),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                None,
+            ),
+        ];
+        for (error, status, retry_after) in cases {
+            assert_eq!(error.status(), status, "{error}");
+            assert_eq!(error.retry_after(), retry_after, "{error}");
+            assert_eq!(error.is_retryable(), retry_after.is_some(), "{error}");
+            assert_eq!(
+                error.status() == StatusCode::SERVICE_UNAVAILABLE,
+                error.is_retryable(),
+                "{error}"
+            );
+            let message = error.public_message();
+            assert!(!message.contains("secret"), "{message}");
+            assert!(!message.is_empty() && message.len() < 64, "{message}");
+        }
     }
 }

@@ -85,6 +85,10 @@ impl<S: HandlerState> ProxyHandler<S> {
             admitted,
             report: None,
         };
+        let request = match crate::target::absolute(request) {
+            Ok(request) => request,
+            Err(error) => return record.fail(dispatcher, error),
+        };
         let mut place = match &self.limiter {
             None => None,
             Some(limiter) => match limiter.try_acquire() {
@@ -298,5 +302,6 @@ fn outcome_of(delivery: &Delivery) -> Outcome {
         Err(Error::ShuttingDown(_)) => Outcome::ShuttingDown,
         Err(Error::Instantiation(_)) => Outcome::InstantiationFailed,
         Err(Error::InvalidRequest(_)) => Outcome::InvalidRequest,
+        Err(Error::Internal(_)) => Outcome::Internal,
     }
 }

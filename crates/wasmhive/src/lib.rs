@@ -119,6 +119,7 @@ mod metrics;
 mod policy;
 mod pool;
 mod runtime;
+mod target;
 mod worker;
 
 pub use app::{App, AppWorker, Host, InvalidAuthority, OutboundAuthority};
@@ -165,8 +166,10 @@ pub type Response = http::Response<Body>;
 
 /// One line describing a trap or error, for logs and reports.
 pub(crate) fn describe(error: &wasmtime::Error) -> String {
+    // The trap itself, not the backtrace wrapped around it; its own text
+    // starts with "wasm trap: ".
     match error.downcast_ref::<wasmtime::Trap>() {
-        Some(trap) => format!("wasm trap: {trap}"),
+        Some(trap) => trap.to_string(),
         None => error.to_string(),
     }
 }

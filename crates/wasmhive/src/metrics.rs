@@ -95,8 +95,10 @@ pub enum Outcome {
     ShuttingDown,
     /// See [`InstantiationError`](crate::InstantiationError).
     InstantiationFailed,
-    /// The request could not be converted for the guest.
+    /// See [`Error::InvalidRequest`](crate::Error::InvalidRequest).
     InvalidRequest,
+    /// See [`Error::Internal`](crate::Error::Internal).
+    Internal,
     /// The caller dropped the request before it got a response.
     Cancelled,
 }
