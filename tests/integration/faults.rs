@@ -60,3 +60,88 @@ async fn trap_after_headers_aborts_the_body() {
         assert_eq!(ok.status(), 200);
     }
 }
+
+/// An [`App`](wasmhive::App) whose workers' policy panics when a request
+/// has the path `/policy-panic`, and counts the stores it disposes of.
+struct PanickyPolicy {
+    app: wasmhive::App,
+    drops: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+struct PanickyWorker {
+    inner: wasmhive::AppWorker,
+    drops: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl wasmhive::WorkerState for PanickyWorker {
+    type StoreData = wasmhive::Host;
+    type RequestData = u64;
+
+    fn should_accept_request(&self, concurrent: usize, total: usize) -> wasmhive::ShouldAccept {
+        self.inner.should_accept_request(concurrent, total)
+    }
+
+    fn on_request_start(
+        &self,
+        store: wasmtime::StoreContextMut<'_, wasmhive::Host>,
+        request_id: u64,
+        task: wasmtime::component::GuestTaskId,
+    ) -> wasmhive::RequestDeadline {
+        assert_ne!(request_id, 666, "the policy panicked on purpose");
+        self.inner.on_request_start(store, request_id, task)
+    }
+
+    fn drop(&self, store: wasmtime::Store<wasmhive::Host>, exit: &mut wasmhive::InstanceReport) {
+        self.drops.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.drop(store, exit);
+    }
+}
+
+impl wasmhive::HandlerState for PanickyPolicy {
+    type StoreData = wasmhive::Host;
+    type WorkerExpiration = wasmhive::LimitsExpiration;
+    type WorkerState = PanickyWorker;
+
+    async fn instantiate(&self, incarnation: u64) -> wasmtime::Result<wasmhive::Instance<Self>> {
+        let wasmhive::Instance {
+            store,
+            proxy,
+            view,
+            expiration,
+            state,
+        } = self.app.instantiate(incarnation).await?;
+        Ok(wasmhive::Instance {
+            store,
+            proxy,
+            view,
+            expiration,
+            state: PanickyWorker {
+                inner: state,
+                drops: self.drops.clone(),
+            },
+        })
+    }
+}
+
+#[tokio::test]
+async fn worker_state_drop_runs_for_every_store_even_when_the_policy_panics() {
+    let drops = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let policy = PanickyPolicy {
+        app: wasmhive_tests::app(guests::HELLO_P2, |_| {}),
+        drops: drops.clone(),
+    };
+    let handler = wasmhive::ProxyHandler::new(policy, PoolLimits::default());
+    let result = handler.handle(666, get("/")).await;
+    assert!(
+        matches!(result, Err(Error::TrapOrPanic(_))),
+        "the request fails as the worker's failure: {result:?}"
+    );
+    // Fresh instances (p2): one store per request, each disposed of.
+    for id in 1..=3 {
+        let ok = handler.handle(id, get("/")).await.expect("still serving");
+        assert_eq!(read_body(ok).await, "Hello, wasmhive!\n");
+    }
+    handler.shutdown();
+    handler.drained().await;
+    assert_eq!(drops.load(std::sync::atomic::Ordering::SeqCst), 4);
+}

@@ -104,7 +104,9 @@ pub trait WorkerState: Send + Sync + 'static {
     ) -> RequestDeadline;
 
     /// Disposes of the store of a worker that has ended, for whatever reason
-    /// `exit` says. Implementations may read what they need from the store
+    /// `exit` says: called for every store, including after a panic in the
+    /// worker's loop or in this policy's other methods (the report then
+    /// says `the worker panicked`). Implementations may read what they need from the store
     /// (memory use, logs) and add it to `exit` before the store is dropped;
     /// the handler then reports `exit` to its
     /// [`Recorder`](crate::Recorder).

@@ -28,15 +28,16 @@
 
 use std::collections::BTreeMap;
 use std::future::poll_fn;
+use std::panic::AssertUnwindSafe;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
 use futures::task::AtomicWaker;
+use futures::{FutureExt as _, StreamExt as _};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -174,15 +175,50 @@ pub(crate) async fn run<S: HandlerState, D: Supervisor<S>>(
         };
         let instantiation_time = began.elapsed();
         tracing::debug!(?instantiation_time, "instantiated");
-        serve(
+        let Instance {
+            mut store,
+            proxy,
+            view,
+            expiration,
+            state,
+        } = instance;
+        let parts = Parts {
+            proxy: &proxy,
+            view,
+            expiration,
+            state: &state,
+        };
+        let born = Instant::now();
+        let served = serve(
             &supervisor,
             id,
-            instance,
+            &mut store,
+            parts,
             first,
             instantiation_time,
+            born,
             &mut exit,
-        )
-        .await;
+        );
+        // A panic in the loop (a policy's, or ours) still ends in the
+        // policy's `drop` with the store: that is its contract.
+        let mut report = match AssertUnwindSafe(served).catch_unwind().await {
+            Ok(report) => report,
+            Err(_) => {
+                tracing::error!("the worker panicked; its instance is dropped");
+                InstanceReport {
+                    incarnation: id,
+                    instantiation_time,
+                    lifetime: born.elapsed(),
+                    requests_served: 0,
+                    peak_concurrency: 0,
+                    reason: ExitReason::Trapped,
+                    error: Some("the worker panicked".into()),
+                    peak_memory: None,
+                }
+            }
+        };
+        state.drop(store, &mut report);
+        exit.report = Some(report);
     }
     .instrument(span)
     .await;
@@ -282,22 +318,26 @@ enum Outcome {
     ExpiredWhile(WorkerStatus),
 }
 
+/// The instance's working life: runs its event loop until it ends, and
+/// says how in the report. The store stays with the caller, so that it
+/// reaches [`WorkerState::drop`] even if this panics.
+#[allow(clippy::too_many_arguments)]
 async fn serve<S: HandlerState, D: Supervisor<S>>(
     supervisor: &Arc<D>,
     id: WorkerId,
-    instance: Instance<S>,
+    store: &mut wasmtime::Store<S::StoreData>,
+    parts: Parts<'_, S>,
     first: Option<Job<S>>,
     instantiation_time: Duration,
+    born: Instant,
     exit: &mut ExitGuard<S, D>,
-) {
-    let Instance {
-        mut store,
+) -> InstanceReport {
+    let Parts {
         proxy,
         view,
         expiration,
         state,
-    } = instance;
-    let born = Instant::now();
+    } = parts;
     let fate = Arc::new(Fate::default());
     let (mailbox, mut inbox) = mpsc::unbounded_channel::<Job<S>>();
     let status = Mutex::new((WorkerStatus::Idle, born));
@@ -312,7 +352,6 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
         Proxy::P2(guest) => *guest.wasi_http_incoming_handler().func_handle().func(),
         Proxy::P3(guest) => *guest.wasi_http_handler().func_handle().func(),
     };
-    let (proxy, state) = (&proxy, &state);
     let (fate_ref, status_ref, accept_ref, served_ref, peak_ref, running_ref) =
         (&fate, &status, &accept_more, &served, &peak, &running);
     let inbox_ref = &mut inbox;
@@ -535,7 +574,7 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
         Some(error) => tracing::warn!(reason = reason.as_str(), %error, "instance ended"),
         None => tracing::debug!(reason = reason.as_str(), "instance ended"),
     }
-    let mut report = InstanceReport {
+    InstanceReport {
         incarnation: id,
         instantiation_time,
         lifetime: born.elapsed(),
@@ -544,7 +583,13 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
         reason,
         error,
         peak_memory: None,
-    };
-    state.drop(store, &mut report);
-    exit.report = Some(report);
+    }
+}
+
+/// What the event loop needs of an [`Instance`] besides its store.
+struct Parts<'a, S: HandlerState> {
+    proxy: &'a Proxy,
+    view: fn(&mut S::StoreData) -> wasmtime_wasi_http::WasiHttpCtxView<'_>,
+    expiration: S::WorkerExpiration,
+    state: &'a S::WorkerState,
 }
