@@ -3,16 +3,10 @@
 //! `wasi:http`, a memory limiter, labelled guest output, and an outbound
 //! HTTP allowlist).
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use wasmtime::component::{Component, GuestTaskId, Linker, ResourceTable};
 use wasmtime::{Store, StoreContextMut};
-use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
-use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p3::bindings::ServicePre;
@@ -21,6 +15,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpVi
 use crate::limits::{Limits, LimitsExpiration, World};
 use crate::memory::{MemoryBudget, MemoryLimiter};
 use crate::metrics::InstanceReport;
+use crate::output::{GuestOutput, Label, Stream};
 use crate::policy::{HandlerState, Instance, Proxy, RequestDeadline, ShouldAccept, WorkerState};
 use crate::runtime::{LoadError, Runtime};
 
@@ -137,11 +132,7 @@ impl HandlerState for App {
     type WorkerState = AppWorker;
 
     async fn instantiate(&self, incarnation: u64) -> wasmtime::Result<Instance<App>> {
-        let label = Arc::new(Label {
-            incarnation,
-            request: AtomicU64::new(0),
-            enabled: self.label_output,
-        });
+        let label = Arc::new(Label::new(incarnation, self.label_output));
         let mut wasi = WasiCtxBuilder::new();
         wasi.envs(&self.env)
             .stdout(GuestOutput::new(Stream::Stdout, label.clone()))
@@ -205,7 +196,7 @@ impl WorkerState for AppWorker {
         request_id: u64,
         _task: GuestTaskId,
     ) -> RequestDeadline {
-        self.label.request.store(request_id, Relaxed);
+        self.label.set_request(request_id);
         self.limits.request_deadline()
     }
 
@@ -326,130 +317,6 @@ impl WasiHttpHooks for OutboundHooks {
                 Box::new(io) as Box<dyn Future<Output = _> + Send>,
             ))
         })
-    }
-}
-
-/// Who is writing: the instance, and the request it most recently started.
-struct Label {
-    incarnation: u64,
-    request: AtomicU64,
-    enabled: bool,
-}
-
-#[derive(Clone, Copy)]
-enum Stream {
-    Stdout,
-    Stderr,
-}
-
-/// A guest's stdout or stderr, written through to the host's, each line
-/// prefixed with `[stdout instance=N request=M]` (when labelling is on).
-/// With concurrent requests in one instance, the request is the most
-/// recently started one.
-#[derive(Clone)]
-struct GuestOutput {
-    stream: Stream,
-    label: Arc<Label>,
-    at_line_start: Arc<AtomicBool>,
-}
-
-impl GuestOutput {
-    fn new(stream: Stream, label: Arc<Label>) -> Self {
-        GuestOutput {
-            stream,
-            label,
-            at_line_start: Arc::new(AtomicBool::new(true)),
-        }
-    }
-
-    fn write_all(&self, mut bytes: &[u8]) -> std::io::Result<()> {
-        let (mut stdout, mut stderr);
-        let out: &mut dyn std::io::Write = match self.stream {
-            Stream::Stdout => {
-                stdout = std::io::stdout().lock();
-                &mut stdout
-            }
-            Stream::Stderr => {
-                stderr = std::io::stderr().lock();
-                &mut stderr
-            }
-        };
-        while !bytes.is_empty() {
-            if self.label.enabled && self.at_line_start.load(Relaxed) {
-                let name = match self.stream {
-                    Stream::Stdout => "stdout",
-                    Stream::Stderr => "stderr",
-                };
-                write!(
-                    out,
-                    "[{name} instance={} request={}] ",
-                    self.label.incarnation,
-                    self.label.request.load(Relaxed)
-                )?;
-            }
-            let end = bytes
-                .iter()
-                .position(|b| *b == b'\n')
-                .map_or(bytes.len(), |i| i + 1);
-            out.write_all(&bytes[..end])?;
-            self.at_line_start.store(bytes[end - 1] == b'\n', Relaxed);
-            bytes = &bytes[end..];
-        }
-        Ok(())
-    }
-}
-
-impl StdoutStream for GuestOutput {
-    fn p2_stream(&self) -> Box<dyn OutputStream> {
-        Box::new(self.clone())
-    }
-
-    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
-        Box::new(self.clone())
-    }
-}
-
-impl IsTerminal for GuestOutput {
-    fn is_terminal(&self) -> bool {
-        false
-    }
-}
-
-impl OutputStream for GuestOutput {
-    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
-        self.write_all(&bytes)
-            .map_err(|e| StreamError::LastOperationFailed(e.into()))
-    }
-
-    fn flush(&mut self) -> StreamResult<()> {
-        Ok(())
-    }
-
-    fn check_write(&mut self) -> StreamResult<usize> {
-        Ok(64 * 1024)
-    }
-}
-
-#[async_trait::async_trait]
-impl Pollable for GuestOutput {
-    async fn ready(&mut self) {}
-}
-
-impl tokio::io::AsyncWrite for GuestOutput {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Poll::Ready(self.write_all(buf).map(|()| buf.len()))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
     }
 }
 

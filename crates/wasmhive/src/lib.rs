@@ -116,6 +116,7 @@ mod limiter;
 mod limits;
 mod memory;
 mod metrics;
+mod output;
 mod policy;
 mod pool;
 mod runtime;
