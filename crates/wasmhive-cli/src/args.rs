@@ -61,6 +61,12 @@ pub struct ServeArgs {
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub request_timeout: Duration,
 
+    /// How long an instance may keep working with no request outstanding
+    /// (a task a request left running, a response body still being written
+    /// after its request expired) before it is killed.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub post_return_timeout: Duration,
+
     /// Requests that may wait for an instance when all are busy; beyond it
     /// requests get 503 at once.
     #[arg(long, default_value_t = 1024)]

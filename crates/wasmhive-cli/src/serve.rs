@@ -195,6 +195,7 @@ fn load_app(args: &ServeArgs) -> anyhow::Result<Loaded> {
             .map_or(defaults.max_concurrency, |n| n as usize),
         idle_timeout: args.idle_timeout,
         request_timeout: args.request_timeout,
+        post_return_timeout: args.post_return_timeout,
         max_memory: usize::try_from(args.max_memory).unwrap_or(usize::MAX),
         ..defaults
     };
