@@ -197,7 +197,6 @@ fn load_app(args: &ServeArgs) -> anyhow::Result<Loaded> {
         request_timeout: args.request_timeout,
         post_return_timeout: args.post_return_timeout,
         max_memory: usize::try_from(args.max_memory).unwrap_or(usize::MAX),
-        ..defaults
     };
     let budget = MemoryBudget::new(usize::try_from(args.max_total_memory()).unwrap_or(usize::MAX));
     let mut app = app
