@@ -237,3 +237,35 @@ async fn guests_see_the_scheme_and_authority_of_every_request() {
         server.finish().await;
     }
 }
+
+#[tokio::test]
+async fn a_p3_stream_outlives_the_post_return_timeout_while_its_client_reads() {
+    // The echo guest's call returns at once and its task streams the body
+    // back as the client sends it: 6 chunks, 300 ms apart, against a
+    // post-return timeout of 500 ms.
+    let server = Server::start(&[guests::ECHO_P3.path, "--post-return-timeout", "500ms"]);
+    let chunks = futures::stream::unfold(0u8, |i| async move {
+        if i == 6 {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let frame = http_body::Frame::data(Bytes::from(vec![b'a' + i; 1000]));
+        Some((Ok::<_, Infallible>(frame), i + 1))
+    });
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let request = http::Request::post(format!("http://{}/", server.addr))
+        .body(StreamBody::new(Box::pin(chunks)))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("the whole stream, not cut off")
+        .to_bytes();
+    let expected: Vec<u8> = (0..6u8).flat_map(|i| vec![b'a' + i; 1000]).collect();
+    assert_eq!(body, expected);
+    server.finish().await;
+}

@@ -61,9 +61,9 @@ pub struct ServeArgs {
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub request_timeout: Duration,
 
-    /// How long an instance may keep working with no request outstanding
-    /// (a task a request left running, a response body still being written
-    /// after its request expired) before it is killed.
+    /// How long an instance may keep working once its requests are done and
+    /// their response bodies read (a task a request left running) before it
+    /// is killed; a body a client is still reading is not counted.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub post_return_timeout: Duration,
 

@@ -84,7 +84,8 @@
 //!   instance takes no more requests. Level two is the instance's
 //!   [`WorkerExpiration`], polled outside the event loop with the worker's
 //!   [`WorkerStatus`] (`Idle`, `Requests` since the most recent request,
-//!   `PostReturn`). The store's epoch deadline makes a running guest yield
+//!   `Streaming` response bodies clients still read, which has no deadline,
+//!   and `PostReturn`). The store's epoch deadline makes a running guest yield
 //!   at every engine tick ([`RuntimeConfig::epoch_tick`]), so a guest
 //!   spinning on the CPU or blocked in a host call cannot starve it; when it
 //!   fires, the store is dropped with whatever it was running.

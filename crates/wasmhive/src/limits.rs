@@ -42,8 +42,8 @@ pub struct Limits {
     /// this old. Default: 30 s.
     pub request_timeout: Duration,
     /// How long an instance may keep working with no request outstanding
-    /// before it is killed: streaming a body after its response, or a task
-    /// left running by a request that expired. Default: 10 s.
+    /// and no response body being read before it is killed: a task left
+    /// running by a request that expired, say. Default: 10 s.
     pub post_return_timeout: Duration,
     /// Linear memory an instance may use in all, in bytes; growing beyond it
     /// fails inside the guest (usually a trap). Default: 128 MiB.
@@ -99,7 +99,9 @@ impl Limits {
 
 /// Expires an instance idle for [`Limits::idle_timeout`], with requests
 /// outstanding for [`Limits::request_timeout`] (counted from the most recent
-/// one), or working after its responses for [`Limits::post_return_timeout`].
+/// one), or working after its responses (and their bodies) are done for
+/// [`Limits::post_return_timeout`]. An instance streaming response bodies
+/// to clients that read them does not expire.
 pub struct LimitsExpiration {
     idle_timeout: Duration,
     request_timeout: Duration,
@@ -118,6 +120,8 @@ impl WorkerExpiration for LimitsExpiration {
         let timeout = match status {
             WorkerStatus::Idle => self.idle_timeout,
             WorkerStatus::Requests => self.request_timeout,
+            // A stream lasts as long as its client reads it.
+            WorkerStatus::Streaming => return Poll::Pending,
             WorkerStatus::PostReturn => self.post_return_timeout,
         };
         let Some(deadline) = since.checked_add(timeout) else {

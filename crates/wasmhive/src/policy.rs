@@ -25,8 +25,12 @@ pub enum WorkerStatus {
     Idle,
     /// At least one request is waiting for its response.
     Requests,
-    /// Every request has its response (or expired), but the guest is still
-    /// running tasks it started for them, such as streaming a body.
+    /// Every request has its response head, and at least one response body
+    /// is still being read by its client (the guest may be writing it):
+    /// delivering a stream, not leftover work.
+    Streaming,
+    /// Every request is done (answered and its body read, or expired), but
+    /// the guest is still running tasks it started for them.
     PostReturn,
 }
 

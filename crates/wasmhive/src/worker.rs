@@ -423,22 +423,33 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
             loop {
                 // Reap finished calls first: an expiry must stop this
                 // instance accepting before it takes anything new.
+                let mut settled = false;
                 while let Poll::Ready(Some(result)) = calls.poll_next_unpin(cx) {
                     let (ended, body, started) = result?;
                     bodies.extend(body);
                     starts.remove(started);
-                    *status_ref.lock().unwrap_or_else(|e| e.into_inner()) =
-                        match starts.most_recent() {
-                            Some(at) => (WorkerStatus::Requests, at),
-                            None => (WorkerStatus::PostReturn, Instant::now()),
-                        };
+                    settled = true;
                     if ended == Ended::Expired {
                         may_accept = false;
                         reason = Finished::Expired;
                     }
                 }
-
-                while let Poll::Ready(Some(_)) = bodies.poll_next_unpin(cx) {}
+                while let Poll::Ready(Some(_)) = bodies.poll_next_unpin(cx) {
+                    settled = true;
+                }
+                if settled {
+                    // What the instance does now: answering requests,
+                    // delivering bodies clients still read, or leftover work.
+                    let mut status = status_ref.lock().unwrap_or_else(|e| e.into_inner());
+                    let now_doing = match starts.most_recent() {
+                        Some(at) => (WorkerStatus::Requests, at),
+                        None if !bodies.is_empty() => (WorkerStatus::Streaming, Instant::now()),
+                        None => (WorkerStatus::PostReturn, Instant::now()),
+                    };
+                    if now_doing.0 != status.0 || now_doing.0 == WorkerStatus::Requests {
+                        *status = now_doing;
+                    }
+                }
 
                 if may_accept && shutdown.as_mut().poll(cx).is_ready() {
                     may_accept = false;
