@@ -102,6 +102,9 @@
 //! The scheduling core (`pool.rs`) has no wasmtime in it and is tested on
 //! its own with randomized runs; `worker.rs` holds the event loops;
 //! `memory.rs` the per-instance and global memory limits ([`MemoryBudget`]);
+//! `target.rs` the request target every guest sees (scheme and authority,
+//! `Host` validated before admission); `output.rs` guest stdout and stderr
+//! in whole, labelled lines;
 //! `runtime.rs` the engine, with the pool sized from the component
 //! ([`Runtime::for_component`], [`Footprint`]).
 
