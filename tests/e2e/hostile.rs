@@ -157,3 +157,62 @@ async fn clients_vanishing_mid_request_or_mid_response_leak_nothing() {
         .unwrap();
     assert_eq!((status, echoed.unwrap()), (200, body));
 }
+
+#[tokio::test]
+async fn silent_and_preface_only_connections_are_closed_by_their_deadline() {
+    let _alone = crate::HEAVY.lock().await;
+    let server = Server::start(&[
+        guests::HELLO_P2.path,
+        "--header-timeout",
+        "1s",
+        "--admin-addr",
+        "127.0.0.1:0",
+    ]);
+    let (addr, admin) = (server.addr, server.admin_addr());
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    const SETTINGS: &[u8] = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+    // 5,000 connections, more than --max-connections (4,096): silent ones,
+    // ones that sent half the HTTP/2 preface, and ones that sent the whole
+    // preface and SETTINGS, then nothing.
+    let mut held = Vec::new();
+    for i in 0..5000 {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        match i % 50 {
+            0 => stream.write_all(&PREFACE[..10]).await.unwrap(),
+            1 => {
+                stream.write_all(PREFACE).await.unwrap();
+                stream.write_all(SETTINGS).await.unwrap();
+            }
+            _ => {}
+        }
+        held.push(stream);
+    }
+    // Meanwhile a bystander is served (once deadlines free a place).
+    let started = Instant::now();
+    let (status, _, body) = tokio::time::timeout(Duration::from_secs(20), get(addr, "/"))
+        .await
+        .expect("the bystander is answered");
+    assert_eq!((status, body.as_str()), (200, "Hello, wasmhive!\n"));
+    assert!(started.elapsed() < Duration::from_secs(20));
+    // Every held connection is closed by the server.
+    let mut buf = [0u8; 256];
+    for mut stream in held {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), stream.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                // An HTTP/2 server's own SETTINGS may come first.
+                Ok(Ok(_)) => continue,
+                Err(_) => panic!("a silent connection was never closed"),
+            }
+        }
+    }
+    let timed_out = wait_for_metric(
+        admin,
+        "wasmhive_connections_timed_out_total",
+        5000.0,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(timed_out, 5000.0);
+    server.finish().await;
+}

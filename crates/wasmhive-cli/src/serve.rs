@@ -36,6 +36,10 @@ use crate::admin::Admin;
 use crate::args::ServeArgs;
 use crate::telemetry;
 
+/// How often an HTTP/2 connection is pinged, and how long the answer may
+/// take before the connection is closed.
+const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
+
 /// Largest request head (request line and headers) an HTTP/1 client may
 /// send; beyond it hyper answers 431.
 const MAX_HEAD_SIZE: usize = 64 * 1024;
@@ -230,7 +234,13 @@ async fn accept(
         .timer(TokioTimer::new())
         .header_read_timeout(args.header_timeout)
         .max_buf_size(MAX_HEAD_SIZE);
-    builder.http2().timer(TokioTimer::new());
+    // Pings find HTTP/2 peers that went silent (a client that sent its
+    // preface and SETTINGS and then nothing answers none).
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(H2_KEEP_ALIVE))
+        .keep_alive_timeout(H2_KEEP_ALIVE);
     let permits = Arc::new(Semaphore::new(args.max_connections as usize));
     let open = metrics::gauge!("wasmhive_connections_open");
     loop {
@@ -253,9 +263,14 @@ async fn accept(
             },
         };
         let _ = stream.set_nodelay(true);
+        // Whether the connection has got as far as a request: until it has
+        // (first bytes, protocol detection, the HTTP/2 preface and SETTINGS,
+        // an HTTP/1 head) it has `--header-timeout` in all.
+        let started = Arc::new(AtomicBool::new(false));
         let service = hyper::service::service_fn({
-            let server = server.clone();
+            let (server, started) = (server.clone(), started.clone());
             move |request| {
+                started.store(true, Ordering::Relaxed);
                 let server = server.clone();
                 async move { Ok::<_, Infallible>(server.respond(request).await) }
             }
@@ -266,8 +281,24 @@ async fn accept(
         let connection = graceful.watch(connection);
         let open = open.clone();
         open.increment(1.0);
+        let first_request_timeout = args.header_timeout;
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            let mut connection = std::pin::pin!(connection);
+            let ended = tokio::select! {
+                ended = &mut connection => Some(ended),
+                () = tokio::time::sleep(first_request_timeout) => None,
+            };
+            let ended = match ended {
+                Some(ended) => Some(ended),
+                None if started.load(Ordering::Relaxed) => Some(connection.await),
+                // Dropping the connection closes the socket.
+                None => {
+                    metrics::counter!("wasmhive_connections_timed_out_total").increment(1);
+                    tracing::debug!("connection closed: no request within the header timeout");
+                    None
+                }
+            };
+            if let Some(Err(error)) = ended {
                 tracing::debug!(error = %error, "connection ended with an error");
             }
             open.decrement(1.0);
