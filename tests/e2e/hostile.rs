@@ -216,3 +216,57 @@ async fn silent_and_preface_only_connections_are_closed_by_their_deadline() {
     assert_eq!(timed_out, 5000.0);
     server.finish().await;
 }
+
+#[tokio::test]
+async fn idle_admin_connections_neither_exhaust_descriptors_nor_stop_the_server() {
+    let _alone = crate::HEAVY.lock().await;
+    let server = Server::start(&[guests::HELLO_P2.path, "--admin-addr", "127.0.0.1:0"]);
+    let admin = server.admin_addr();
+    let mut idle = Vec::new();
+    for _ in 0..1100 {
+        idle.push(TcpStream::connect(admin).await.unwrap());
+    }
+    // The main port serves meanwhile.
+    let (status, _, _) = get(server.addr, "/").await;
+    assert_eq!(status, 200);
+    // The idle ones are closed (at once past the cap, at the header
+    // deadline otherwise) and the admin endpoint answers again.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(Ok((200, _, _))) = tokio::time::timeout(
+            Duration::from_secs(2),
+            try_call(admin, "GET", "/healthz", Bytes::new()),
+        )
+        .await
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "/healthz never answered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut buf = [0u8; 16];
+    for mut stream in idle {
+        let closed = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut buf)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+            "an idle admin connection stayed open"
+        );
+    }
+    server.finish().await;
+}
+
+#[test]
+fn max_connections_beyond_the_descriptor_limit_is_refused() {
+    let binary = env!("CARGO_BIN_EXE_wasmhive");
+    let output = std::process::Command::new("bash")
+        .args([
+            "-c",
+            &format!("ulimit -Sn 512 -Hn 512 && exec {binary} serve --addr :0"),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--max-connections 4096 needs"), "{stderr}");
+    assert!(!stderr.contains("Serving HTTP"), "{stderr}");
+}

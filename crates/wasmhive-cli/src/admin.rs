@@ -1,5 +1,11 @@
 //! The admin endpoint: `GET /metrics` (Prometheus text), `GET /healthz`
 //! (the process answers) and `GET /readyz` (`503` once draining).
+//!
+//! It is for probes and scrapers, so it is small and strict: HTTP/1.1, one
+//! request per connection, a 5 s deadline for the request head, and at most
+//! [`MAX_CONNECTIONS`] open at once (a connection beyond it is closed at
+//! once), so that idle connections to it cannot use up the process's file
+//! descriptors. Bind it to an address only operators reach.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -8,10 +14,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use bytes::Bytes;
 use http::{Method, StatusCode, header};
 use http_body_util::Full;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use wasmhive::{App, ProxyHandler};
+
+/// Admin connections open at once.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// How long an admin client has to send its request head.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What the admin endpoint reports on.
 pub struct Admin {
@@ -25,6 +38,11 @@ impl Admin {
     /// Serves admin requests on `listener` until the process exits.
     pub async fn serve(self, listener: TcpListener) {
         let admin = Arc::new(self);
+        let places = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT)
+            .keep_alive(false);
         loop {
             let stream = match listener.accept().await {
                 Ok((stream, _)) => stream,
@@ -34,15 +52,21 @@ impl Admin {
                     continue;
                 }
             };
+            // Over the cap: closed at once (dropping it), not queued.
+            let Ok(place) = places.clone().try_acquire_owned() else {
+                continue;
+            };
             let admin = admin.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |request| {
+            let connection = http.serve_connection(
+                TokioIo::new(stream),
+                hyper::service::service_fn(move |request| {
                     let admin = admin.clone();
                     async move { Ok::<_, Infallible>(admin.answer(&request)) }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                }),
+            );
+            tokio::spawn(async move {
+                let _ = connection.await;
+                drop(place);
             });
         }
     }

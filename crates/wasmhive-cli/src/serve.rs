@@ -54,7 +54,29 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .block_on(serve(args))
 }
 
+/// File descriptors the server needs besides its client connections: the
+/// admin endpoint's, listeners, the component file, the runtime's own.
+const FD_RESERVE: u64 = 256;
+
+/// Makes sure `--max-connections` connections fit under the process's
+/// file-descriptor limit, raising the soft limit (up to the hard one) if
+/// need be.
+fn check_fd_limit(max_connections: u32) -> anyhow::Result<()> {
+    let needed = u64::from(max_connections) + crate::admin::MAX_CONNECTIONS as u64 + FD_RESERVE;
+    let limit =
+        rlimit::increase_nofile_limit(needed).context("cannot read the file-descriptor limit")?;
+    if limit < needed {
+        anyhow::bail!(
+            "--max-connections {max_connections} needs {needed} file descriptors, but this \
+             process may open only {limit}: lower --max-connections or raise the limit \
+             (ulimit -n)"
+        );
+    }
+    Ok(())
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    check_fd_limit(args.max_connections)?;
     if args.prewarm > args.max_instances as usize {
         anyhow::bail!(
             "--prewarm ({}) cannot exceed --max-instances ({})",
