@@ -107,7 +107,11 @@ async fn failing_prewarm_makes_a_bounded_number_of_attempts_and_log_lines() {
     // After the 5 s cool-down one probe fails and the circuit opens again.
     let deadline = Instant::now() + Duration::from_secs(30);
     while server.lines_containing(opened) < 2 {
-        assert!(Instant::now() < deadline, "the circuit never re-opened");
+        assert!(
+            Instant::now() < deadline,
+            "the circuit never re-opened:\n{}",
+            server.stderr.lock().unwrap().join("\n")
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (_, _, metrics) = get(admin, "/metrics").await;

@@ -81,6 +81,14 @@ impl Circuit {
             .or(state.probing_until.filter(|until| now < *until))
     }
 
+    /// Whether a probe is under way at `now` (let through after the
+    /// cool-down, not yet resolved).
+    pub(crate) fn is_probing(&self, now: Instant) -> bool {
+        let state = self.lock();
+        state.open_until.is_some_and(|until| until <= now)
+            && state.probing_until.is_some_and(|until| now < until)
+    }
+
     /// An instantiation succeeded: the streak is over.
     pub(crate) fn succeeded(&self) {
         let mut state = self.lock();
@@ -139,7 +147,9 @@ mod tests {
         assert!(circuit.admit(t0 + 2 * SECOND).is_err());
         assert_eq!(circuit.open_until(t0 + 3 * SECOND), Some(t0 + 7 * SECOND));
         // Once the cool-down has passed, one probe may go, and only one.
+        assert!(!circuit.is_probing(t0 + 7 * SECOND));
         assert!(circuit.admit(t0 + 7 * SECOND).is_ok());
+        assert!(circuit.is_probing(t0 + 7 * SECOND));
         assert!(circuit.admit(t0 + 7 * SECOND).is_err());
         assert_eq!(circuit.open_until(t0 + 7 * SECOND), Some(t0 + 12 * SECOND));
         // A probe that never reports back does not hold the circuit for ever.

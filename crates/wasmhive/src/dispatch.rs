@@ -140,6 +140,8 @@ impl<S: HandlerState> Dispatcher<S> {
             tokio::time::sleep(CAPACITY_RETRY).await;
             this.capacity_retry_scheduled.store(false, Relaxed);
             this.spawn_all(this.pool.retry_capacity(now()));
+            // Prewarming paused with the capacity: resume it too.
+            this.refill_prewarm();
         });
     }
 
@@ -210,7 +212,9 @@ impl<S: HandlerState> Supervisor<S> for Dispatcher<S> {
         report: InstanceReport,
     ) {
         let now = now();
-        if failure.at_capacity {
+        // The probe after a cool-down must resolve the circuit: at capacity
+        // or not, its failure counts.
+        if failure.at_capacity && !self.circuit.is_probing(now) {
             let error = format!("{:#}", failure.cause);
             match self.pool.at_capacity(id, first, now) {
                 Ok(starts) => {
@@ -234,7 +238,13 @@ impl<S: HandlerState> Supervisor<S> for Dispatcher<S> {
             return;
         }
         self.spawn_all(self.pool.exited(id, Vec::new(), now));
-        if let Some(Job { request, tx, .. }) = first {
+        if failure.at_capacity {
+            // A probe that found no capacity: it failed.
+            self.note_failure(&failure.cause, now, &format!("{:#}", failure.cause));
+            if let Some(job) = first {
+                job.shed();
+            }
+        } else if let Some(Job { request, tx, .. }) = first {
             let error = InstantiationError::new(request, failure.cause, failure.circuit_open);
             Job::<S>::reply_early(tx, error.into());
         }
