@@ -1,9 +1,10 @@
 //! `fault-p3`: misbehaves on purpose, as chosen by the request path (see
 //! [`Fault`]): `/trap`, `/trap-after-headers`, `/spin`, `/hang`, `/oom`,
-//! `/panic`, `/stack-overflow`; any other path answers `200 ok` (WASIp3).
+//! `/panic`, `/stack-overflow`; `/print?n=N` prints N lines (with control
+//! characters) to stdout; any other path answers `200 ok` (WASIp3).
 
 use wasip3::http::types::{ErrorCode, Request, Response};
-use wasmhive_guest_components::{Fault, p3};
+use wasmhive_guest_components::{Fault, p3, query_param};
 
 wasip3::http::service::export!(Faulty);
 
@@ -11,7 +12,19 @@ struct Faulty;
 
 impl wasip3::exports::http::handler::Guest for Faulty {
     async fn handle(request: Request) -> Result<Response, ErrorCode> {
-        let fault = Fault::from_path(&request.get_path_with_query().unwrap_or_default());
+        let path_with_query = request.get_path_with_query().unwrap_or_default();
+        // `/print?n=N`: N lines on stdout (a chatty guest), then `200 ok`.
+        if let Some(n) = path_with_query
+            .strip_prefix("/print")
+            .and_then(|_| query_param(&path_with_query, "n"))
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            for i in 0..n {
+                println!("line {i} of a chatty guest \x1b[31mwith an escape\r");
+            }
+            return p3::respond(200, b"printed\n".to_vec());
+        }
+        let fault = Fault::from_path(&path_with_query);
         fault.run_cpu_fault();
         match fault {
             Fault::Hang => {

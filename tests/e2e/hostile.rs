@@ -270,3 +270,30 @@ fn max_connections_beyond_the_descriptor_limit_is_refused() {
     assert!(stderr.contains("--max-connections 4096 needs"), "{stderr}");
     assert!(!stderr.contains("Serving HTTP"), "{stderr}");
 }
+
+#[tokio::test]
+async fn a_blocked_stdout_pipe_stops_neither_requests_nor_healthz() {
+    let _alone = crate::HEAVY.lock().await;
+    // stdout is a pipe nobody reads (a stalled log shipper): it is full
+    // after 64 KiB.
+    let server = Server::start_with_stdout(
+        &[guests::FAULT_P3.path, "--admin-addr", "127.0.0.1:0"],
+        std::process::Stdio::piped(),
+    );
+    let admin = server.admin_addr();
+    for _ in 0..4 {
+        let answer =
+            tokio::time::timeout(Duration::from_secs(20), get(server.addr, "/print?n=50000"))
+                .await
+                .expect("a chatty guest is not blocked by its output");
+        assert_eq!((answer.0, answer.2.as_str()), (200, "printed\n"));
+    }
+    let healthz = tokio::time::timeout(Duration::from_secs(10), get(admin, "/healthz"))
+        .await
+        .expect("/healthz answers");
+    assert_eq!(healthz.0, 200);
+    assert_eq!(get(server.addr, "/").await.0, 200);
+    let (_, _, metrics) = get(admin, "/metrics").await;
+    assert!(metric(&metrics, "wasmhive_guest_output_dropped_total") > 100_000.0);
+    server.finish().await;
+}

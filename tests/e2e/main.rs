@@ -45,10 +45,16 @@ impl Server {
     /// Starts `wasmhive serve --addr 127.0.0.1:0 ARGS...` and waits for its
     /// first stderr line.
     pub fn start(args: &[&str]) -> Server {
+        Server::start_with_stdout(args, Stdio::null())
+    }
+
+    /// [`Server::start`] with the server's stdout going to `stdout` (a pipe
+    /// nobody reads, say).
+    pub fn start_with_stdout(args: &[&str], stdout: Stdio) -> Server {
         let mut child = wasmhive()
             .args(["serve", "--addr", "127.0.0.1:0"])
             .args(args)
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(Stdio::piped())
             .spawn()
             .expect("wasmhive starts");

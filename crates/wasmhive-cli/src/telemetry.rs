@@ -13,7 +13,10 @@ use crate::args::LogFormat;
 /// Installs the global `tracing` subscriber: stderr, filtered by `RUST_LOG`
 /// (default `info`).
 pub fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // wasmtime's cache warns when two processes store the same compiled
+    // component at once, which is harmless (one of them wins).
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,wasmtime_internal_cache=error"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -99,6 +102,8 @@ pub fn record_stats(stats: &Stats) {
     gauge!("wasmhive_instances_live").set(stats.live_instances as f64);
     gauge!("wasmhive_instances_available").set(stats.available_instances as f64);
     gauge!("wasmhive_requests_queued").set(stats.queued_requests as f64);
+    gauge!("wasmhive_instances_running").set(stats.running_instances as f64);
+    counter!("wasmhive_guest_output_dropped_total").absolute(wasmhive::dropped_output_lines());
     if let Some(limit) = stats.concurrency_limit {
         gauge!("wasmhive_concurrency_limit").set(limit as f64);
     }

@@ -137,6 +137,7 @@ pub use limiter::AdaptiveConcurrency;
 pub use limits::{Limits, LimitsExpiration, World};
 pub use memory::MemoryBudget;
 pub use metrics::{ExitReason, InstanceReport, Outcome, Recorder, RequestReport, Stats};
+pub use output::dropped_output_lines;
 pub use policy::{
     HandlerState, Instance, Proxy, RequestDeadline, ShouldAccept, WorkerExpiration, WorkerState,
     WorkerStatus,

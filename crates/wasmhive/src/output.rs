@@ -1,11 +1,21 @@
 //! Guest stdout and stderr: written through to the host's in whole lines,
 //! each prefixed with the instance and request it comes from.
+//!
+//! Guests never wait for the host's output: lines go to one writer thread
+//! per process through a bounded queue. When the host's stdout is slow or
+//! blocked (a stalled log shipper), or a guest prints faster than
+//! [`LINES_PER_SECOND`], lines are dropped and counted
+//! ([`dropped_output_lines`]) instead of stalling a runtime thread. Control
+//! characters are escaped, so a guest cannot move the cursor or rewrite a
+//! line of someone else's log.
 
 use std::io::Write as _;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::Bytes;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
@@ -13,6 +23,47 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 
 /// A partial line longer than this is written out as a line of its own.
 const MAX_LINE: usize = 16 * 1024;
+
+/// Lines waiting for the writer thread; beyond it lines are dropped.
+const QUEUE: usize = 4096;
+
+/// Lines one instance's stream may write per second (in bursts of as many);
+/// beyond it lines are dropped.
+pub(crate) const LINES_PER_SECOND: u32 = 1000;
+
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// Guest output lines dropped so far in this process, because the host's
+/// output could not keep up or a guest printed past its rate.
+pub fn dropped_output_lines() -> u64 {
+    DROPPED.load(Relaxed)
+}
+
+/// Where lines go: the writer thread's queue.
+type Queue = SyncSender<(Stream, Vec<u8>)>;
+
+/// The writer thread's queue, started on first use (`None` if the thread
+/// could not be started: lines are then dropped).
+fn writer() -> Option<&'static Queue> {
+    static WRITER: OnceLock<Option<Queue>> = OnceLock::new();
+    WRITER
+        .get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<(Stream, Vec<u8>)>(QUEUE);
+            std::thread::Builder::new()
+                .name("wasmhive-guest-output".into())
+                .spawn(move || {
+                    for (stream, line) in rx {
+                        let _ = match stream {
+                            Stream::Stdout => std::io::stdout().lock().write_all(&line),
+                            Stream::Stderr => std::io::stderr().lock().write_all(&line),
+                        };
+                    }
+                })
+                .ok()
+                .map(|_| tx)
+        })
+        .as_ref()
+}
 
 /// Who is writing: the instance, and the request it most recently started.
 pub(crate) struct Label {
@@ -57,6 +108,8 @@ struct Lines {
     stream: Stream,
     label: Arc<Label>,
     pending: Mutex<Vec<u8>>,
+    /// Lines it may still write now, and when that was last topped up.
+    allowance: Mutex<(f64, Instant)>,
 }
 
 impl GuestOutput {
@@ -65,6 +118,7 @@ impl GuestOutput {
             stream,
             label,
             pending: Mutex::new(Vec::new()),
+            allowance: Mutex::new((f64::from(LINES_PER_SECOND), Instant::now())),
         }))
     }
 
@@ -96,9 +150,14 @@ fn whole_lines(pending: &mut Vec<u8>, bytes: &[u8]) -> Vec<Vec<u8>> {
 }
 
 impl Lines {
-    /// Writes one whole `line` (ending in a newline), prefixed, in a single
-    /// write under the host stream's lock.
+    /// Queues one whole `line` (ending in a newline), prefixed and with its
+    /// control characters escaped, for the writer thread; drops it if the
+    /// queue is full or the stream is over its rate.
     fn emit(&self, line: &[u8]) -> std::io::Result<()> {
+        if !self.allowed() {
+            DROPPED.fetch_add(1, Relaxed);
+            return Ok(());
+        }
         let mut out = Vec::with_capacity(line.len() + 48);
         if self.label.enabled {
             let name = match self.stream {
@@ -112,11 +171,49 @@ impl Lines {
                 self.label.incarnation
             )?;
         }
-        out.extend_from_slice(line);
-        match self.stream {
-            Stream::Stdout => std::io::stdout().lock().write_all(&out),
-            Stream::Stderr => std::io::stderr().lock().write_all(&out),
+        escape_into(&mut out, line);
+        match writer().map(|writer| writer.try_send((self.stream, out))) {
+            Some(Ok(())) | Some(Err(TrySendError::Disconnected(_))) => {}
+            Some(Err(TrySendError::Full(_))) | None => {
+                DROPPED.fetch_add(1, Relaxed);
+            }
         }
+        Ok(())
+    }
+
+    /// Takes one line from the stream's allowance (a token bucket).
+    fn allowed(&self) -> bool {
+        let mut allowance = self.allowance.lock().unwrap_or_else(|e| e.into_inner());
+        let (tokens, since) = &mut *allowance;
+        let now = Instant::now();
+        let rate = f64::from(LINES_PER_SECOND);
+        *tokens = (*tokens + now.duration_since(*since).as_secs_f64() * rate).min(rate);
+        *since = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Appends `line` to `out` with control characters other than tab and the
+/// final newline written as `\xNN`.
+fn escape_into(out: &mut Vec<u8>, line: &[u8]) {
+    let (body, newline) = match line.split_last() {
+        Some((b'\n', body)) => (body, true),
+        _ => (line, false),
+    };
+    for &byte in body {
+        if (byte < 0x20 && byte != b'\t') || byte == 0x7f {
+            let _ = write!(out, "\\x{byte:02x}");
+        } else {
+            out.push(byte);
+        }
+    }
+    if newline {
+        out.push(b'\n');
     }
 }
 
@@ -204,5 +301,12 @@ mod tests {
         assert_eq!(lines.len(), 1);
         assert_eq!(lines[0].len(), MAX_LINE + 4);
         assert!(lines[0].ends_with(b"x\n") && pending.is_empty());
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        let mut out = Vec::new();
+        escape_into(&mut out, b"red \x1b[31m\r\tend\n");
+        assert_eq!(out, b"red \\x1b[31m\\x0d\tend\n");
     }
 }
