@@ -114,8 +114,9 @@ impl<S: HandlerState> Dispatcher<S> {
 
     /// Counts a failed instantiation toward the circuit and logs it: the
     /// first of a streak and each opening at `warn`, the rest at `debug`.
-    fn note_failure(&self, cause: &Arc<wasmtime::Error>, now: Instant, error: &str) -> Failure {
+    fn note_failure(&self, cause: &Arc<wasmtime::Error>, now: Instant) -> Failure {
         self.counters.instantiation_failures.fetch_add(1, Relaxed);
+        let error = format!("{cause:#}");
         let failure = self.circuit.failed(cause, now);
         match failure {
             Failure::First => tracing::warn!(%error, "instantiation failed"),
@@ -187,7 +188,7 @@ impl<S: HandlerState> Supervisor<S> for Dispatcher<S> {
                     at_capacity: true,
                 });
             }
-            let failure = self.note_failure(&cause, now(), &format!("{cause:#}"));
+            let failure = self.note_failure(&cause, now());
             if failure == Failure::Opened
                 || attempt >= limits.instantiation_retries
                 || self.shutdown.is_cancelled()
@@ -212,35 +213,27 @@ impl<S: HandlerState> Supervisor<S> for Dispatcher<S> {
         report: InstanceReport,
     ) {
         let now = now();
-        // The probe after a cool-down must resolve the circuit: at capacity
-        // or not, its failure counts.
-        if failure.at_capacity && !self.circuit.is_probing(now) {
-            let error = format!("{:#}", failure.cause);
+        // Out of capacity, the request waits for an instance of ours to end,
+        // unless none is alive to free any (the capacity is held elsewhere,
+        // a budget shared with other apps, say) or this was the probe after
+        // a cool-down, which must resolve the circuit: then it fails below.
+        let first = if failure.at_capacity && !self.circuit.is_probing(now) {
             match self.pool.at_capacity(id, first, now) {
                 Ok(starts) => {
-                    tracing::debug!(%error, "at capacity; waiting for an instance to end");
+                    tracing::debug!(error = %format_args!("{:#}", failure.cause), "at capacity; waiting for an instance to end");
                     self.spawn_all(starts);
                     self.retry_capacity_later();
+                    return;
                 }
-                // No instance of ours is alive to free any: the capacity is
-                // held elsewhere (a budget shared with other apps, say).
-                // Count it toward the circuit, so that prewarming backs off,
-                // and tell the client to come back.
-                Err(first) => {
-                    self.note_failure(&failure.cause, now, &error);
-                    self.spawn_all(self.pool.exited(id, Vec::new(), now));
-                    if let Some(job) = first {
-                        job.shed();
-                    }
-                    self.refill_prewarm();
-                }
+                Err(first) => first,
             }
-            return;
-        }
+        } else {
+            first
+        };
         self.spawn_all(self.pool.exited(id, Vec::new(), now));
         if failure.at_capacity {
-            // A probe that found no capacity: it failed.
-            self.note_failure(&failure.cause, now, &format!("{:#}", failure.cause));
+            // Counted, so that prewarming backs off; the client may come back.
+            self.note_failure(&failure.cause, now);
             if let Some(job) = first {
                 job.shed();
             }

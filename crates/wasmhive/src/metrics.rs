@@ -78,6 +78,29 @@ pub struct InstanceReport {
     pub peak_memory: Option<usize>,
 }
 
+impl InstanceReport {
+    /// The report of an instance that ended before serving anything it can
+    /// account for (instantiation failed, or its worker panicked).
+    pub(crate) fn ended_early(
+        incarnation: u64,
+        instantiation_time: std::time::Duration,
+        lifetime: std::time::Duration,
+        reason: ExitReason,
+        error: String,
+    ) -> InstanceReport {
+        InstanceReport {
+            incarnation,
+            instantiation_time,
+            lifetime,
+            requests_served: 0,
+            peak_concurrency: 0,
+            reason,
+            error: Some(error),
+            peak_memory: None,
+        }
+    }
+}
+
 /// How a request ended, as far as the handler is concerned.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum Outcome {

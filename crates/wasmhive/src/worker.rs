@@ -158,16 +158,13 @@ pub(crate) async fn run<S: HandlerState, D: Supervisor<S>>(
         let instance = match supervisor.instantiate(id).await {
             Ok(instance) => instance,
             Err(failure) => {
-                let report = InstanceReport {
-                    incarnation: id,
-                    instantiation_time: began.elapsed(),
-                    lifetime: Duration::ZERO,
-                    requests_served: 0,
-                    peak_concurrency: 0,
-                    reason: ExitReason::InstantiationFailed,
-                    error: Some(format!("{:#}", failure.cause)),
-                    peak_memory: None,
-                };
+                let report = InstanceReport::ended_early(
+                    id,
+                    began.elapsed(),
+                    Duration::ZERO,
+                    ExitReason::InstantiationFailed,
+                    format!("{:#}", failure.cause),
+                );
                 exit.disarm();
                 supervisor.instantiation_failed(id, first, failure, report);
                 return;
@@ -205,16 +202,13 @@ pub(crate) async fn run<S: HandlerState, D: Supervisor<S>>(
             Ok(report) => report,
             Err(_) => {
                 tracing::error!("the worker panicked; its instance is dropped");
-                InstanceReport {
-                    incarnation: id,
+                InstanceReport::ended_early(
+                    id,
                     instantiation_time,
-                    lifetime: born.elapsed(),
-                    requests_served: 0,
-                    peak_concurrency: 0,
-                    reason: ExitReason::Trapped,
-                    error: Some("the worker panicked".into()),
-                    peak_memory: None,
-                }
+                    born.elapsed(),
+                    ExitReason::Trapped,
+                    PANICKED.into(),
+                )
             }
         };
         state.drop(store, &mut report);
@@ -223,6 +217,9 @@ pub(crate) async fn run<S: HandlerState, D: Supervisor<S>>(
     .instrument(span)
     .await;
 }
+
+/// The error of an instance whose worker panicked.
+const PANICKED: &str = "the worker panicked";
 
 /// Makes sure the supervisor hears of the worker's end, even if it panicked.
 struct ExitGuard<S: HandlerState, D: Supervisor<S>> {
@@ -245,15 +242,14 @@ impl<S: HandlerState, D: Supervisor<S>> Drop for ExitGuard<S, D> {
         if !self.armed {
             return;
         }
-        let report = self.report.take().unwrap_or_else(|| InstanceReport {
-            incarnation: self.id,
-            instantiation_time: Duration::ZERO,
-            lifetime: Duration::ZERO,
-            requests_served: 0,
-            peak_concurrency: 0,
-            reason: ExitReason::Trapped,
-            error: Some("the worker panicked".into()),
-            peak_memory: None,
+        let report = self.report.take().unwrap_or_else(|| {
+            InstanceReport::ended_early(
+                self.id,
+                Duration::ZERO,
+                Duration::ZERO,
+                ExitReason::Trapped,
+                PANICKED.into(),
+            )
         });
         self.supervisor
             .exited(self.id, std::mem::take(&mut self.unstarted), report);
