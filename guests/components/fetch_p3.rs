@@ -1,12 +1,15 @@
 //! `fetch-p3`: sends `GET` to the URL given as `?url=http://host:port/path`
 //! and answers with the upstream status and body, or with `502` and the
 //! `wasi:http` error code when the host refuses or fails the outbound
-//! request (WASIp3). Exercises the outbound allowlist.
+//! request (WASIp3). Either way it reports the request's transmission
+//! result (the future `request.new` returned) in `x-transmission`: `ok`, or
+//! the error code. Exercises the outbound allowlist and the host's `send`.
 
 use wasip3::http::types::{ErrorCode, Fields, Request, Response, Scheme};
 use wasip3::wit_bindgen::StreamResult;
 use wasip3::wit_future;
 use wasmhive_guest_components::{p3, query_param};
+use wasip3::wit_bindgen::FutureReader;
 
 wasip3::http::service::export!(Fetch);
 
@@ -23,7 +26,7 @@ impl wasip3::exports::http::handler::Guest for Fetch {
         };
         let (trailers_tx, trailers_rx) = wit_future::new(|| Ok(None));
         drop(trailers_tx);
-        let (outgoing, _sent) = Request::new(Fields::new(), None, trailers_rx, None);
+        let (outgoing, transmitted) = Request::new(Fields::new(), None, trailers_rx, None);
         outgoing.set_scheme(Some(&Scheme::Http)).unwrap();
         outgoing.set_authority(Some(authority)).unwrap();
         outgoing.set_path_with_query(Some(path)).unwrap();
@@ -40,11 +43,33 @@ impl wasip3::exports::http::handler::Guest for Fetch {
                         break;
                     }
                 }
-                p3::respond(status, bytes)
+                respond(status, bytes, transmitted).await
             }
-            Err(code) => p3::respond(502, format!("outbound request failed: {code:?}\n").into_bytes()),
+            Err(code) => {
+                let body = format!("outbound request failed: {code:?}\n").into_bytes();
+                respond(502, body, transmitted).await
+            }
         }
     }
+}
+
+/// A response with `status` and `body` once the outgoing request's
+/// transmission has ended, reporting how in `x-transmission`.
+async fn respond(
+    status: u16,
+    body: Vec<u8>,
+    transmitted: FutureReader<Result<(), ErrorCode>>,
+) -> Result<Response, ErrorCode> {
+    let transmission = match transmitted.await {
+        Ok(()) => "ok".to_string(),
+        Err(code) => format!("{code:?}"),
+    };
+    let (response, mut body_tx) =
+        p3::streaming_response(status, vec![("x-transmission".into(), transmission.into_bytes())]);
+    wasip3::spawn_local(async move {
+        body_tx.write_all(body).await;
+    });
+    Ok(response)
 }
 
 /// `http://authority/path` into its authority and path (`/` when empty).

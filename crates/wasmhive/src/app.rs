@@ -1,7 +1,7 @@
 //! [`App`]: a ready [`HandlerState`] serving one component with [`Limits`],
 //! and [`Host`], the store data of its instances (WASI p2 and p3,
-//! `wasi:http`, a memory limiter, labelled guest output, and an outbound
-//! HTTP allowlist).
+//! `wasi:http`, a memory limiter, labelled guest output, and the outbound
+//! hooks of [`crate::outbound`]).
 
 use std::sync::Arc;
 
@@ -10,11 +10,12 @@ use wasmtime::{Store, StoreContextMut};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p3::bindings::ServicePre;
-use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use crate::limits::{Limits, LimitsExpiration, World};
 use crate::memory::{MemoryBudget, MemoryLimiter};
 use crate::metrics::InstanceReport;
+use crate::outbound::{Client, OutboundAuthority, OutboundHooks};
 use crate::output::{GuestOutput, Label, Stream};
 use crate::policy::{HandlerState, Instance, Proxy, RequestDeadline, ShouldAccept, WorkerState};
 use crate::runtime::{LoadError, Runtime};
@@ -52,7 +53,7 @@ impl App {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(link)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(link)?;
         wasmtime_wasi::p3::add_to_linker(&mut linker).map_err(link)?;
-        wasmtime_wasi_http::p3::add_to_linker(&mut linker).map_err(link)?;
+        Client::add_to_linker(&mut linker, Host::http_view).map_err(link)?;
         let pre = linker
             .instantiate_pre(component)
             .map_err(|e| LoadError::UnsupportedImport(format!("{e:#}")))?;
@@ -141,9 +142,7 @@ impl HandlerState for App {
             table: ResourceTable::new(),
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
-            hooks: OutboundHooks {
-                allowed: self.outbound.clone(),
-            },
+            hooks: OutboundHooks::new(self.outbound.clone()),
             memory: MemoryLimiter::new(self.limits.max_memory, self.budget.clone()),
         };
         let mut store = Store::new(self.runtime.engine(), host);
@@ -247,128 +246,5 @@ impl WasiView for Host {
 impl WasiHttpView for Host {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
         self.http_view()
-    }
-}
-
-/// A `host` (any port) or `host:port` that guests may send HTTP requests
-/// to; see [`App::allow_outbound`]. Hosts compare case-insensitively; IPv6
-/// hosts are written in brackets (`[::1]:8080`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct OutboundAuthority {
-    host: String,
-    port: Option<u16>,
-}
-
-/// A string that is not a `host` or `host:port`.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("`{0}` is not a host or host:port")]
-pub struct InvalidAuthority(String);
-
-impl std::str::FromStr for OutboundAuthority {
-    type Err = InvalidAuthority;
-
-    fn from_str(value: &str) -> Result<Self, Self::Err> {
-        let authority = crate::target::checked_authority(value.trim())
-            .ok_or_else(|| InvalidAuthority(value.to_string()))?;
-        Ok(OutboundAuthority {
-            host: authority.host().to_ascii_lowercase(),
-            port: authority.port_u16(),
-        })
-    }
-}
-
-impl OutboundAuthority {
-    fn allows(&self, uri: &http::Uri) -> bool {
-        let Some(host) = uri.host() else {
-            return false;
-        };
-        let port = uri.port_u16().or(match uri.scheme_str() {
-            Some("https") => Some(443),
-            _ => Some(80),
-        });
-        host.eq_ignore_ascii_case(&self.host) && (self.port.is_none() || self.port == port)
-    }
-}
-
-struct OutboundHooks {
-    allowed: Arc<[OutboundAuthority]>,
-}
-
-type SendResult = wasmtime_wasi_http::Result<(
-    http::Response<wasmtime_wasi_http::WasiBody>,
-    Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
-)>;
-
-impl WasiHttpHooks for OutboundHooks {
-    fn send_request(
-        &mut self,
-        request: http::Request<wasmtime_wasi_http::WasiBody>,
-        options: Option<wasmtime_wasi_http::RequestOptions>,
-        _fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
-    ) -> Box<dyn Future<Output = SendResult> + Send> {
-        if !self.allowed.iter().any(|a| a.allows(request.uri())) {
-            tracing::info!(uri = %request.uri(), "outbound request denied");
-            return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
-        }
-        Box::new(async move {
-            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
-            Ok((
-                response.map(http_body_util::BodyExt::boxed_unsync),
-                Box::new(io) as Box<dyn Future<Output = _> + Send>,
-            ))
-        })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use proptest::prelude::*;
-
-    use super::OutboundAuthority;
-
-    fn uri(host: &str, port: u16) -> http::Uri {
-        format!("http://{host}:{port}/path").parse().unwrap()
-    }
-
-    #[test]
-    fn authorities() {
-        let any_port: OutboundAuthority = "Example.COM".parse().unwrap();
-        assert!(any_port.allows(&uri("example.com", 1234)));
-        assert!(any_port.allows(&"https://EXAMPLE.com/".parse().unwrap()));
-        let v6: OutboundAuthority = "[::1]:8080".parse().unwrap();
-        assert!(v6.allows(&uri("[::1]", 8080)));
-        assert!(!v6.allows(&uri("[::1]", 8081)));
-        let default_port: OutboundAuthority = "example.com:80".parse().unwrap();
-        assert!(default_port.allows(&"http://example.com/".parse().unwrap()));
-        assert!(!default_port.allows(&"https://example.com/".parse().unwrap()));
-        for bad in [
-            "",
-            "http://example.com",
-            "user@example.com",
-            "host:port",
-            "a b",
-            ":80",
-        ] {
-            assert!(bad.parse::<OutboundAuthority>().is_err(), "{bad:?}");
-        }
-    }
-
-    proptest! {
-        #[test]
-        fn parsing_never_panics(value in "\\PC*") {
-            let _ = value.parse::<OutboundAuthority>();
-        }
-
-        #[test]
-        fn host_and_port_allow_exactly_that(
-            host in "[a-zA-Z][a-zA-Z0-9-]{0,20}(\\.[a-z]{2,6}){0,2}",
-            port in 0u16..u16::MAX,
-        ) {
-            let allowed: OutboundAuthority = format!("{host}:{port}").parse().unwrap();
-            prop_assert!(allowed.allows(&uri(&host.to_ascii_uppercase(), port)));
-            prop_assert!(!allowed.allows(&uri(&host, port + 1)));
-            let other_host = format!("x{host}");
-            prop_assert!(!allowed.allows(&uri(&other_host, port)));
-        }
     }
 }

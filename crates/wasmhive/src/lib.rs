@@ -104,7 +104,9 @@
 //! `memory.rs` the per-instance and global memory limits ([`MemoryBudget`]);
 //! `target.rs` the request target every guest sees (scheme and authority,
 //! `Host` validated before admission); `output.rs` guest stdout and stderr
-//! in whole, labelled lines;
+//! in whole, labelled lines; `outbound.rs` outbound HTTP (the allowlist,
+//! and p3 `wasi:http/client#send`, whose transmission future reports a
+//! request that never left as failed);
 //! `runtime.rs` the engine, with the pool sized from the component
 //! ([`Runtime::for_component`], [`Footprint`]).
 
@@ -120,6 +122,7 @@ mod limiter;
 mod limits;
 mod memory;
 mod metrics;
+mod outbound;
 mod output;
 mod policy;
 mod pool;
@@ -127,7 +130,7 @@ mod runtime;
 mod target;
 mod worker;
 
-pub use app::{App, AppWorker, Host, InvalidAuthority, OutboundAuthority};
+pub use app::{App, AppWorker, Host};
 pub use error::{
     AtCapacity, Error, ExpirationError, InstantiationError, Overloaded, ShuttingDown,
     TrapOrPanicError,
@@ -137,6 +140,7 @@ pub use limiter::AdaptiveConcurrency;
 pub use limits::{Limits, LimitsExpiration, World};
 pub use memory::MemoryBudget;
 pub use metrics::{ExitReason, InstanceReport, Outcome, Recorder, RequestReport, Stats};
+pub use outbound::{InvalidAuthority, OutboundAuthority};
 pub use output::dropped_output_lines;
 pub use policy::{
     HandlerState, Instance, Proxy, RequestDeadline, ShouldAccept, WorkerExpiration, WorkerState,
