@@ -19,7 +19,7 @@ struct Cli {
     command: Option<Extra>,
 
     /// Scenarios to run [default: all]: hello-p2, hello-py, hello-js,
-    /// hello-p3, echo-64k, cpu, sleep-io, overload, cold-start, memory.
+    /// hello-p3, echo-64k, cpu, sleep-io, overload, cold-start, cold-start-py, memory.
     scenarios: Vec<String>,
 
     /// Smoke mode: one short round of everything (about 1 s per scenario).

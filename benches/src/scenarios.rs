@@ -54,6 +54,15 @@ pub struct Scenario {
 pub fn all() -> Vec<Scenario> {
     use wasmhive_guests as g;
     let defaults = || ("defaults", Settings::default());
+    let precompiled = || {
+        (
+            "precompiled",
+            Settings {
+                precompiled: true,
+                ..Settings::default()
+            },
+        )
+    };
     let closed = |path, body| Load::Closed {
         path,
         body,
@@ -148,8 +157,15 @@ pub fn all() -> Vec<Scenario> {
             name: "cold-start",
             guest: g::HELLO_P3,
             load: Load::ColdStart,
-            variants: vec![defaults()],
+            variants: vec![defaults(), precompiled()],
             native: true,
+        },
+        Scenario {
+            name: "cold-start-py",
+            guest: g::PYTHON_APP,
+            load: Load::ColdStart,
+            variants: vec![defaults(), precompiled()],
+            native: false,
         },
         Scenario {
             name: "memory",
@@ -239,6 +255,13 @@ pub async fn run_one(
     options: &Options,
 ) -> anyhow::Result<(BTreeMap<String, f64>, BTreeMap<u16, u64>, u64)> {
     let component = std::path::Path::new(scenario.guest.path);
+    let precompiled;
+    let component = if settings.precompiled {
+        precompiled = crate::servers::precompile(server, binaries, component)?;
+        precompiled.as_path()
+    } else {
+        component
+    };
     let spawned = Instant::now();
     let running = Running::start(server, binaries, component, settings)?;
     let mut figures = BTreeMap::new();

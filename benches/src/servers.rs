@@ -56,6 +56,47 @@ pub struct Settings {
     pub idle_timeout_secs: Option<u32>,
     /// Extra `wasmhive serve` flags with no wasmtime equivalent.
     pub wasmhive_extra: Vec<String>,
+    /// Serve the component precompiled by the server's own `compile`
+    /// command (see [`precompile`]), with `--allow-precompiled`.
+    pub precompiled: bool,
+}
+
+/// Precompiles `component` with `kind`'s own `compile` command (a `.cwasm`
+/// is specific to the wasmtime version that made it) into the system's
+/// temporary directory; returns the `.cwasm`. The native server has no
+/// component: `component` comes back as it is.
+pub fn precompile(
+    kind: ServerKind,
+    binaries: &Binaries,
+    component: &Path,
+) -> anyhow::Result<PathBuf> {
+    let program = match kind {
+        ServerKind::Wasmhive => binaries.wasmhive.clone(),
+        ServerKind::Wasmtime => binaries.wasmtime.clone().context("no wasmtime binary")?,
+        ServerKind::Native => return Ok(component.to_path_buf()),
+    };
+    let stem = component.file_stem().unwrap_or_default().to_string_lossy();
+    let output = std::env::temp_dir().join(format!(
+        "wasmhive-bench-{}-{stem}-{}.cwasm",
+        std::process::id(),
+        kind.label().replace(' ', "-")
+    ));
+    let status = Command::new(&program)
+        .arg("compile")
+        .arg(component)
+        .arg("-o")
+        .arg(&output)
+        .stdout(Stdio::null())
+        .status()
+        .with_context(|| format!("running {} compile", program.display()))?;
+    if !status.success() {
+        bail!(
+            "{} compile {} failed: {status}",
+            kind.label(),
+            component.display()
+        );
+    }
+    Ok(output)
 }
 
 /// A server process, killed when dropped.
@@ -88,6 +129,9 @@ impl Running {
                 if let Some(s) = settings.idle_timeout_secs {
                     c.arg("--idle-timeout").arg(format!("{s}s"));
                 }
+                if settings.precompiled {
+                    c.arg("--allow-precompiled");
+                }
                 c.args(&settings.wasmhive_extra).arg(component);
                 c.env("RUST_LOG", "warn");
                 c
@@ -113,6 +157,9 @@ impl Running {
                 }
                 if let Some(s) = settings.idle_timeout_secs {
                     c.arg("--idle-instance-timeout").arg(format!("{s}s"));
+                }
+                if settings.precompiled {
+                    c.arg("--allow-precompiled");
                 }
                 c.arg(component);
                 c

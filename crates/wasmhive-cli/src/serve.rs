@@ -192,6 +192,7 @@ fn load_app(args: &ServeArgs) -> anyhow::Result<Loaded> {
         pooling: !args.no_pooling,
         max_instances: args.max_instances as usize,
         max_memory: usize::try_from(args.max_memory).unwrap_or(usize::MAX),
+        max_concurrency: args.max_concurrent_per_instance.map(|n| n as usize),
         cache_dir: args.cache_dir(),
         ..RuntimeConfig::default()
     };

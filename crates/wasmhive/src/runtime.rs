@@ -8,6 +8,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use wasmtime::component::Component;
+
+use crate::limits::{Limits, World};
 use wasmtime::{
     Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig,
     Precompiled,
@@ -29,6 +31,12 @@ pub struct RuntimeConfig {
     /// `max_instances` of them. [`Runtime::for_component`] measures it from
     /// the component. Default: [`Footprint::default`].
     pub footprint: Footprint,
+    /// Requests one instance runs at once (keep it at least
+    /// [`Limits::max_concurrency`](crate::Limits)): the pool reserves a fiber
+    /// stack for each, plus one to instantiate with. Default: none, meaning
+    /// [`Limits::for_world`](crate::Limits::for_world)'s for the world the
+    /// component exports (without a component, 16).
+    pub max_concurrency: Option<usize>,
     /// Largest linear memory of one instance, in bytes: the pool's slot size
     /// (enforced per instance by [`Limits::max_memory`](crate::Limits)).
     /// Default: 128 MiB.
@@ -54,6 +62,7 @@ impl Default for RuntimeConfig {
             pooling: true,
             max_instances: 256,
             footprint: Footprint::default(),
+            max_concurrency: None,
             max_memory: 128 << 20,
             epoch_tick: Duration::from_millis(1),
             cache_dir: None,
@@ -286,8 +295,14 @@ impl Runtime {
         if !config.pooling {
             return Ok((probe, component));
         }
+        let world = World::exported_by(&component, probe.engine());
         let sized = RuntimeConfig {
             footprint,
+            max_concurrency: Some(
+                config
+                    .max_concurrency
+                    .unwrap_or(Limits::for_world(world).max_concurrency),
+            ),
             ..config.clone()
         };
         let engine = match pooled_engine(&sized, probe.0.cache.as_ref()) {
@@ -315,9 +330,10 @@ impl Runtime {
             }
         };
         let runtime = Runtime::with_engine(engine, true, probe.0.cache.clone(), config)?;
+        let measured = component;
         let component = match source {
             Source::Wasm(_) => {
-                let compiled = component
+                let compiled = measured
                     .serialize()
                     .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
                 // SAFETY: these bytes were serialized just now by an engine
@@ -329,6 +345,11 @@ impl Runtime {
             // SAFETY: the caller of `for_precompiled_file` vouches for it.
             Source::Precompiled(path) => unsafe { runtime.load_precompiled_file(path)? },
         };
+        // Unmapping the measured copy's code and stopping the probe's ticker
+        // take milliseconds that start-up need not wait for.
+        let _ = std::thread::Builder::new()
+            .name("wasmhive-probe-drop".into())
+            .spawn(move || drop((measured, probe)));
         Ok((runtime, component))
     }
 
@@ -509,6 +530,11 @@ fn engine_config(config: &RuntimeConfig, pooling: bool, cache: Option<&Cache>) -
         let instances = u32::try_from(config.max_instances).unwrap_or(u32::MAX);
         let footprint = &config.footprint;
         let (memories, tables) = (footprint.memories.max(1), footprint.tables.max(1));
+        // Each stack's guard page costs a system call when the pool is made:
+        // reserve as many as can be used, not more.
+        let stacks_per_instance =
+            u32::try_from(config.max_concurrency.unwrap_or(16).saturating_add(1))
+                .unwrap_or(u32::MAX);
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(instances)
             .total_core_instances(instances.saturating_mul(Footprint::CORE_INSTANCES))
@@ -519,7 +545,7 @@ fn engine_config(config: &RuntimeConfig, pooling: bool, cache: Option<&Cache>) -
             .table_elements(20_000.max(footprint.initial_table_elements as usize))
             // A fiber stack per guest task running at once: reserved, but
             // committed only as used.
-            .total_stacks(instances.saturating_mul(16))
+            .total_stacks(instances.saturating_mul(stacks_per_instance))
             .max_memory_size(config.max_memory);
         wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     }
