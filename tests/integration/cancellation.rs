@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use wasmhive::{Outcome, PoolLimits};
+use wasmhive::{ExitReason, Outcome, PoolLimits};
 use wasmhive_tests::{get, guests, handler, read_body};
 
 #[tokio::test]
@@ -50,4 +50,61 @@ async fn dropped_queued_requests_never_reach_a_guest() {
     assert_eq!(cancelled, 3);
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(handler.stats().queued_requests, 0);
+}
+
+/// A caller that goes away while the guest works on its request (a reset
+/// stream, a closed connection) must not leave that guest task holding the
+/// instance until the instance deadline: the instance finishes what others
+/// still wait for, then ends, abandoned task and all.
+#[tokio::test]
+async fn an_abandoned_request_retires_its_instance_once_the_others_are_answered() {
+    let (handler, reports) = handler(
+        guests::SLEEP_P3,
+        // Far beyond the test's bounds: the instance must not wait for it.
+        |l| l.post_return_timeout = Duration::from_secs(600),
+        PoolLimits {
+            max_instances: 1,
+            ..PoolLimits::default()
+        },
+    );
+    let mut abandoned = Box::pin(handler.handle(1, get("/?ms=600000")));
+    assert!(
+        futures::future::poll_immediate(&mut abandoned)
+            .await
+            .is_none()
+    );
+    let wanted = tokio::spawn({
+        let handler = handler.clone();
+        async move { handler.handle(2, get("/?ms=200")).await }
+    });
+    // Both run on the one instance (concurrency 16); then the first caller
+    // leaves.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while handler.stats().requests_started < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("both requests reach the guest within 10 s");
+    drop(abandoned);
+
+    let answer = tokio::time::timeout(Duration::from_secs(10), wanted)
+        .await
+        .expect("the other request is answered within 10 s")
+        .unwrap()
+        .expect("the other request succeeds");
+    assert_eq!(read_body(answer).await, "slept 200 ms\n");
+    let ended = tokio::time::timeout(
+        Duration::from_secs(10),
+        reports.wait_for_instance(|r| r.reason == ExitReason::Abandoned),
+    )
+    .await
+    .expect("the instance ends within 10 s, not at its 600 s deadline");
+    assert_eq!(ended.requests_served, 2);
+    // The pool slot is free again: a new request gets a new instance.
+    let next = tokio::time::timeout(Duration::from_secs(10), handler.handle(3, get("/?ms=1")))
+        .await
+        .expect("answered within 10 s")
+        .expect("succeeds");
+    assert_eq!(read_body(next).await, "slept 1 ms\n");
 }

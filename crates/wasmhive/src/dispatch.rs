@@ -261,6 +261,10 @@ impl<S: HandlerState> Supervisor<S> for Dispatcher<S> {
         self.pool.unpark(id);
     }
 
+    fn started(&self) {
+        self.counters.requests_started.fetch_add(1, Relaxed);
+    }
+
     fn redispatch(self: &Arc<Self>, job: Job<S>) {
         self.spawn_all(self.pool.readmit(job, now()));
     }

@@ -139,11 +139,10 @@ impl<S: HandlerState> ProxyHandler<S> {
             delivery: Err(TrapOrPanicError::new("the worker vanished before responding").into()),
             dispatch: None,
         });
-        if dispatch.is_some() {
-            dispatcher.counters.requests_started.fetch_add(1, Relaxed);
-            if let Some(place) = &mut place {
-                place.done(admitted.elapsed());
-            }
+        if dispatch.is_some()
+            && let Some(place) = &mut place
+        {
+            place.done(admitted.elapsed());
         }
         record.finish(dispatcher, dispatch, delivery)
     }

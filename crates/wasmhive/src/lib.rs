@@ -89,8 +89,15 @@
 //!   at every engine tick ([`RuntimeConfig::epoch_tick`]), so a guest
 //!   spinning on the CPU or blocked in a host call cannot starve it; when it
 //!   fires, the store is dropped with whatever it was running.
+//! * **Abandoned requests.** A caller that drops `handle` after its request
+//!   reached the guest (a reset stream, a closed connection) cannot have its
+//!   guest task cancelled (wasmtime has no per-task cancel), so the instance
+//!   takes nothing more and ends as soon as its other requests are answered
+//!   and delivered, instead of holding its pool slot until the
+//!   post-return deadline. Background work of those other requests is cut
+//!   short then.
 //! * **Disposal.** When the worker ends (idle, reuse spent, expired, trapped,
-//!   shut down) it returns any request it had received but not started to
+//!   abandoned, shut down) it returns any request it had received but not started to
 //!   the pool (they are re-dispatched: they never reached a guest, so this
 //!   is safe), passes its store to [`WorkerState::drop`] together with an
 //!   [`InstanceReport`] (incarnation, lifetime, requests, peak concurrency,

@@ -26,17 +26,23 @@ pub enum ExitReason {
     Shutdown,
     /// Instantiation failed; the instance never served.
     InstantiationFailed,
+    /// A caller went away (a reset stream, a closed connection) while the
+    /// guest still worked on its request: the instance retired as soon as
+    /// its other requests were answered, ending that abandoned guest task
+    /// with it instead of letting it hold the instance.
+    Abandoned,
 }
 
 impl ExitReason {
     /// Every reason, in a fixed order (the order of [`Stats::exits`]).
-    pub const ALL: [ExitReason; 6] = [
+    pub const ALL: [ExitReason; 7] = [
         ExitReason::Idle,
         ExitReason::ReuseSpent,
         ExitReason::Expired,
         ExitReason::Trapped,
         ExitReason::Shutdown,
         ExitReason::InstantiationFailed,
+        ExitReason::Abandoned,
     ];
 
     /// A short snake_case label, e.g. for a metrics label.
@@ -48,6 +54,7 @@ impl ExitReason {
             ExitReason::Trapped => "trapped",
             ExitReason::Shutdown => "shutdown",
             ExitReason::InstantiationFailed => "instantiation_failed",
+            ExitReason::Abandoned => "abandoned",
         }
     }
 

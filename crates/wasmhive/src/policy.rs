@@ -96,7 +96,12 @@ pub trait WorkerState: Send + Sync + 'static {
     /// guest responds, the request fails with
     /// [`ExpirationError`](crate::ExpirationError) and this instance accepts
     /// no more requests. The guest task is not cancelled (wasmtime cannot yet
-    /// cancel a task), it runs on until the instance itself expires.
+    /// cancel a task), it runs on until the instance itself expires. A
+    /// request whose caller goes away before the response head (the `handle`
+    /// future is dropped) likewise stops this instance accepting; the
+    /// instance then ends, abandoned task and all, as soon as its other
+    /// requests are answered and their bodies delivered
+    /// ([`ExitReason::Abandoned`](crate::ExitReason)).
     ///
     /// This deadline is polled inside the store's event loop, which a busy
     /// guest can stall; [`WorkerExpiration`] is the backstop.

@@ -128,6 +128,9 @@ pub(crate) trait Supervisor<S: HandlerState>: Send + Sync + Sized + 'static {
     /// Worker `id` runs guest code again.
     fn unpark(&self, id: WorkerId);
 
+    /// A worker handed a request to its guest.
+    fn started(&self);
+
     /// A job mailed to a worker that could not take it after all.
     fn redispatch(self: &Arc<Self>, job: Job<S>);
 
@@ -305,6 +308,7 @@ enum Finished {
     ReuseSpent,
     Expired,
     Shutdown,
+    Abandoned,
 }
 
 /// How the worker ended, seen from outside the event loop.
@@ -360,6 +364,7 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
         let mut starts = StartTimes::default();
         let mut total = 0usize;
         let mut may_accept = true;
+        let mut abandoned = false;
         let mut advertised = false;
         let mut reason = Finished::ReuseSpent;
         let mut shutdown = pin!(supervisor.shutdown().cancelled());
@@ -401,6 +406,7 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
                     return;
                 }
             };
+            supervisor.started();
             starts.add(accepted_at);
             *status_ref.lock().unwrap_or_else(|e| e.into_inner()) =
                 (WorkerStatus::Requests, accepted_at);
@@ -425,9 +431,24 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
                     bodies.extend(body);
                     starts.remove(started);
                     settled = true;
-                    if ended == Ended::Expired {
-                        may_accept = false;
-                        reason = Finished::Expired;
+                    match ended {
+                        Ended::Responded => {}
+                        Ended::Expired => {
+                            may_accept = false;
+                            reason = Finished::Expired;
+                        }
+                        // wasmtime cannot cancel one guest task, and an
+                        // abandoned one would hold this instance (and its
+                        // pool slot) until the instance deadline: take
+                        // nothing more and end with it once the requests
+                        // still wanted are done.
+                        Ended::Abandoned => {
+                            may_accept = false;
+                            abandoned = true;
+                            if !matches!(reason, Finished::Expired) {
+                                reason = Finished::Abandoned;
+                            }
+                        }
                     }
                 }
                 while let Poll::Ready(Some(_)) = bodies.poll_next_unpin(cx) {
@@ -492,8 +513,9 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
                     return Poll::Pending;
                 }
                 // No request outstanding; the guest may still be working
-                // for earlier ones (streaming a body, say).
-                if accessor.poll_no_interesting_tasks(cx).is_pending() {
+                // for earlier ones (streaming a body, say), which it may
+                // finish unless one of them was abandoned.
+                if !abandoned && accessor.poll_no_interesting_tasks(cx).is_pending() {
                     return Poll::Pending;
                 }
                 if !(may_accept && ready) {
@@ -573,6 +595,7 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
         Outcome::Finished(Finished::ReuseSpent) => (ExitReason::ReuseSpent, None),
         Outcome::Finished(Finished::Expired) => (ExitReason::Expired, None),
         Outcome::Finished(Finished::Shutdown) => (ExitReason::Shutdown, None),
+        Outcome::Finished(Finished::Abandoned) => (ExitReason::Abandoned, None),
         Outcome::ExpiredWhile(WorkerStatus::Idle) => (ExitReason::Idle, None),
         Outcome::ExpiredWhile(_) => (ExitReason::Expired, None),
         Outcome::Trapped(trap) => (ExitReason::Trapped, Some(crate::describe(&trap))),
