@@ -26,10 +26,15 @@ impl wasip2::exports::http::incoming_handler::Guest for Echo {
         );
         let in_body = request.consume().unwrap();
         let out_body = p2::start_response(out, 200, headers);
-        {
+        let copied = {
             let mut input = in_body.stream().unwrap();
             let mut output = out_body.write().unwrap();
-            std::io::copy(&mut input, &mut output).unwrap();
+            std::io::copy(&mut input, &mut output)
+        };
+        if copied.is_err() {
+            // The request body broke off (its client went away): dropping
+            // the response body unfinished aborts the echo too.
+            return;
         }
         IncomingBody::finish(in_body);
         OutgoingBody::finish(out_body, None).unwrap();

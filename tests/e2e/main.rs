@@ -4,6 +4,7 @@
 
 mod cli;
 mod errors;
+mod fair_share;
 mod faults;
 mod hostile;
 mod isolation;
@@ -257,11 +258,22 @@ pub async fn wait_for_metric(
     value: f64,
     timeout: Duration,
 ) -> f64 {
+    wait_until_metric(admin, series, |seen| seen == value, timeout).await
+}
+
+/// Reads the admin endpoint's `/metrics` until `series` satisfies `done`,
+/// for up to `timeout`; returns the last value seen.
+pub async fn wait_until_metric(
+    admin: SocketAddr,
+    series: &str,
+    done: impl Fn(f64) -> bool,
+    timeout: Duration,
+) -> f64 {
     let deadline = Instant::now() + timeout;
     loop {
         let (_, _, text) = get(admin, "/metrics").await;
         let seen = metric(&text, series);
-        if seen == value || Instant::now() > deadline {
+        if done(seen) || Instant::now() > deadline {
             return seen;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

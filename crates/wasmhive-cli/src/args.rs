@@ -108,6 +108,23 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 
+    /// Client connections one client address may have open at once; more
+    /// are closed at once [default: half of --max-connections].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_client: Option<u32>,
+
+    /// Requests one client address may have in flight (from arrival until
+    /// its response body is sent or dropped); more wait up to
+    /// --queue-timeout, then get 503 [default: half of --max-instances x
+    /// --max-concurrent-per-instance].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_requests_per_client: Option<u32>,
+
+    /// Concurrent streams on one HTTP/2 connection; more are refused with
+    /// REFUSED_STREAM.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams_per_connection: u32,
+
     /// Largest request body accepted (e.g. `16MiB`); larger ones get 413.
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     pub max_body_size: u64,

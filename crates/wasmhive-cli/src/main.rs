@@ -6,6 +6,7 @@
 
 mod admin;
 mod args;
+mod clients;
 mod serve;
 mod telemetry;
 

@@ -2,11 +2,12 @@
 //! h2c), hands each request to the library's [`ProxyHandler`], maps its
 //! typed errors to statuses, and drains on SIGINT or SIGTERM.
 //!
-//! Per connection: hyper-util's auto builder, a header read timeout, a
-//! connection cap (`--max-connections`, enforced by not accepting). Per
-//! request: an id, a `request` span, the body-size limit (413 from
-//! `Content-Length` at once; a body without one is cut off at the limit),
-//! then `ProxyHandler::handle`.
+//! Per connection: hyper-util's auto builder, a deadline for the first
+//! request, a connection cap (`--max-connections`, enforced by not
+//! accepting) and the client's fair share (`clients.rs`). Per request: a
+//! place in the client's share, an id, a `request` span, the body-size
+//! limit (413 from `Content-Length` at once; a body without one is cut off
+//! at the limit), then `ProxyHandler::handle`.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -34,6 +35,7 @@ use wasmhive::{
 
 use crate::admin::Admin;
 use crate::args::ServeArgs;
+use crate::clients::{ClientConnection, Clients, Holding};
 use crate::telemetry;
 
 /// How often an HTTP/2 connection is pinged, and how long the answer may
@@ -144,9 +146,27 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_body_size: args.max_body_size,
         next_id: AtomicU64::new(0),
     });
+    let clients = Clients::new(
+        args.max_connections_per_client
+            .map_or((args.max_connections as usize / 2).max(1), |n| n as usize),
+        args.max_requests_per_client.map_or(
+            (args.max_instances as usize * limits.max_concurrency / 2).max(1),
+            |n| n as usize,
+        ),
+        args.queue_timeout,
+        args.queue_len,
+    );
     let graceful = GracefulShutdown::new();
     let mut signal = std::pin::pin!(shutdown_signal());
-    accept(&listener, &server, &args, &graceful, signal.as_mut()).await;
+    accept(
+        &listener,
+        &server,
+        &clients,
+        &args,
+        &graceful,
+        signal.as_mut(),
+    )
+    .await;
 
     // Drain: stop accepting, answer new requests on open connections with
     // 503, let in-flight ones finish, close idle connections.
@@ -247,6 +267,7 @@ fn load_app(args: &ServeArgs) -> anyhow::Result<Loaded> {
 async fn accept(
     listener: &TcpListener,
     server: &Arc<Server>,
+    clients: &Arc<Clients>,
     args: &ServeArgs,
     graceful: &GracefulShutdown,
     mut signal: Pin<&mut impl Future<Output = ()>>,
@@ -263,7 +284,8 @@ async fn accept(
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(H2_KEEP_ALIVE))
-        .keep_alive_timeout(H2_KEEP_ALIVE);
+        .keep_alive_timeout(H2_KEEP_ALIVE)
+        .max_concurrent_streams(args.max_streams_per_connection);
     let permits = Arc::new(Semaphore::new(args.max_connections as usize));
     let open = metrics::gauge!("wasmhive_connections_open");
     loop {
@@ -272,11 +294,11 @@ async fn accept(
             () = signal.as_mut() => return,
             permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             biased;
             () = signal.as_mut() => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => stream,
+                Ok(accepted) => accepted,
                 Err(error) => {
                     // Out of file descriptors, say: back off rather than spin.
                     tracing::warn!(%error, "accept failed");
@@ -285,17 +307,24 @@ async fn accept(
                 }
             },
         };
+        let Some(client) = clients.connect(peer.ip()) else {
+            metrics::counter!("wasmhive_client_share_refused_total", "what" => "connection")
+                .increment(1);
+            tracing::debug!(client = %peer.ip(), "connection closed: the client has its share open");
+            continue;
+        };
+        let client = Arc::new(client);
         let _ = stream.set_nodelay(true);
         // Whether the connection has got as far as a request: until it has
         // (first bytes, protocol detection, the HTTP/2 preface and SETTINGS,
         // an HTTP/1 head) it has `--header-timeout` in all.
         let started = Arc::new(AtomicBool::new(false));
         let service = hyper::service::service_fn({
-            let (server, started) = (server.clone(), started.clone());
+            let (server, started, client) = (server.clone(), started.clone(), client.clone());
             move |request| {
                 started.store(true, Ordering::Relaxed);
-                let server = server.clone();
-                async move { Ok::<_, Infallible>(server.respond(request).await) }
+                let (server, client) = (server.clone(), client.clone());
+                async move { Ok::<_, Infallible>(server.respond(request, &client).await) }
             }
         });
         let connection = builder
@@ -307,18 +336,29 @@ async fn accept(
         let first_request_timeout = args.header_timeout;
         tokio::spawn(async move {
             let mut connection = std::pin::pin!(connection);
-            let ended = tokio::select! {
-                ended = &mut connection => Some(ended),
-                () = tokio::time::sleep(first_request_timeout) => None,
-            };
-            let ended = match ended {
-                Some(ended) => Some(ended),
-                None if started.load(Ordering::Relaxed) => Some(connection.await),
-                // Dropping the connection closes the socket.
-                None => {
-                    metrics::counter!("wasmhive_connections_timed_out_total").increment(1);
-                    tracing::debug!("connection closed: no request within the header timeout");
-                    None
+            let mut first_request = std::pin::pin!(tokio::time::sleep(first_request_timeout));
+            let mut waiting_for_first = true;
+            // Dropping the connection closes the socket.
+            let ended = loop {
+                tokio::select! {
+                    ended = &mut connection => break Some(ended),
+                    () = client.abusive() => {
+                        metrics::counter!("wasmhive_connections_closed_for_resets_total")
+                            .increment(1);
+                        tracing::debug!(
+                            "connection closed: it reset more requests than it let finish"
+                        );
+                        break None;
+                    }
+                    () = &mut first_request, if waiting_for_first => {
+                        if started.load(Ordering::Relaxed) {
+                            waiting_for_first = false;
+                            continue;
+                        }
+                        metrics::counter!("wasmhive_connections_timed_out_total").increment(1);
+                        tracing::debug!("connection closed: no request within the header timeout");
+                        break None;
+                    }
                 }
             };
             if let Some(Err(error)) = ended {
@@ -350,8 +390,29 @@ struct Server {
 type Response = http::Response<wasmhive::Body>;
 
 impl Server {
-    /// Answers one request; never fails (errors become statuses).
-    async fn respond(&self, request: hyper::Request<Incoming>) -> Response {
+    /// Answers one request within `client`'s share; never fails (errors
+    /// become statuses).
+    async fn respond(
+        &self,
+        request: hyper::Request<Incoming>,
+        client: &ClientConnection,
+    ) -> Response {
+        let Some(place) = client.request_place().await else {
+            metrics::counter!("wasmhive_client_share_refused_total", "what" => "request")
+                .increment(1);
+            telemetry::record_response(503, Duration::ZERO);
+            let mut response = plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many requests in flight from this client\n".into(),
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(1));
+            return response;
+        };
+        // Counts the request as reset if the client goes away before its
+        // response head.
+        let reset = ResetOnDrop(Some(client));
         let started = Instant::now();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!(
@@ -361,8 +422,9 @@ impl Server {
             path = %request.uri().path(),
         );
         let response = self.dispatch(id, request).instrument(span).await;
+        reset.disarm();
         telemetry::record_response(response.status().as_u16(), started.elapsed());
-        response
+        response.map(|body| wasmhive::into_body(Holding::new(body, place)))
     }
 
     async fn dispatch(&self, id: u64, request: hyper::Request<Incoming>) -> Response {
@@ -398,6 +460,27 @@ impl Server {
         match result {
             Ok(response) => response,
             Err(error) => error_response(&error),
+        }
+    }
+}
+
+/// Tells a connection, when dropped armed, that its client reset a
+/// request it had sent.
+struct ResetOnDrop<'a>(Option<&'a ClientConnection>);
+
+impl ResetOnDrop<'_> {
+    /// The request got its response head: a finished request, not a reset.
+    fn disarm(mut self) {
+        if let Some(client) = self.0.take() {
+            client.finished();
+        }
+    }
+}
+
+impl Drop for ResetOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            client.reset();
         }
     }
 }

@@ -83,6 +83,14 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
         "wasmhive_connections_open",
         "Client connections open on the HTTP listener"
     );
+    describe_counter!(
+        "wasmhive_client_share_refused_total",
+        "Connections closed and requests answered 503 because their client address had its share (what: connection, request)"
+    );
+    describe_counter!(
+        "wasmhive_connections_closed_for_resets_total",
+        "Connections closed because their client reset more requests than it let finish"
+    );
     describe_gauge!(
         "wasmhive_runtime_tasks_alive",
         "Tokio tasks alive in the server process (connections, requests, instances)"

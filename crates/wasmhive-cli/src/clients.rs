@@ -1,0 +1,266 @@
+//! Fair shares: what one client address may hold, so that one client
+//! cannot take the capacity every other client needs.
+//!
+//! Each address may have `--max-connections-per-client` connections open
+//! (more are closed at once) and `--max-requests-per-client` requests in
+//! flight. A request is in flight from the moment it arrives until its
+//! response body has been sent or dropped, so a client that stalls its
+//! requests (HTTP/2 zero windows, bodies that never come, responses never
+//! read) pins at most its share of instances. The surplus waits in line
+//! like a queued request: up to `--queue-timeout`, and no more than
+//! `--queue-len` requests wait so at once; beyond either, `503`. Per connection, on top:
+//! HTTP/2 streams are capped (`--max-streams-per-connection`, refused with
+//! `REFUSED_STREAM` by the protocol layer), and a connection whose client
+//! resets more requests that reached the server than it lets finish is
+//! closed ([`ClientConnection::reset`]).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+/// Resets a connection may make of requests that reached the server before
+/// the reset rule applies: past it, a connection that has reset more
+/// requests than it let finish is closed (HTTP/2's own rapid-reset defence
+/// counts only streams reset before the server took them).
+const FREE_RESETS: u64 = 100;
+
+/// The shares of every client address with a connection open.
+pub struct Clients {
+    max_connections: usize,
+    max_requests: usize,
+    wait: Duration,
+    max_waiting: usize,
+    waiting: AtomicUsize,
+    shares: Mutex<HashMap<IpAddr, Share>>,
+}
+
+struct Share {
+    connections: usize,
+    requests: Arc<Semaphore>,
+}
+
+impl Clients {
+    /// Shares of `max_connections` connections and `max_requests` requests
+    /// in flight per address; a request waits up to `wait` for a place, and
+    /// at most `max_waiting` requests wait at once.
+    pub fn new(
+        max_connections: usize,
+        max_requests: usize,
+        wait: Duration,
+        max_waiting: usize,
+    ) -> Arc<Clients> {
+        Arc::new(Clients {
+            max_connections,
+            max_requests,
+            wait,
+            max_waiting,
+            waiting: AtomicUsize::new(0),
+            shares: Mutex::default(),
+        })
+    }
+
+    /// A new connection from `ip`, or `None` if that address already has
+    /// its share of connections open.
+    pub fn connect(self: &Arc<Self>, ip: IpAddr) -> Option<ClientConnection> {
+        let mut shares = self.shares.lock().unwrap_or_else(|e| e.into_inner());
+        let share = shares.entry(ip).or_insert_with(|| Share {
+            connections: 0,
+            requests: Arc::new(Semaphore::new(self.max_requests)),
+        });
+        if share.connections >= self.max_connections {
+            return None;
+        }
+        share.connections += 1;
+        Some(ClientConnection {
+            clients: self.clone(),
+            ip,
+            requests: share.requests.clone(),
+            resets: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
+            abusive: Notify::new(),
+        })
+    }
+}
+
+/// One open connection's hold on its client's share, and its tally of
+/// reset requests. Dropping it gives the connection back.
+pub struct ClientConnection {
+    clients: Arc<Clients>,
+    ip: IpAddr,
+    requests: Arc<Semaphore>,
+    resets: AtomicU64,
+    finished: AtomicU64,
+    abusive: Notify,
+}
+
+impl ClientConnection {
+    /// A place for one request in flight, waiting in line for one if the
+    /// client has its share in flight; `None` means the line is full or the
+    /// wait ran out.
+    pub async fn request_place(&self) -> Option<OwnedSemaphorePermit> {
+        if let Ok(place) = self.requests.clone().try_acquire_owned() {
+            return Some(place);
+        }
+        let clients = &self.clients;
+        if clients.waiting.fetch_add(1, Relaxed) >= clients.max_waiting {
+            clients.waiting.fetch_sub(1, Relaxed);
+            return None;
+        }
+        // Leaves the line however the wait ends, the caller's going away
+        // included.
+        struct InLine<'a>(&'a AtomicUsize);
+        impl Drop for InLine<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Relaxed);
+            }
+        }
+        let _in_line = InLine(&clients.waiting);
+        let place = self.requests.clone().acquire_owned();
+        match tokio::time::timeout(clients.wait, place).await {
+            Ok(place) => Some(place.expect("the semaphore is never closed")),
+            Err(_) => None,
+        }
+    }
+
+    /// A request on this connection got its response head.
+    pub fn finished(&self) {
+        self.finished.fetch_add(1, Relaxed);
+    }
+
+    /// The client went away from a request that had reached the server
+    /// before its response head. Past [`FREE_RESETS`], a connection that
+    /// resets more requests than it lets finish is flagged abusive.
+    pub fn reset(&self) {
+        let resets = self.resets.fetch_add(1, Relaxed) + 1;
+        if resets > FREE_RESETS && resets > self.finished.load(Relaxed) {
+            self.abusive.notify_one();
+        }
+    }
+
+    /// Resolves once the connection has been flagged abusive.
+    pub async fn abusive(&self) {
+        self.abusive.notified().await
+    }
+}
+
+impl Drop for ClientConnection {
+    fn drop(&mut self) {
+        let mut shares = self
+            .clients
+            .shares
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(share) = shares.get_mut(&self.ip) {
+            share.connections -= 1;
+            // An address with requests still in flight (bodies being sent
+            // after their connection's task ended) keeps its entry, so that a
+            // new connection cannot start over with a full share.
+            if share.connections == 0
+                && share.requests.available_permits() == self.clients.max_requests
+            {
+                shares.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A response body that holds its request's place in its client's share
+/// until it has been sent or dropped.
+pub struct Holding<B> {
+    body: B,
+    _place: OwnedSemaphorePermit,
+}
+
+impl<B> Holding<B> {
+    /// `body`, holding `place`.
+    pub fn new(body: B, place: OwnedSemaphorePermit) -> Holding<B> {
+        Holding {
+            body,
+            _place: place,
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Holding<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn connections_and_requests_are_capped_per_address() {
+        let clients = Clients::new(2, 1, Duration::from_millis(10), 8);
+        let (a, b) = ("127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap());
+        let first = clients.connect(a).unwrap();
+        let second = clients.connect(a).unwrap();
+        assert!(clients.connect(a).is_none(), "a third connection from a");
+        let other = clients.connect(b).expect("b has its own share");
+
+        let place = first.request_place().await.expect("a's one place");
+        assert!(second.request_place().await.is_none(), "a is at its share");
+        assert!(other.request_place().await.is_some(), "b is not");
+        drop(place);
+        assert!(second.request_place().await.is_some());
+
+        // The line is bounded: with none allowed to wait, the surplus is
+        // refused at once.
+        let strict = Clients::new(1, 1, Duration::from_secs(60), 0);
+        let only = strict.connect(a).unwrap();
+        let _held = only.request_place().await.unwrap();
+        let refused = tokio::time::timeout(Duration::from_secs(1), only.request_place());
+        assert!(refused.await.expect("refused at once").is_none());
+
+        // A closed connection gives its place back; the address's entry
+        // goes once nothing of it is left.
+        drop((first, second));
+        assert!(clients.connect(a).is_some());
+        drop(other);
+        assert!(clients.shares.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_resets_more_than_it_finishes_is_abusive() {
+        let clients = Clients::new(1, 1, Duration::from_millis(10), 8);
+        let connection = clients.connect("127.0.0.1".parse().unwrap()).unwrap();
+        for _ in 0..FREE_RESETS * 2 {
+            connection.finished();
+        }
+        for _ in 0..FREE_RESETS * 2 {
+            connection.reset();
+        }
+        let flagged = tokio::time::timeout(Duration::from_millis(10), connection.abusive());
+        assert!(
+            flagged.await.is_err(),
+            "as many resets as finished requests"
+        );
+        connection.reset();
+        let flagged = tokio::time::timeout(Duration::from_secs(1), connection.abusive());
+        assert!(flagged.await.is_ok(), "one reset more");
+    }
+}
