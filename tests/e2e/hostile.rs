@@ -297,3 +297,35 @@ async fn a_blocked_stdout_pipe_stops_neither_requests_nor_healthz() {
     assert!(metric(&metrics, "wasmhive_guest_output_dropped_total") > 100_000.0);
     server.finish().await;
 }
+
+/// An HTTP/2 client that answers every ping but sends nothing more is
+/// closed once nothing has been in flight for `--header-timeout`: pings
+/// alone do not keep a connection (and its place under
+/// `--max-connections`).
+#[tokio::test]
+async fn idle_http2_connections_are_closed_at_the_header_timeout() {
+    let server = Server::start(&[guests::HELLO_P3.path, "--header-timeout", "1s"]);
+    let stream = TcpStream::connect(server.addr).await.unwrap();
+    let (sender, connection) = h2::client::handshake(stream).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let mut sender = sender.ready().await.unwrap();
+    let request = http::Request::builder()
+        .uri(format!("http://{}/", server.addr))
+        .body(())
+        .unwrap();
+    let (response, _) = sender.send_request(request, true).unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    while let Some(chunk) = body.data().await {
+        chunk.unwrap();
+    }
+    // The client keeps its handle, and would answer pings forever.
+    let closed = tokio::time::timeout(Duration::from_secs(10), connection).await;
+    assert!(
+        closed.is_ok(),
+        "the idle connection was not closed within 10 s"
+    );
+    drop(sender);
+    server.finish().await;
+}

@@ -129,7 +129,9 @@ pub struct ServeArgs {
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     pub max_body_size: u64,
 
-    /// How long a client may take to send a request's headers (HTTP/1).
+    /// How long a client may take to send a request's headers (HTTP/1), and
+    /// how long any connection may stay with nothing in flight (HTTP/2
+    /// pings do not count) before it is closed.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub header_timeout: Duration,
 

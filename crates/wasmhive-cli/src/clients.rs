@@ -12,7 +12,8 @@
 //! HTTP/2 streams are capped (`--max-streams-per-connection`, refused with
 //! `REFUSED_STREAM` by the protocol layer), and a connection whose client
 //! resets more requests that reached the server than it lets finish is
-//! closed ([`ClientConnection::reset`]).
+//! closed ([`ClientConnection::reset`]), and a connection with nothing in
+//! flight is idle ([`ClientConnection::idle_since`]).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -21,6 +22,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -86,6 +89,7 @@ impl Clients {
             resets: AtomicU64::new(0),
             finished: AtomicU64::new(0),
             abusive: Notify::new(),
+            activity: Mutex::new((0, Instant::now())),
         })
     }
 }
@@ -99,6 +103,9 @@ pub struct ClientConnection {
     resets: AtomicU64,
     finished: AtomicU64,
     abusive: Notify,
+    /// Requests in flight on this connection, and when the most recent one
+    /// ended (or the connection opened).
+    activity: Mutex<(usize, Instant)>,
 }
 
 impl ClientConnection {
@@ -145,6 +152,20 @@ impl ClientConnection {
         }
     }
 
+    /// A request arrived: the connection is busy until the returned guard
+    /// (moved into its response body) is dropped.
+    pub fn busy(self: &Arc<Self>) -> Busy {
+        self.activity.lock().unwrap_or_else(|e| e.into_inner()).0 += 1;
+        Busy(self.clone())
+    }
+
+    /// Since when nothing has been in flight on this connection, or `None`
+    /// while something is.
+    pub fn idle_since(&self) -> Option<Instant> {
+        let (in_flight, since) = *self.activity.lock().unwrap_or_else(|e| e.into_inner());
+        (in_flight == 0).then_some(since)
+    }
+
     /// Resolves once the connection has been flagged abusive.
     pub async fn abusive(&self) {
         self.abusive.notified().await
@@ -172,19 +193,32 @@ impl Drop for ClientConnection {
     }
 }
 
-/// A response body that holds its request's place in its client's share
-/// until it has been sent or dropped.
+/// A request keeping its connection busy; see [`ClientConnection::busy`].
+pub struct Busy(Arc<ClientConnection>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut activity = self.0.activity.lock().unwrap_or_else(|e| e.into_inner());
+        activity.0 -= 1;
+        activity.1 = Instant::now();
+    }
+}
+
+/// A response body that keeps its request in flight (its place in its
+/// client's share, its connection busy) until it has been sent or dropped.
 pub struct Holding<B> {
     body: B,
-    _place: OwnedSemaphorePermit,
+    _place: Option<OwnedSemaphorePermit>,
+    _busy: Busy,
 }
 
 impl<B> Holding<B> {
-    /// `body`, holding `place`.
-    pub fn new(body: B, place: OwnedSemaphorePermit) -> Holding<B> {
+    /// `body`, holding `place` and `busy`.
+    pub fn new(body: B, place: Option<OwnedSemaphorePermit>, busy: Busy) -> Holding<B> {
         Holding {
             body,
             _place: place,
+            _busy: busy,
         }
     }
 }
@@ -242,6 +276,25 @@ mod tests {
         assert!(clients.connect(a).is_some());
         drop(other);
         assert!(clients.shares.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_idle_when_nothing_is_in_flight() {
+        let clients = Clients::new(1, 1, Duration::from_millis(10), 8);
+        let connection = Arc::new(clients.connect("127.0.0.1".parse().unwrap()).unwrap());
+        let opened = Instant::now();
+        assert_eq!(connection.idle_since(), Some(opened));
+        let (first, second) = (connection.busy(), connection.busy());
+        assert_eq!(connection.idle_since(), None);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        drop(first);
+        assert_eq!(connection.idle_since(), None, "one still in flight");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        drop(second);
+        assert_eq!(
+            connection.idle_since(),
+            Some(opened + Duration::from_secs(2))
+        );
     }
 
     #[tokio::test]

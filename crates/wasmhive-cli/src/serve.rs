@@ -315,14 +315,9 @@ async fn accept(
         };
         let client = Arc::new(client);
         let _ = stream.set_nodelay(true);
-        // Whether the connection has got as far as a request: until it has
-        // (first bytes, protocol detection, the HTTP/2 preface and SETTINGS,
-        // an HTTP/1 head) it has `--header-timeout` in all.
-        let started = Arc::new(AtomicBool::new(false));
         let service = hyper::service::service_fn({
-            let (server, started, client) = (server.clone(), started.clone(), client.clone());
+            let (server, client) = (server.clone(), client.clone());
             move |request| {
-                started.store(true, Ordering::Relaxed);
                 let (server, client) = (server.clone(), client.clone());
                 async move { Ok::<_, Infallible>(server.respond(request, &client).await) }
             }
@@ -333,13 +328,18 @@ async fn accept(
         let connection = graceful.watch(connection);
         let open = open.clone();
         open.increment(1.0);
-        let first_request_timeout = args.header_timeout;
+        let idle_timeout = args.header_timeout;
         tokio::spawn(async move {
             let mut connection = std::pin::pin!(connection);
-            let mut first_request = std::pin::pin!(tokio::time::sleep(first_request_timeout));
-            let mut waiting_for_first = true;
             // Dropping the connection closes the socket.
             let ended = loop {
+                // Every connection state has this deadline while nothing is
+                // in flight: first bytes, protocol detection, the HTTP/2
+                // preface and SETTINGS, an HTTP/1 head, and an HTTP/2
+                // connection with no open stream (whose client may answer
+                // pings forever).
+                let idle = client.idle_since();
+                let check = idle.unwrap_or_else(tokio::time::Instant::now) + idle_timeout;
                 tokio::select! {
                     ended = &mut connection => break Some(ended),
                     () = client.abusive() => {
@@ -350,14 +350,12 @@ async fn accept(
                         );
                         break None;
                     }
-                    () = &mut first_request, if waiting_for_first => {
-                        if started.load(Ordering::Relaxed) {
-                            waiting_for_first = false;
-                            continue;
+                    () = tokio::time::sleep_until(check) => {
+                        if client.idle_since().is_some_and(|since| since.elapsed() >= idle_timeout) {
+                            metrics::counter!("wasmhive_connections_timed_out_total").increment(1);
+                            tracing::debug!("connection closed: idle for the header timeout");
+                            break None;
                         }
-                        metrics::counter!("wasmhive_connections_timed_out_total").increment(1);
-                        tracing::debug!("connection closed: no request within the header timeout");
-                        break None;
                     }
                 }
             };
@@ -395,8 +393,9 @@ impl Server {
     async fn respond(
         &self,
         request: hyper::Request<Incoming>,
-        client: &ClientConnection,
+        client: &Arc<ClientConnection>,
     ) -> Response {
+        let busy = client.busy();
         let Some(place) = client.request_place().await else {
             metrics::counter!("wasmhive_client_share_refused_total", "what" => "request")
                 .increment(1);
@@ -408,7 +407,7 @@ impl Server {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(1));
-            return response;
+            return response.map(|body| wasmhive::into_body(Holding::new(body, None, busy)));
         };
         // Counts the request as reset if the client goes away before its
         // response head.
@@ -424,7 +423,7 @@ impl Server {
         let response = self.dispatch(id, request).instrument(span).await;
         reset.disarm();
         telemetry::record_response(response.status().as_u16(), started.elapsed());
-        response.map(|body| wasmhive::into_body(Holding::new(body, place)))
+        response.map(|body| wasmhive::into_body(Holding::new(body, Some(place), busy)))
     }
 
     async fn dispatch(&self, id: u64, request: hyper::Request<Incoming>) -> Response {
