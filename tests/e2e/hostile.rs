@@ -329,3 +329,33 @@ async fn idle_http2_connections_are_closed_at_the_header_timeout() {
     drop(sender);
     server.finish().await;
 }
+
+/// A request body that stops coming fails in the guest after
+/// `--body-timeout` without progress, and its client gets `408`; the
+/// instance is free again for others.
+#[tokio::test]
+async fn a_stalled_request_body_gets_408_at_the_body_timeout() {
+    let server = Server::start(&[guests::ECHO_P3.path, "--body-timeout", "1s"]);
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    // Half a body; the guest reads it all before it answers.
+    stream
+        .write_all(b"POST /?buffer=1 HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 1024];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    });
+    read.await.expect("an answer within 10 s");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let (status, _, body) = get(server.addr, "/").await;
+    assert_eq!((status, body.as_str()), (200, ""));
+    server.finish().await;
+}

@@ -129,6 +129,12 @@ pub struct ServeArgs {
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     pub max_body_size: u64,
 
+    /// Longest pause a client may take between two pieces of a request
+    /// body while the guest waits for it; then the body fails in the guest
+    /// and the client gets 408 (if the guest had not answered yet).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub body_timeout: Duration,
+
     /// How long a client may take to send a request's headers (HTTP/1), and
     /// how long any connection may stay with nothing in flight (HTTP/2
     /// pings do not count) before it is closed.

@@ -7,6 +7,7 @@
 mod admin;
 mod args;
 mod clients;
+mod request_body;
 mod serve;
 mod telemetry;
 

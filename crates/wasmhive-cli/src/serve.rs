@@ -13,13 +13,12 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
-use http_body::{Body as _, Frame, SizeHint};
+use http_body::Body as _;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -29,13 +28,14 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::Instrument as _;
 use wasmhive::{
-    AdaptiveConcurrency, App, BodyError, Error, Limits, MemoryBudget, PoolLimits, ProxyHandler,
-    Runtime, RuntimeConfig,
+    AdaptiveConcurrency, App, Error, Limits, MemoryBudget, PoolLimits, ProxyHandler, Runtime,
+    RuntimeConfig,
 };
 
 use crate::admin::Admin;
 use crate::args::ServeArgs;
 use crate::clients::{ClientConnection, Clients, Holding};
+use crate::request_body::{CutOff, RequestBody, Verdict};
 use crate::telemetry;
 
 /// How often an HTTP/2 connection is pinged, and how long the answer may
@@ -144,6 +144,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let server = Arc::new(Server {
         handler: handler.clone(),
         max_body_size: args.max_body_size,
+        body_timeout: args.body_timeout,
         next_id: AtomicU64::new(0),
     });
     let clients = Clients::new(
@@ -382,6 +383,7 @@ async fn shutdown_signal() {
 struct Server {
     handler: ProxyHandler<App>,
     max_body_size: u64,
+    body_timeout: Duration,
     next_id: AtomicU64,
 }
 
@@ -437,24 +439,26 @@ impl Server {
         }
         // hyper holds a body with a Content-Length to it; a body without one
         // (chunked, or HTTP/2 frames) is counted as the guest reads it.
-        let exceeded = match declared {
-            None if !request.body().is_end_stream() => Some(Arc::new(AtomicBool::new(false))),
-            _ => None,
-        };
-        let request = match &exceeded {
-            Some(flag) => request.map(|body| {
-                wasmhive::into_body(LimitedBody {
-                    inner: body,
-                    remaining: limit,
-                    exceeded: flag.clone(),
-                })
-            }),
-            None => request.map(wasmhive::into_body),
+        let verdict = Verdict::default();
+        let request = if request.body().is_end_stream() {
+            request.map(wasmhive::into_body)
+        } else {
+            let limit = declared.is_none().then_some(limit);
+            let (pause, verdict) = (self.body_timeout, verdict.clone());
+            request.map(|body| wasmhive::into_body(RequestBody::new(body, limit, pause, verdict)))
         };
         let result = self.handler.handle(id, request).await;
-        if exceeded.is_some_and(|flag| flag.load(Ordering::Relaxed)) {
-            // The guest read past the limit before it answered.
-            return too_large(limit);
+        // The body was cut off before the guest answered: the client's
+        // doing, whatever the guest made of it.
+        match verdict.get() {
+            Some(CutOff::TooLarge) => return too_large(limit),
+            Some(CutOff::TooSlow) => {
+                return plain(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "the request body stalled\n".into(),
+                );
+            }
+            None => {}
         }
         match result {
             Ok(response) => response,
@@ -525,46 +529,4 @@ fn plain(status: StatusCode, body: String) -> Response {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
-}
-
-/// A request body without a declared length, failing once more than
-/// `remaining` bytes arrive (and flagging it, so that the client gets 413).
-struct LimitedBody {
-    inner: Incoming,
-    remaining: u64,
-    exceeded: Arc<AtomicBool>,
-}
-
-impl http_body::Body for LimitedBody {
-    type Data = Bytes;
-    type Error = BodyError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => frame,
-            Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error.into()))),
-            Poll::Ready(None) => return Poll::Ready(None),
-            Poll::Pending => return Poll::Pending,
-        };
-        if let Some(data) = frame.data_ref() {
-            let len = data.len() as u64;
-            if len > self.remaining {
-                self.exceeded.store(true, Ordering::Relaxed);
-                return Poll::Ready(Some(Err(BodyError::HttpRequestBodySize(None))));
-            }
-            self.remaining -= len;
-        }
-        Poll::Ready(Some(Ok(frame)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
 }
