@@ -359,3 +359,36 @@ async fn a_stalled_request_body_gets_408_at_the_body_timeout() {
     assert_eq!((status, body.as_str()), (200, ""));
     server.finish().await;
 }
+
+/// A client that takes none of its response (here an HTTP/2 window kept
+/// shut, while it answers pings) loses its connection at `--send-timeout`,
+/// and with it the places its requests held.
+#[tokio::test]
+async fn a_client_that_takes_none_of_its_response_is_cut_off_at_the_send_timeout() {
+    let server = Server::start(&[guests::HELLO_P3.path, "--send-timeout", "1s"]);
+    let stream = TcpStream::connect(server.addr).await.unwrap();
+    let (sender, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(stream)
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let mut sender = sender.ready().await.unwrap();
+    let request = http::Request::builder()
+        .uri(format!("http://{}/", server.addr))
+        .body(())
+        .unwrap();
+    let (response, _) = sender.send_request(request, true).unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 200);
+    // The body cannot be sent: the window stays shut.
+    let closed = tokio::time::timeout(Duration::from_secs(10), connection).await;
+    assert!(
+        closed.is_ok(),
+        "the stalled connection was not closed within 10 s"
+    );
+    drop((sender, response));
+    let (status, _, _) = get(server.addr, "/").await;
+    assert_eq!(status, 200);
+    server.finish().await;
+}

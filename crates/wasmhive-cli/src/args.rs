@@ -135,6 +135,12 @@ pub struct ServeArgs {
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub body_timeout: Duration,
 
+    /// Longest time a client may take none of a response body (a reader
+    /// that stopped, an HTTP/2 window kept shut); then its connection is
+    /// closed.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub send_timeout: Duration,
+
     /// How long a client may take to send a request's headers (HTTP/1), and
     /// how long any connection may stay with nothing in flight (HTTP/2
     /// pings do not count) before it is closed.

@@ -12,8 +12,10 @@
 //! HTTP/2 streams are capped (`--max-streams-per-connection`, refused with
 //! `REFUSED_STREAM` by the protocol layer), and a connection whose client
 //! resets more requests that reached the server than it lets finish is
-//! closed ([`ClientConnection::reset`]), and a connection with nothing in
-//! flight is idle ([`ClientConnection::idle_since`]).
+//! closed ([`ClientConnection::reset`]), a connection with nothing in
+//! flight is idle ([`ClientConnection::idle_since`]), and one whose client
+//! stopped taking a response body is stalled
+//! ([`ClientConnection::stalled_since`]).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -90,6 +92,7 @@ impl Clients {
             finished: AtomicU64::new(0),
             abusive: Notify::new(),
             activity: Mutex::new((0, Instant::now())),
+            sending: Mutex::default(),
         })
     }
 }
@@ -106,6 +109,19 @@ pub struct ClientConnection {
     /// Requests in flight on this connection, and when the most recent one
     /// ended (or the connection opened).
     activity: Mutex<(usize, Instant)>,
+    /// The response bodies being sent on this connection.
+    sending: Mutex<Vec<std::sync::Weak<SendClock>>>,
+}
+
+/// Since when a response body has waited for its client to take the piece
+/// it last produced; `None` while it waits for the guest, or is done.
+#[derive(Default)]
+struct SendClock(Mutex<Option<Instant>>);
+
+impl SendClock {
+    fn set(&self, since: Option<Instant>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = since;
+    }
 }
 
 impl ClientConnection {
@@ -166,6 +182,18 @@ impl ClientConnection {
         (in_flight == 0).then_some(since)
     }
 
+    /// Since when the longest-waiting response body on this connection has
+    /// waited for its client to take more of it (a client that stopped
+    /// reading, or an HTTP/2 window that stays shut), if one waits.
+    pub fn stalled_since(&self) -> Option<Instant> {
+        let mut sending = self.sending.lock().unwrap_or_else(|e| e.into_inner());
+        sending.retain(|clock| clock.strong_count() > 0);
+        sending
+            .iter()
+            .filter_map(|clock| *clock.upgrade()?.0.lock().unwrap_or_else(|e| e.into_inner()))
+            .min()
+    }
+
     /// Resolves once the connection has been flagged abusive.
     pub async fn abusive(&self) {
         self.abusive.notified().await
@@ -205,18 +233,29 @@ impl Drop for Busy {
 }
 
 /// A response body that keeps its request in flight (its place in its
-/// client's share, its connection busy) until it has been sent or dropped.
+/// client's share, its connection busy) until it has been sent or dropped,
+/// and tells its connection when its client stops taking it.
 pub struct Holding<B> {
     body: B,
+    clock: Arc<SendClock>,
     _place: Option<OwnedSemaphorePermit>,
     _busy: Busy,
 }
 
 impl<B> Holding<B> {
-    /// `body`, holding `place` and `busy`.
+    /// `body`, holding `place` and `busy`. Its head is about to be sent:
+    /// until the server first asks for the body, it waits for the client.
     pub fn new(body: B, place: Option<OwnedSemaphorePermit>, busy: Busy) -> Holding<B> {
+        let clock = Arc::new(SendClock(Mutex::new(Some(Instant::now()))));
+        let connection = &busy.0;
+        connection
+            .sending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::downgrade(&clock));
         Holding {
             body,
+            clock,
             _place: place,
             _busy: busy,
         }
@@ -231,7 +270,14 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Holding<B> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let poll = Pin::new(&mut self.body).poll_frame(cx);
+        // The server comes back for more once the client has taken what it
+        // got: a piece handed over starts the wait for the client.
+        self.clock.set(match &poll {
+            Poll::Ready(Some(Ok(_))) => Some(Instant::now()),
+            _ => None,
+        });
+        poll
     }
 
     fn is_end_stream(&self) -> bool {

@@ -329,7 +329,7 @@ async fn accept(
         let connection = graceful.watch(connection);
         let open = open.clone();
         open.increment(1.0);
-        let idle_timeout = args.header_timeout;
+        let (idle_timeout, send_timeout) = (args.header_timeout, args.send_timeout);
         tokio::spawn(async move {
             let mut connection = std::pin::pin!(connection);
             // Dropping the connection closes the socket.
@@ -339,8 +339,9 @@ async fn accept(
                 // preface and SETTINGS, an HTTP/1 head, and an HTTP/2
                 // connection with no open stream (whose client may answer
                 // pings forever).
-                let idle = client.idle_since();
-                let check = idle.unwrap_or_else(tokio::time::Instant::now) + idle_timeout;
+                let now = tokio::time::Instant::now();
+                let idle = client.idle_since().unwrap_or(now) + idle_timeout;
+                let stalled = client.stalled_since().unwrap_or(now) + send_timeout;
                 tokio::select! {
                     ended = &mut connection => break Some(ended),
                     () = client.abusive() => {
@@ -351,10 +352,19 @@ async fn accept(
                         );
                         break None;
                     }
-                    () = tokio::time::sleep_until(check) => {
+                    () = tokio::time::sleep_until(idle.min(stalled)) => {
                         if client.idle_since().is_some_and(|since| since.elapsed() >= idle_timeout) {
                             metrics::counter!("wasmhive_connections_timed_out_total").increment(1);
                             tracing::debug!("connection closed: idle for the header timeout");
+                            break None;
+                        }
+                        // A client that takes none of a response for this
+                        // long would hold its instance for as long as it
+                        // likes (an HTTP/2 window kept shut, say).
+                        if client.stalled_since().is_some_and(|since| since.elapsed() >= send_timeout) {
+                            metrics::counter!("wasmhive_connections_send_timed_out_total")
+                                .increment(1);
+                            tracing::debug!("connection closed: its client stopped taking a response");
                             break None;
                         }
                     }

@@ -88,6 +88,14 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
         "Connections closed and requests answered 503 because their client address had its share (what: connection, request)"
     );
     describe_counter!(
+        "wasmhive_connections_timed_out_total",
+        "Connections closed with nothing in flight for the header timeout"
+    );
+    describe_counter!(
+        "wasmhive_connections_send_timed_out_total",
+        "Connections closed because their client took none of a response for the send timeout"
+    );
+    describe_counter!(
         "wasmhive_connections_closed_for_resets_total",
         "Connections closed because their client reset more requests than it let finish"
     );
