@@ -100,6 +100,7 @@ fn main() -> anyhow::Result<()> {
                 duration: Duration::from_secs_f64(duration),
                 connections,
                 warmup_share: 0.25,
+                min_warmup: Duration::from_secs(10),
             };
             return soak(binaries(wasmhive, None)?, options);
         }

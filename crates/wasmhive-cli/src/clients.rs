@@ -247,12 +247,12 @@ impl<B> Holding<B> {
     /// until the server first asks for the body, it waits for the client.
     pub fn new(body: B, place: Option<OwnedSemaphorePermit>, busy: Busy) -> Holding<B> {
         let clock = Arc::new(SendClock(Mutex::new(Some(Instant::now()))));
-        let connection = &busy.0;
-        connection
-            .sending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Arc::downgrade(&clock));
+        let mut sending = busy.0.sending.lock().unwrap_or_else(|e| e.into_inner());
+        // Bodies sent since the last look are gone: only those in flight
+        // (at most the connection's streams) stay listed.
+        sending.retain(|clock| clock.strong_count() > 0);
+        sending.push(Arc::downgrade(&clock));
+        drop(sending);
         Holding {
             body,
             clock,
