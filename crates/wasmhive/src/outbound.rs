@@ -170,9 +170,14 @@ impl<T> client::HostWithStore<T> for Client {
                 return Err(code.into());
             }
         };
+        // Made before the task, so that it reports even if the task is
+        // aborted before it first runs.
+        let mut report = Transmitted(Some(transmitted_tx));
         let task = tokio::spawn(async move {
             let result = Box::into_pin(connection).await;
-            let _ = transmitted_tx.send(result);
+            if let Some(tx) = report.0.take() {
+                let _ = tx.send(result);
+            }
         });
         io.set(task.abort_handle());
         store.with(|mut store| {
@@ -180,6 +185,19 @@ impl<T> client::HostWithStore<T> for Client {
             let (response, _consumed) = Response::from_http(hooks, response.map(|b| io.guard(b)));
             store.get().table.push(response).map_err(HttpError::trap)
         })
+    }
+}
+
+/// Reports the transmission of a request that got its response. If the
+/// I/O task is aborted first (both bodies are gone: the request body was
+/// sent in full and the guest dropped the response), it went well.
+struct Transmitted(Option<oneshot::Sender<Result<(), Error>>>);
+
+impl Drop for Transmitted {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(Ok(()));
+        }
     }
 }
 
