@@ -71,7 +71,7 @@ async fn guest_output_is_labelled_unless_told_not_to() {
     assert!(line.starts_with("[stderr instance="), "{line}");
     assert!(line.contains("request=0]"), "{line}");
 
-    let bare = Server::start(&[guests::FAULT_P3.path, "--no-logging-prefix"]);
+    let mut bare = Server::start(&[guests::FAULT_P3.path, "--no-logging-prefix"]);
     assert_eq!(get(bare.addr, "/panic").await.0, 500);
     let line = bare
         .wait_for_line(
@@ -80,6 +80,12 @@ async fn guest_output_is_labelled_unless_told_not_to() {
         )
         .expect("guest stderr forwarded");
     assert!(!line.contains("[stderr instance="), "{line}");
+    // Unprefixed, the guest's panic message cannot be told from the
+    // server's: check the exit alone.
+    bare.signal("TERM");
+    let status = bare.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "{status}");
+    server.finish().await;
 }
 
 #[tokio::test]

@@ -31,7 +31,10 @@ pub fn wasmhive() -> Command {
     Command::new(env!("CARGO_BIN_EXE_wasmhive"))
 }
 
-/// A running `wasmhive serve`, killed when dropped.
+/// A running `wasmhive serve`. [`Server::finish`] shuts it down as a user
+/// would; dropping it does the same (blocking), so that every test fails
+/// on a server that exits non-zero or panics, unless the test is already
+/// failing (then it is killed).
 pub struct Server {
     child: Child,
     /// The HTTP address from `Serving HTTP on http://ADDR/`.
@@ -111,6 +114,13 @@ impl Server {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
+        self.checked_output(status)
+    }
+
+    /// The server's whole stderr once it has exited with `status`, checked:
+    /// exit 0, and no panic of the server's own (guest output, prefixed
+    /// `[stdout ` or `[stderr `, may report a guest's panic).
+    fn checked_output(&mut self, status: ExitStatus) -> String {
         // The pipe is closed: the reader ends once it has every line.
         if let Some(reader) = self.reader.take() {
             reader.join().unwrap();
@@ -120,10 +130,10 @@ impl Server {
             status.success(),
             "the server exited with {status}:\n{output}"
         );
-        assert!(
-            !output.contains("panicked"),
-            "the server panicked:\n{output}"
-        );
+        let panicked = output
+            .lines()
+            .any(|line| line.contains("panicked") && !line.starts_with("[std"));
+        assert!(!panicked, "the server panicked:\n{output}");
         output
     }
 
@@ -213,8 +223,19 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if std::thread::panicking() || self.reader.is_none() {
+            // Failing already, or finished: just make sure it is gone.
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            return;
+        }
+        if let Ok(Some(_)) = self.child.try_wait() {
+            // The test stopped it itself and looked at how it exited.
+            return;
+        }
+        self.signal("TERM");
+        let status = self.wait_exit(Duration::from_secs(60));
+        self.checked_output(status);
     }
 }
 
