@@ -14,6 +14,9 @@
 //!   `<target>/guests/<name>/<name>.wasm` only when its sources, the WIT in
 //!   `wit/` or its tool changed (a fingerprint stamp beside the component).
 
+#[path = "../../guests/build_support.rs"]
+mod build_support;
+
 use std::env;
 use std::fmt::Write as _;
 use std::fs;
@@ -51,9 +54,8 @@ fn main() {
     let repo_dir = manifest_dir.join("../..").canonicalize().unwrap();
     let guests_dir = repo_dir.join("guests");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").unwrap());
-    // OUT_DIR is <target>/<profile>/build/<pkg>-<hash>/out.
-    let target_dir = out_dir.ancestors().nth(4).unwrap();
-    let guests_out = target_dir.join("guests");
+    let guests_out = build_support::guests_target_dir();
+    let target_dir = guests_out.parent().unwrap();
 
     for watched in [
         "Cargo.toml",
@@ -101,38 +103,7 @@ fn main() {
 /// Builds the Rust guests (the `[[example]]`s of `guests/Cargo.toml`) into
 /// `guests_out` and appends their constants to `generated`.
 fn build_rust_guests(guests_dir: &Path, guests_out: &Path, generated: &mut String) {
-    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(guests_dir)
-        .args([
-            "build",
-            "--release",
-            "--examples",
-            "--target",
-            "wasm32-wasip2",
-        ])
-        .arg("--target-dir")
-        .arg(guests_out);
-    // The outer build's flags are for the host, not for wasm.
-    for var in [
-        "CARGO_ENCODED_RUSTFLAGS",
-        "RUSTFLAGS",
-        "CARGO_BUILD_RUSTFLAGS",
-        "CARGO_TARGET_DIR",
-        "CARGO_BUILD_TARGET",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "CARGO_PROFILE_RELEASE_DEBUG",
-    ] {
-        cmd.env_remove(var);
-    }
-    let status = cmd.status().expect("failed to run cargo for the guests");
-    assert!(
-        status.success(),
-        "building the guests failed; is the target installed? \
-         (`rustup target add wasm32-wasip2`)"
-    );
-
-    let examples = guests_out.join("wasm32-wasip2/release/examples");
+    let examples = build_support::build_guest_examples(guests_dir, guests_out, &[]);
     let manifest = fs::read_to_string(guests_dir.join("Cargo.toml")).unwrap();
     for name in example_names(&manifest) {
         let file = examples.join(format!("{}.wasm", name.replace('-', "_")));
@@ -146,16 +117,6 @@ fn build_rust_guests(guests_dir: &Path, guests_out: &Path, generated: &mut Strin
             path = file.display().to_string(),
         )
         .unwrap();
-        if name == "demo" {
-            // The CLI embeds the demo app in its binary.
-            writeln!(
-                generated,
-                "/// The bytes of the `demo` component, embedded at compile time.\n\
-                 pub static DEMO_WASM: &[u8] = include_bytes!({path:?});",
-                path = file.display().to_string(),
-            )
-            .unwrap();
-        }
     }
 }
 

@@ -229,7 +229,7 @@ fn load_app(args: &ServeArgs) -> anyhow::Result<Loaded> {
             path.display().to_string(),
         ),
         None => (
-            Runtime::for_component(&config, wasmhive_guests::DEMO_WASM)?,
+            Runtime::for_component(&config, wasmhive_demo::DEMO_WASM)?,
             "the bundled demo app".to_string(),
         ),
     };

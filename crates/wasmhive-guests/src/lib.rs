@@ -1,5 +1,5 @@
 //! The guest components of `guests/`, built by this crate's build script, for
-//! the tests, the benches and the CLI's demo app: the Rust guests compiled
+//! the tests and the benches (the CLI's demo app is `wasmhive-demo`'s): the Rust guests compiled
 //! for `wasm32-wasip2`, and a Python and a JavaScript app (`PYTHON_APP`,
 //! `JS_APP`) packaged by componentize-py and componentize-js.
 //!
