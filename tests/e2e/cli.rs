@@ -1,5 +1,6 @@
-//! Bad input on the command line: a clear message, exit code 2, no panic.
-//! And `compile`, whose output `serve` loads.
+//! Bad input on the command line: a clear message, exit code 2, no panic;
+//! a failure met while starting: exit code 1. `wasmtime serve`'s flag
+//! names work too. And `compile`, whose output `serve` loads.
 
 use wasmhive_tests::guests;
 
@@ -62,7 +63,10 @@ fn bad_flags_are_refused_with_clear_errors() {
         "unexpected argument '--no-such-flag'",
     );
     fails_with(&["serve", "--request-timeout", "soon"], "is not a duration");
-    fails_with(&["serve", "--idle-timeout", "5"], "is not a duration");
+    fails_with(
+        &["serve", "--idle-timeout", "5 parsecs"],
+        "is not a duration",
+    );
     fails_with(&["serve", "--max-memory", "lots"], "is not a size");
     fails_with(&["serve", "--env", "NOVALUE"], "is not KEY=VALUE");
     fails_with(&["serve", "--addr", "localhost"], "is not an address");
@@ -71,6 +75,38 @@ fn bad_flags_are_refused_with_clear_errors() {
         &["serve", "--prewarm", "9", "--max-instances", "2"],
         "cannot exceed",
     );
+}
+
+#[test]
+fn a_failure_while_starting_exits_1() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, stderr) = run(&["serve", "--addr", &addr, guests::HELLO_P2.path]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("cannot listen on"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[tokio::test]
+async fn wasmtime_serve_flag_names_work_too() {
+    let server = Server::start(&[
+        guests::COUNTER_P3.path,
+        "--max-instance-reuse-count",
+        "2",
+        "--max-instance-concurrent-reuse-count",
+        "1",
+        "--idle-instance-timeout",
+        "30",
+        "--max-concurrent-connections",
+        "100",
+    ]);
+    // Reuse 2: the counter restarts on the third request.
+    let mut counts = Vec::new();
+    for _ in 0..3 {
+        counts.push(get(server.addr, "/").await.2);
+    }
+    assert_eq!(counts, ["1", "2", "1"]);
+    server.finish().await;
 }
 
 #[test]
@@ -156,6 +192,7 @@ async fn compiled_code_is_cached_between_runs() {
         assert_eq!(get(server.addr, "/").await.2, "Hello, wasmhive!\n");
         let loaded = server
             .wait_for_line("from_cache=", std::time::Duration::from_secs(10))
+            .await
             .expect("load logged");
         assert!(
             loaded.contains(&format!("from_cache={cached}")),
@@ -184,6 +221,7 @@ async fn json_logs_are_one_object_per_line() {
     ]);
     let line = server
         .wait_for_line("admin endpoint", std::time::Duration::from_secs(10))
+        .await
         .unwrap();
     assert!(line.starts_with('{') && line.ends_with('}'), "{line}");
     assert!(line.contains("\"level\":\"INFO\""), "{line}");

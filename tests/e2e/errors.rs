@@ -67,6 +67,7 @@ async fn guest_output_is_labelled_unless_told_not_to() {
             "the fault guest panicked on purpose",
             Duration::from_secs(10),
         )
+        .await
         .expect("guest stderr forwarded");
     assert!(line.starts_with("[stderr instance="), "{line}");
     assert!(line.contains("request=0]"), "{line}");
@@ -78,6 +79,7 @@ async fn guest_output_is_labelled_unless_told_not_to() {
             "the fault guest panicked on purpose",
             Duration::from_secs(10),
         )
+        .await
         .expect("guest stderr forwarded");
     assert!(!line.contains("[stderr instance="), "{line}");
     // Unprefixed, the guest's panic message cannot be told from the
@@ -101,10 +103,11 @@ async fn failing_prewarm_makes_a_bounded_number_of_attempts_and_log_lines() {
         "--admin-addr",
         "127.0.0.1:0",
     ]);
-    let admin = server.admin_addr();
+    let admin = server.admin_addr().await;
     let opened = "instantiation circuit opened";
     server
         .wait_for_line(opened, Duration::from_secs(30))
+        .await
         .expect("the circuit opens");
     // While it is open, a request needing an instance fails fast.
     let (status, headers, _) = get(server.addr, "/").await;

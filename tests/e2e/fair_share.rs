@@ -106,7 +106,7 @@ async fn bystanders(
 /// share.
 async fn attacker_holds_its_share(server: &Server) {
     let refused = wait_until_metric(
-        server.admin_addr(),
+        server.admin_addr().await,
         "wasmhive_client_share_refused_total{what=\"request\"}",
         |n| n >= 1.0,
         Duration::from_secs(20),
@@ -224,7 +224,7 @@ async fn streams_reset_after_they_started_free_their_instances() {
     });
     // The reset rule has closed one of the attacker's connections.
     let closed = wait_until_metric(
-        server.admin_addr(),
+        server.admin_addr().await,
         "wasmhive_connections_closed_for_resets_total",
         |n| n >= 1.0,
         Duration::from_secs(20),
@@ -241,7 +241,7 @@ async fn streams_reset_after_they_started_free_their_instances() {
     assert!(seen.iter().all(|s| s == &Ok(200)), "{seen:?}");
     // The abandoned guest tasks did not keep their instances.
     let abandoned = wait_until_metric(
-        server.admin_addr(),
+        server.admin_addr().await,
         "wasmhive_instance_exits_total{reason=\"abandoned\"}",
         |n| n >= 1.0,
         Duration::from_secs(10),

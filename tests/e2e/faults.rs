@@ -49,7 +49,7 @@ async fn matrix(guest: guests::Guest, reuse: &str) {
         "--max-memory",
         "64MiB",
     ]);
-    let admin = server.admin_addr();
+    let admin = server.admin_addr().await;
     let bystander = Bystander::start(server.addr, "/", 2);
 
     let faults = FAULTS.iter().map(|&(path, expected)| {

@@ -98,7 +98,7 @@ async fn clients_vanishing_mid_request_or_mid_response_leak_nothing() {
         "--idle-timeout",
         "200ms",
     ]);
-    let admin = server.admin_addr();
+    let admin = server.admin_addr().await;
     let round = |n: usize| async move {
         for batch in 0..n / 20 {
             let clients = (0..20).map(|i| {
@@ -168,7 +168,7 @@ async fn silent_and_preface_only_connections_are_closed_by_their_deadline() {
         "--admin-addr",
         "127.0.0.1:0",
     ]);
-    let (addr, admin) = (server.addr, server.admin_addr());
+    let (addr, admin) = (server.addr, server.admin_addr().await);
     const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     const SETTINGS: &[u8] = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00";
     // 5,000 connections, more than --max-connections (4,096): silent ones,
@@ -221,7 +221,7 @@ async fn silent_and_preface_only_connections_are_closed_by_their_deadline() {
 async fn idle_admin_connections_neither_exhaust_descriptors_nor_stop_the_server() {
     let _alone = crate::HEAVY.lock().await;
     let server = Server::start(&[guests::HELLO_P2.path, "--admin-addr", "127.0.0.1:0"]);
-    let admin = server.admin_addr();
+    let admin = server.admin_addr().await;
     let mut idle = Vec::new();
     for _ in 0..1100 {
         idle.push(TcpStream::connect(admin).await.unwrap());
@@ -280,7 +280,7 @@ async fn a_blocked_stdout_pipe_stops_neither_requests_nor_healthz() {
         &[guests::FAULT_P3.path, "--admin-addr", "127.0.0.1:0"],
         std::process::Stdio::piped(),
     );
-    let admin = server.admin_addr();
+    let admin = server.admin_addr().await;
     for _ in 0..4 {
         let answer =
             tokio::time::timeout(Duration::from_secs(20), get(server.addr, "/print?n=50000"))

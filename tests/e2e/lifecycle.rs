@@ -10,7 +10,7 @@ use crate::{Server, get, metric, try_call};
 #[tokio::test]
 async fn metrics_move_and_health_endpoints_answer() {
     let server = Server::start(&[guests::HELLO_P2.path, "--admin-addr", "127.0.0.1:0"]);
-    let admin = server.admin_addr();
+    let admin = server.admin_addr().await;
     assert_eq!(get(admin, "/healthz").await.0, 200);
     assert_eq!(get(admin, "/readyz").await.0, 200);
     for _ in 0..3 {
@@ -50,13 +50,14 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
         "--drain-timeout",
         "20s",
     ]);
-    let admin = server.admin_addr();
+    let admin = server.admin_addr().await;
     let addr = server.addr;
     let in_flight = tokio::spawn(async move { get(addr, "/?ms=1500").await });
     tokio::time::sleep(Duration::from_millis(500)).await;
     server.signal("TERM");
     server
         .wait_for_line("draining", Duration::from_secs(10))
+        .await
         .expect("drain announced");
     // Not ready while draining; new connections are no longer accepted.
     assert_eq!(get(admin, "/readyz").await.0, 503);

@@ -138,16 +138,17 @@ impl Server {
     }
 
     /// The admin address, from the log line announcing it.
-    pub fn admin_addr(&self) -> SocketAddr {
+    pub async fn admin_addr(&self) -> SocketAddr {
         let line = self
             .wait_for_line("admin endpoint on http://", Duration::from_secs(10))
+            .await
             .expect("admin endpoint announced");
         let rest = &line[line.find("http://").unwrap() + "http://".len()..];
         rest[..rest.find('/').unwrap()].parse().unwrap()
     }
 
     /// The first stderr line containing `needle`, waiting up to `timeout`.
-    pub fn wait_for_line(&self, needle: &str, timeout: Duration) -> Option<String> {
+    pub async fn wait_for_line(&self, needle: &str, timeout: Duration) -> Option<String> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(line) = self
@@ -162,7 +163,7 @@ impl Server {
             if Instant::now() > deadline {
                 return None;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

@@ -108,7 +108,7 @@ async fn adaptive_concurrency_sheds_cpu_bound_overload_at_once() {
         "--admin-addr",
         "127.0.0.1:0",
     ]);
-    let admin = server.admin_addr();
+    let admin = server.admin_addr().await;
     let until = Instant::now() + Duration::from_secs(6);
     let clients: Vec<_> = (0..64)
         .map(|_| {

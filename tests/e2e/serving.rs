@@ -209,7 +209,7 @@ async fn guests_see_the_scheme_and_authority_of_every_request() {
         );
 
         // Missing, malformed or repeated Host: 400 before any instance.
-        let admin = server.admin_addr();
+        let admin = server.admin_addr().await;
         let (_, _, metrics) = get(admin, "/metrics").await;
         let instances = crate::metric(&metrics, "wasmhive_instantiations_total");
         for host_lines in [

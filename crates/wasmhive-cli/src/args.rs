@@ -44,16 +44,16 @@ pub struct ServeArgs {
 
     /// Requests one instance handles at once [default: 1 for WASIp2, 16 for
     /// WASIp3].
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, alias = "max-instance-concurrent-reuse-count", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_per_instance: Option<u32>,
 
     /// Requests one instance takes in all before it is replaced; 1 gives each
     /// request a fresh instance [default: 1 for WASIp2, 128 for WASIp3].
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, alias = "max-instance-reuse-count", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_reuse: Option<u32>,
 
     /// How long an instance with nothing to do is kept for reuse.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, alias = "idle-instance-timeout", default_value = "1s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
 
     /// How long a request may take to get its response head; past it the
@@ -105,7 +105,7 @@ pub struct ServeArgs {
 
     /// Client connections open at once; further clients wait to be
     /// accepted.
-    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, alias = "max-concurrent-connections", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 
     /// Client connections one client address may have open at once; more
@@ -275,6 +275,10 @@ pub fn parse_addr(value: &str) -> Result<SocketAddr, String> {
 
 /// A human duration: `250ms`, `2s`, `1m 30s`.
 pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    // A bare number is seconds, as `wasmtime serve` reads it.
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Ok(Duration::from_secs(seconds));
+    }
     humantime::parse_duration(value)
         .map_err(|e| format!("`{value}` is not a duration like 250ms or 2s ({e})"))
 }

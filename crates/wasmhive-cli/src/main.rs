@@ -1,8 +1,10 @@
 //! `wasmhive`: serve `wasi:http` components over HTTP.
 //!
 //! `serve` runs the server of [`serve`] (connections, limits, drain) over the
-//! library's `ProxyHandler`, with the admin endpoint of [`admin`] and the
-//! metrics and logs of [`telemetry`]; `compile` precompiles a component.
+//! library's `ProxyHandler`, with each client address's fair share of
+//! connections and requests ([`clients`]), request bodies limited in size and
+//! pace ([`request_body`]), the admin endpoint of [`admin`] and the metrics
+//! and logs of [`telemetry`]; `compile` precompiles a component.
 
 mod admin;
 mod args;
@@ -28,12 +30,28 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
-            // Like clap's usage errors: the command could not do its job with
-            // what it was given.
-            ExitCode::from(2)
+            if error.downcast_ref::<UsageError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
+
+/// A failure caused by what the command was given (a flag, the component
+/// file) rather than met while running (a port in use, say): exit code 2,
+/// like clap's own usage errors, instead of 1.
+#[derive(Debug)]
+pub struct UsageError(pub anyhow::Error);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
 
 /// `wasmhive compile`: precompiles a component for this host's engine.
 fn compile(args: CompileArgs) -> anyhow::Result<()> {
@@ -44,10 +62,12 @@ fn compile(args: CompileArgs) -> anyhow::Result<()> {
         ..wasmhive::RuntimeConfig::default()
     })?;
     let wasm = std::fs::read(&args.component)
-        .with_context(|| format!("reading {}", args.component.display()))?;
+        .with_context(|| format!("reading {}", args.component.display()))
+        .map_err(UsageError)?;
     let compiled = runtime
         .precompile(&wasm)
-        .with_context(|| format!("compiling {}", args.component.display()))?;
+        .with_context(|| format!("compiling {}", args.component.display()))
+        .map_err(UsageError)?;
     let output = args
         .output
         .unwrap_or_else(|| args.component.with_extension("cwasm"));

@@ -32,6 +32,7 @@ use wasmhive::{
     RuntimeConfig,
 };
 
+use crate::UsageError;
 use crate::admin::Admin;
 use crate::args::ServeArgs;
 use crate::clients::{ClientConnection, Clients, Holding};
@@ -78,20 +79,21 @@ fn check_fd_limit(max_connections: u32) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    check_fd_limit(args.max_connections)?;
+    check_fd_limit(args.max_connections).map_err(UsageError)?;
     if args.prewarm > args.max_instances as usize {
-        anyhow::bail!(
+        return Err(UsageError(anyhow::anyhow!(
             "--prewarm ({}) cannot exceed --max-instances ({})",
             args.prewarm,
             args.max_instances
-        );
+        ))
+        .into());
     }
     let Loaded {
         app,
         component,
         took,
         from_cache,
-    } = load_app(&args)?;
+    } = load_app(&args).map_err(UsageError)?;
     let (world, limits) = (app.world(), app.limits().clone());
     // Metrics are only collected when something can read them.
     let metrics = match args.admin_addr {
