@@ -102,86 +102,94 @@ async fn bystanders(
     seen
 }
 
-/// Waits until the attacker's surplus is being refused: it holds its whole
-/// share.
-async fn attacker_holds_its_share(server: &Server) {
-    let refused = wait_until_metric(
-        server.admin_addr().await,
-        "wasmhive_client_share_refused_total{what=\"request\"}",
-        |n| n >= 1.0,
-        Duration::from_secs(20),
-    )
-    .await;
-    assert!(refused >= 1.0, "the attacker never reached its share");
+/// How an attacker pins instances: `connections` HTTP/2 connections from
+/// [`ATTACKER`], each with 64 streams of `method path`.
+struct Pinning {
+    guest: wasmhive_guests::Guest,
+    max_instances: &'static str,
+    connections: usize,
+    /// The flow-control window the attacker grants for each response.
+    window: u32,
+    method: &'static str,
+    path: &'static str,
+    /// Whether each request ends with its headers (else its body never
+    /// comes).
+    end_stream: bool,
+}
+
+impl Pinning {
+    /// Runs the attack until the attacker's surplus is refused (it holds its
+    /// whole share), then checks that `bystanders` concurrent requests from
+    /// [`BYSTANDER`] (`method bystander_path`) all get `200`.
+    async fn leaves_room_for(self, bystander_path: &str, bystanders_at_once: usize) {
+        let _heavy = HEAVY.lock().await;
+        let server = Server::start(&[
+            self.guest.path,
+            "--max-instances",
+            self.max_instances,
+            "--queue-timeout",
+            "500ms",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ]);
+        let addr = server.addr;
+        let mut held = Vec::new();
+        for _ in 0..self.connections {
+            let mut sender = h2_from(ATTACKER, addr, self.window).await;
+            for _ in 0..64 {
+                sender = sender.ready().await.unwrap();
+                let request = h2_request(self.method, addr, self.path);
+                held.push(sender.send_request(request, self.end_stream).unwrap());
+            }
+        }
+        let refused = wait_until_metric(
+            server.admin_addr().await,
+            "wasmhive_client_share_refused_total{what=\"request\"}",
+            |n| n >= 1.0,
+            Duration::from_secs(20),
+        )
+        .await;
+        assert!(refused >= 1.0, "the attacker never reached its share");
+
+        let seen = bystanders(addr, self.method, bystander_path, bystanders_at_once).await;
+        assert!(seen.iter().all(|s| s == &Ok(200)), "{seen:?}");
+        drop(held);
+        server.finish().await;
+    }
 }
 
 #[tokio::test]
 async fn zero_window_streams_leave_half_the_instances_to_others() {
-    let _heavy = HEAVY.lock().await;
-    // 4 instances x 16 requests: 64 places, 32 per client.
-    let server = Server::start(&[
-        guests::SLEEP_P3.path,
-        "--max-instances",
-        "4",
-        "--queue-timeout",
-        "500ms",
-        "--admin-addr",
-        "127.0.0.1:0",
-    ]);
-    let addr = server.addr;
-    // 4 connections x 64 streams whose responses can never be sent.
-    let mut held = Vec::new();
-    for _ in 0..4 {
-        let mut sender = h2_from(ATTACKER, addr, 0).await;
-        for _ in 0..64 {
-            sender = sender.ready().await.unwrap();
-            let (response, _) = sender
-                .send_request(h2_request("GET", addr, "/?ms=1"), true)
-                .unwrap();
-            held.push(response);
-        }
+    // 4 instances x 16 requests: 64 places, 32 per client. The attacker's
+    // 256 responses can never be sent.
+    Pinning {
+        guest: guests::SLEEP_P3,
+        max_instances: "4",
+        connections: 4,
+        window: 0,
+        method: "GET",
+        path: "/?ms=1",
+        end_stream: true,
     }
-    attacker_holds_its_share(&server).await;
-
-    let seen = bystanders(addr, "GET", "/?ms=200", 32).await;
-    assert!(seen.iter().all(|s| s == &Ok(200)), "{seen:?}");
-    drop(held);
-    server.finish().await;
+    .leaves_room_for("/?ms=200", 32)
+    .await;
 }
 
 #[tokio::test]
 async fn request_bodies_that_never_come_leave_half_the_instances_to_others() {
-    let _heavy = HEAVY.lock().await;
-    // p2: one request per instance, 8 places, 4 per client.
-    let server = Server::start(&[
-        guests::ECHO_P2.path,
-        "--max-instances",
-        "8",
-        "--queue-timeout",
-        "500ms",
-        "--admin-addr",
-        "127.0.0.1:0",
-    ]);
-    let addr = server.addr;
-    // 2 connections x 64 POSTs whose bodies never arrive.
-    let mut held = Vec::new();
-    for _ in 0..2 {
-        let mut sender = h2_from(ATTACKER, addr, 65_535).await;
-        for _ in 0..64 {
-            sender = sender.ready().await.unwrap();
-            held.push(
-                sender
-                    .send_request(h2_request("POST", addr, "/"), false)
-                    .unwrap(),
-            );
-        }
+    // p2: one request per instance, 8 places, 4 per client. The attacker's
+    // 128 POST bodies never arrive.
+    Pinning {
+        guest: guests::ECHO_P2,
+        max_instances: "8",
+        connections: 2,
+        window: 65_535,
+        method: "POST",
+        path: "/",
+        end_stream: false,
     }
-    attacker_holds_its_share(&server).await;
-
-    let seen = bystanders(addr, "POST", "/", 4).await;
-    assert!(seen.iter().all(|s| s == &Ok(200)), "{seen:?}");
-    drop(held);
-    server.finish().await;
+    .leaves_room_for("/", 4)
+    .await;
 }
 
 #[tokio::test]

@@ -298,6 +298,35 @@ async fn a_blocked_stdout_pipe_stops_neither_requests_nor_healthz() {
     server.finish().await;
 }
 
+/// `GET /` on a new HTTP/2 connection whose client grants `window` bytes
+/// per response: the connection's task, its sender and the response (with
+/// status 200).
+async fn h2_get(
+    addr: std::net::SocketAddr,
+    window: u32,
+) -> (
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+    h2::client::SendRequest<Bytes>,
+    http::Response<h2::RecvStream>,
+) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) = h2::client::Builder::new()
+        .initial_window_size(window)
+        .handshake::<_, Bytes>(stream)
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let mut sender = sender.ready().await.unwrap();
+    let request = http::Request::builder()
+        .uri(format!("http://{addr}/"))
+        .body(())
+        .unwrap();
+    let (response, _) = sender.send_request(request, true).unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 200);
+    (connection, sender, response)
+}
+
 /// An HTTP/2 client that answers every ping but sends nothing more is
 /// closed once nothing has been in flight for `--header-timeout`: pings
 /// alone do not keep a connection (and its place under
@@ -305,17 +334,7 @@ async fn a_blocked_stdout_pipe_stops_neither_requests_nor_healthz() {
 #[tokio::test]
 async fn idle_http2_connections_are_closed_at_the_header_timeout() {
     let server = Server::start(&[guests::HELLO_P3.path, "--header-timeout", "1s"]);
-    let stream = TcpStream::connect(server.addr).await.unwrap();
-    let (sender, connection) = h2::client::handshake(stream).await.unwrap();
-    let connection = tokio::spawn(connection);
-    let mut sender = sender.ready().await.unwrap();
-    let request = http::Request::builder()
-        .uri(format!("http://{}/", server.addr))
-        .body(())
-        .unwrap();
-    let (response, _) = sender.send_request(request, true).unwrap();
-    let response = response.await.unwrap();
-    assert_eq!(response.status(), 200);
+    let (connection, sender, response) = h2_get(server.addr, 65_535).await;
     let mut body = response.into_body();
     while let Some(chunk) = body.data().await {
         chunk.unwrap();
@@ -366,21 +385,7 @@ async fn a_stalled_request_body_gets_408_at_the_body_timeout() {
 #[tokio::test]
 async fn a_client_that_takes_none_of_its_response_is_cut_off_at_the_send_timeout() {
     let server = Server::start(&[guests::HELLO_P3.path, "--send-timeout", "1s"]);
-    let stream = TcpStream::connect(server.addr).await.unwrap();
-    let (sender, connection) = h2::client::Builder::new()
-        .initial_window_size(0)
-        .handshake::<_, Bytes>(stream)
-        .await
-        .unwrap();
-    let connection = tokio::spawn(connection);
-    let mut sender = sender.ready().await.unwrap();
-    let request = http::Request::builder()
-        .uri(format!("http://{}/", server.addr))
-        .body(())
-        .unwrap();
-    let (response, _) = sender.send_request(request, true).unwrap();
-    let response = response.await.unwrap();
-    assert_eq!(response.status(), 200);
+    let (connection, sender, response) = h2_get(server.addr, 0).await;
     // The body cannot be sent: the window stays shut.
     let closed = tokio::time::timeout(Duration::from_secs(10), connection).await;
     assert!(

@@ -277,19 +277,11 @@ impl<T: Send + 'static> GuestCall<T> {
                     })
                 };
                 match race(response, &mut deadline, &responder).await {
-                    First::Done(Ok(delivery)) => {
+                    Ok(delivery) => {
                         responder.send(delivery);
                         Ok((Ended::Responded, Some(body_done)))
                     }
-                    First::Done(Err(trap)) => {
-                        responder.send(Err(TrapOrPanicError::new(crate::describe(&trap)).into()));
-                        Err(trap)
-                    }
-                    First::Expired => {
-                        responder.send(Err(ExpirationError.into()));
-                        Ok((Ended::Expired, None))
-                    }
-                    First::Abandoned => Ok((Ended::Abandoned, None)),
+                    Err(unanswered) => unanswered.settle(&responder),
                 }
             }
             (GuestCall::P2 { call, returned }, Proxy::P2(guest)) => {
@@ -301,20 +293,12 @@ impl<T: Send + 'static> GuestCall<T> {
                     .func_handle()
                     .finish_call_concurrent(accessor, call);
                 match race(finished, &mut deadline, &responder).await {
-                    First::Done(Ok(())) => {
+                    Ok(()) => {
                         let _ = returned.send(true);
                         responder.send(p2_delivery(None));
                         Ok((Ended::Responded, None))
                     }
-                    First::Done(Err(trap)) => {
-                        responder.send(Err(TrapOrPanicError::new(crate::describe(&trap)).into()));
-                        Err(trap)
-                    }
-                    First::Expired => {
-                        responder.send(Err(ExpirationError.into()));
-                        Ok((Ended::Expired, None))
-                    }
-                    First::Abandoned => Ok((Ended::Abandoned, None)),
+                    Err(unanswered) => unanswered.settle(&responder),
                 }
             }
             _ => unreachable!("a call always runs on the proxy that started it"),
@@ -322,25 +306,47 @@ impl<T: Send + 'static> GuestCall<T> {
     }
 }
 
-enum First<R> {
-    Done(R),
+/// Why a call ended without its work done.
+enum Unanswered {
+    /// The instance trapped.
+    Trapped(wasmtime::Error),
+    /// The request's deadline passed.
     Expired,
+    /// The caller went away.
     Abandoned,
+}
+
+impl Unanswered {
+    /// Tells the caller (if still there) and says how the call ended; a
+    /// trap is an `Err`: the instance is unusable.
+    fn settle(self, responder: &Responder) -> wasmtime::Result<(Ended, Option<BodyDone>)> {
+        match self {
+            Unanswered::Trapped(trap) => {
+                responder.send(Err(TrapOrPanicError::new(crate::describe(&trap)).into()));
+                Err(trap)
+            }
+            Unanswered::Expired => {
+                responder.send(Err(ExpirationError.into()));
+                Ok((Ended::Expired, None))
+            }
+            Unanswered::Abandoned => Ok((Ended::Abandoned, None)),
+        }
+    }
 }
 
 /// Waits for `work`, unless the deadline passes or the caller goes away
 /// first. Once the responder has sent, the caller can no longer go away.
 async fn race<R>(
-    work: impl Future<Output = R>,
+    work: impl Future<Output = wasmtime::Result<R>>,
     mut deadline: &mut futures::future::Fuse<RequestDeadline>,
     responder: &Responder,
-) -> First<R> {
+) -> Result<R, Unanswered> {
     let mut work = pin!(work.fuse());
     let mut abandoned = pin!(responder.closed().fuse());
     futures::select_biased! {
-        result = work => First::Done(result),
-        () = deadline => First::Expired,
-        () = abandoned => First::Abandoned,
+        result = work => result.map_err(Unanswered::Trapped),
+        () = deadline => Err(Unanswered::Expired),
+        () = abandoned => Err(Unanswered::Abandoned),
     }
 }
 
