@@ -29,7 +29,7 @@
 use std::collections::BTreeMap;
 use std::future::poll_fn;
 use std::panic::AssertUnwindSafe;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
@@ -44,7 +44,7 @@ use tracing::Instrument as _;
 use wasmtime::AsContextMut as _;
 use wasmtime::component::Accessor;
 
-use crate::call::{Dispatch, Ended, Fate, GuestCall, Reply, Responder};
+use crate::call::{BodyDone, Dispatch, Ended, Fate, GuestCall, Reply, Responder};
 use crate::metrics::{ExitReason, InstanceReport};
 use crate::policy::{
     HandlerState, Instance, Proxy, ShouldAccept, WorkerExpiration, WorkerState, WorkerStatus,
@@ -304,6 +304,7 @@ impl StartTimes {
 }
 
 /// How the inner loop ended on its own.
+#[derive(Clone, Copy)]
 enum Finished {
     ReuseSpent,
     Expired,
@@ -338,41 +339,31 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
         expiration,
         state,
     } = parts;
-    let fate = Arc::new(Fate::default());
+    let shared = Shared {
+        fate: Arc::new(Fate::default()),
+        status: Mutex::new((WorkerStatus::Idle, born)),
+        accept_more: AtomicBool::new(true),
+        running: AtomicBool::new(true),
+        served: AtomicU64::new(0),
+        peak: AtomicUsize::new(0),
+    };
     let (mailbox, mut inbox) = mpsc::unbounded_channel::<Job<S>>();
-    let status = Mutex::new((WorkerStatus::Idle, born));
-    let accept_more = AtomicBool::new(true);
-    // Whether the supervisor counts this worker as running: it was started
-    // running, and every job it is given makes it running again.
-    let running = AtomicBool::new(true);
-    let served = AtomicU64::new(0);
-    let peak = AtomicUsize::new(0);
     let prewarmed = first.is_none();
     let func = match &proxy {
         Proxy::P2(guest) => *guest.wasi_http_incoming_handler().func_handle().func(),
         Proxy::P3(guest) => *guest.wasi_http_handler().func_handle().func(),
     };
-    let (fate_ref, status_ref, accept_ref, served_ref, peak_ref, running_ref) =
-        (&fate, &status, &accept_more, &served, &peak, &running);
+    let shared_ref = &shared;
     let inbox_ref = &mut inbox;
 
     let inner = async move |accessor: &Accessor<S::StoreData>| -> wasmtime::Result<Finished> {
-        let mut calls = FuturesUnordered::new();
-        // Response bodies still being streamed: their requests count
-        // against the concurrency limit until the caller has read them.
-        let mut bodies = FuturesUnordered::new();
-        let mut starts = StartTimes::default();
-        let mut total = 0usize;
-        let mut may_accept = true;
-        let mut abandoned = false;
+        let mut in_hand = InHand::default();
+        let mut retirement = Retirement::default();
         let mut advertised = false;
-        let mut reason = Finished::ReuseSpent;
         let mut shutdown = pin!(supervisor.shutdown().cancelled());
 
-        let accept = |job: Job<S>,
-                      calls: &mut FuturesUnordered<_>,
-                      starts: &mut StartTimes,
-                      total: &mut usize| {
+        // Starts `job` as a guest task (unless its caller has left).
+        let accept = |job: Job<S>, in_hand: &mut InHand<_>| {
             let Job {
                 data, request, tx, ..
             } = job;
@@ -380,17 +371,17 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
                 // The caller left while the job was on its way.
                 return;
             }
-            accept_ref.store(false, Relaxed);
-            *total += 1;
-            served_ref.fetch_add(1, Relaxed);
+            shared_ref.accept_more.store(false, Relaxed);
+            in_hand.total += 1;
+            shared_ref.served.fetch_add(1, Relaxed);
             let accepted_at = Instant::now();
             let responder = Responder::new(
                 tx,
-                fate_ref.clone(),
+                shared_ref.fate.clone(),
                 Dispatch {
                     incarnation: id,
                     accepted_at,
-                    instantiation: (*total == 1 && !prewarmed).then_some(instantiation_time),
+                    instantiation: (in_hand.total == 1 && !prewarmed).then_some(instantiation_time),
                 },
             );
             let started = accessor.with(|mut store| {
@@ -407,87 +398,52 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
                 }
             };
             supervisor.started();
-            starts.add(accepted_at);
-            *status_ref.lock().unwrap_or_else(|e| e.into_inner()) =
-                (WorkerStatus::Requests, accepted_at);
-            calls.push(async move {
+            in_hand.starts.add(accepted_at);
+            shared_ref.set_status(WorkerStatus::Requests, accepted_at);
+            in_hand.calls.push(async move {
                 let (ended, body) = call.run(accessor, proxy, view, deadline, responder).await?;
                 Ok::<_, wasmtime::Error>((ended, body, accepted_at))
             });
-            peak_ref.fetch_max(calls.len(), Relaxed);
+            shared_ref.peak.fetch_max(in_hand.calls.len(), Relaxed);
         };
 
         if let Some(job) = first {
-            accept(job, &mut calls, &mut starts, &mut total);
+            accept(job, &mut in_hand);
         }
 
         poll_fn(|cx| {
             loop {
                 // Reap finished calls first: an expiry must stop this
                 // instance accepting before it takes anything new.
-                let mut settled = false;
-                while let Poll::Ready(Some(result)) = calls.poll_next_unpin(cx) {
-                    let (ended, body, started) = result?;
-                    bodies.extend(body);
-                    starts.remove(started);
-                    settled = true;
-                    match ended {
-                        Ended::Responded => {}
-                        Ended::Expired => {
-                            may_accept = false;
-                            reason = Finished::Expired;
-                        }
-                        // wasmtime cannot cancel one guest task, and an
-                        // abandoned one would hold this instance (and its
-                        // pool slot) until the instance deadline: take
-                        // nothing more and end with it once the requests
-                        // still wanted are done.
-                        Ended::Abandoned => {
-                            may_accept = false;
-                            abandoned = true;
-                            if !matches!(reason, Finished::Expired) {
-                                reason = Finished::Abandoned;
-                            }
-                        }
-                    }
+                if in_hand.reap(cx, &mut retirement)? {
+                    shared_ref.note_doing(in_hand.now_doing());
                 }
-                while let Poll::Ready(Some(_)) = bodies.poll_next_unpin(cx) {
-                    settled = true;
+                if retirement.may_accept && shutdown.as_mut().poll(cx).is_ready() {
+                    retirement.end(Finished::Shutdown);
                 }
-                if settled {
-                    // What the instance does now: answering requests,
-                    // delivering bodies clients still read, or leftover work.
-                    let mut status = status_ref.lock().unwrap_or_else(|e| e.into_inner());
-                    let now_doing = match starts.most_recent() {
-                        Some(at) => (WorkerStatus::Requests, at),
-                        None if !bodies.is_empty() => (WorkerStatus::Streaming, Instant::now()),
-                        None => (WorkerStatus::PostReturn, Instant::now()),
-                    };
-                    if now_doing.0 != status.0 || now_doing.0 == WorkerStatus::Requests {
-                        *status = now_doing;
-                    }
-                }
-
-                if may_accept && shutdown.as_mut().poll(cx).is_ready() {
-                    may_accept = false;
-                    reason = Finished::Shutdown;
-                }
+                // Whether to offer room for one more request: the policy's
+                // limits, and concurrency earned by having parked since the
+                // last request (a CPU-bound guest hoards nothing).
                 let ready = accessor.poll_ready_for_concurrent_call(func, cx).is_ready();
-                let want = may_accept
+                let want = retirement.may_accept
                     && ready
-                    && match state.should_accept_request(calls.len() + bodies.len(), total) {
-                        ShouldAccept::Yes => calls.is_empty() || accept_ref.load(Relaxed),
+                    && match state.should_accept_request(in_hand.len(), in_hand.total) {
+                        ShouldAccept::Yes => {
+                            in_hand.calls.is_empty() || shared_ref.accept_more.load(Relaxed)
+                        }
                         ShouldAccept::No => false,
                         ShouldAccept::Never => {
-                            may_accept = false;
+                            retirement.end(Finished::ReuseSpent);
                             false
                         }
                     };
+                // Offer it, or take the offer back; a queued job may come at
+                // once.
                 if want && !advertised {
                     let job = supervisor.advertise(id, &mailbox);
-                    running_ref.store(job.is_some(), Relaxed);
+                    shared_ref.running.store(job.is_some(), Relaxed);
                     if let Some(job) = job {
-                        accept(job, &mut calls, &mut starts, &mut total);
+                        accept(job, &mut in_hand);
                         continue;
                     }
                     advertised = true;
@@ -499,9 +455,9 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
                 // Jobs mailed while this worker was advertised.
                 if let Poll::Ready(Some(job)) = inbox_ref.poll_recv(cx) {
                     advertised = false;
-                    running_ref.store(true, Relaxed);
+                    shared_ref.running.store(true, Relaxed);
                     if want {
-                        accept(job, &mut calls, &mut starts, &mut total);
+                        accept(job, &mut in_hand);
                     } else {
                         // Capacity went away as the job arrived: pass it on.
                         supervisor.redispatch(job);
@@ -509,80 +465,38 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
                     continue;
                 }
 
-                if !calls.is_empty() || !bodies.is_empty() {
+                // Nothing more to take now: wait for the guest, or end.
+                if in_hand.len() > 0 {
                     return Poll::Pending;
                 }
                 // No request outstanding; the guest may still be working
                 // for earlier ones (streaming a body, say), which it may
                 // finish unless one of them was abandoned.
-                if !abandoned && accessor.poll_no_interesting_tasks(cx).is_pending() {
+                if !retirement.abandoned && accessor.poll_no_interesting_tasks(cx).is_pending() {
                     return Poll::Pending;
                 }
-                if !(may_accept && ready) {
+                if !(retirement.may_accept && ready) {
                     if advertised {
                         supervisor.withdraw(id);
                     }
-                    return Poll::Ready(Ok(std::mem::replace(&mut reason, Finished::ReuseSpent)));
+                    return Poll::Ready(Ok(retirement.reason));
                 }
-                let mut status = status_ref.lock().unwrap_or_else(|e| e.into_inner());
-                if status.0 != WorkerStatus::Idle {
-                    *status = (WorkerStatus::Idle, Instant::now());
-                }
+                shared_ref.note_doing((WorkerStatus::Idle, Instant::now()));
                 return Poll::Pending;
             }
         })
         .await
     };
 
-    let outcome = {
-        let mut event_loop = pin!(store.run_concurrent(inner));
-        let mut expiration = pin!(expiration);
-        let spy = Arc::new(WakeSpy::default());
-        let spy_waker = Waker::from(spy.clone());
-        poll_fn(|cx| {
-            let mut spy_cx = Context::from_waker(&spy_waker);
-            spy.inner.register(cx.waker());
-            spy.woken.store(false, Relaxed);
-            let mut poll = event_loop.as_mut().poll(&mut spy_cx);
-            if poll.is_pending() {
-                // Level two: polled here, outside the event loop, so that a
-                // guest stuck on the CPU or in a host call cannot hide.
-                let (current, since) = *status.lock().unwrap_or_else(|e| e.into_inner());
-                let untouched_prewarm = prewarmed && served.load(Relaxed) == 0;
-                if !(untouched_prewarm && current == WorkerStatus::Idle)
-                    && expiration.as_mut().poll(cx, current, since).is_ready()
-                {
-                    if current != WorkerStatus::Idle {
-                        fate.set(ExpirationError.into());
-                    }
-                    return Poll::Ready(Outcome::ExpiredWhile(current));
-                }
-                if spy.woken.swap(false, Relaxed) {
-                    // The guest yielded: it still has CPU work to do.
-                    if !running.swap(true, Relaxed) {
-                        supervisor.unpark(id);
-                    }
-                } else {
-                    // Every task waits on I/O: others may run in our place,
-                    // and this instance may take more work.
-                    if running.swap(false, Relaxed) {
-                        supervisor.park(id);
-                    }
-                    if !accept_more.swap(true, Relaxed) {
-                        poll = event_loop.as_mut().poll(&mut spy_cx);
-                    }
-                }
-            }
-            poll.map(|result| match result.and_then(|inner| inner) {
-                Ok(finished) => Outcome::Finished(finished),
-                Err(trap) => {
-                    fate.set(TrapOrPanicError::new(crate::describe(&trap)).into());
-                    Outcome::Trapped(trap)
-                }
-            })
-        })
-        .await
-    };
+    let outcome = drive(
+        pin!(store.run_concurrent(inner)),
+        pin!(expiration),
+        &shared,
+        supervisor,
+        id,
+        prewarmed,
+    )
+    .await;
 
     // Jobs mailed but never started go back to the pool. Withdrawing first
     // means none can arrive after the mailbox is drained.
@@ -591,6 +505,221 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
         exit.unstarted.push(job);
     }
 
+    report(outcome, id, instantiation_time, born, &shared)
+}
+
+/// The requests an instance has in hand: calls the guest is working on
+/// (futures of type `F`, made by the event loop), and response bodies
+/// clients still read, whose requests count against the concurrency limit
+/// until then.
+struct InHand<F> {
+    calls: FuturesUnordered<F>,
+    bodies: FuturesUnordered<BodyDone>,
+    starts: StartTimes,
+    /// Requests taken in all.
+    total: usize,
+}
+
+impl<F> Default for InHand<F> {
+    fn default() -> Self {
+        InHand {
+            calls: FuturesUnordered::new(),
+            bodies: FuturesUnordered::new(),
+            starts: StartTimes::default(),
+            total: 0,
+        }
+    }
+}
+
+impl<F> InHand<F>
+where
+    F: Future<Output = wasmtime::Result<(Ended, Option<BodyDone>, Instant)>>,
+{
+    /// Requests in hand: calls and bodies.
+    fn len(&self) -> usize {
+        self.calls.len() + self.bodies.len()
+    }
+
+    /// Collects the calls and bodies that have finished, telling
+    /// `retirement` how each call ended; whether any had. A trap is an
+    /// `Err`: the instance is unusable.
+    fn reap(
+        &mut self,
+        cx: &mut Context<'_>,
+        retirement: &mut Retirement,
+    ) -> wasmtime::Result<bool> {
+        let mut settled = false;
+        while let Poll::Ready(Some(result)) = self.calls.poll_next_unpin(cx) {
+            let (ended, body, started) = result?;
+            self.bodies.extend(body);
+            self.starts.remove(started);
+            retirement.call_ended(ended);
+            settled = true;
+        }
+        while let Poll::Ready(Some(_)) = self.bodies.poll_next_unpin(cx) {
+            settled = true;
+        }
+        Ok(settled)
+    }
+
+    /// What the instance does now: answering requests (since the most
+    /// recent), delivering bodies clients still read, or leftover work.
+    fn now_doing(&self) -> (WorkerStatus, Instant) {
+        match self.starts.most_recent() {
+            Some(at) => (WorkerStatus::Requests, at),
+            None if !self.bodies.is_empty() => (WorkerStatus::Streaming, Instant::now()),
+            None => (WorkerStatus::PostReturn, Instant::now()),
+        }
+    }
+}
+
+/// Whether an instance may take more requests, and if not, why it ends.
+struct Retirement {
+    may_accept: bool,
+    /// A caller went away while the guest worked on its request.
+    abandoned: bool,
+    reason: Finished,
+}
+
+impl Default for Retirement {
+    fn default() -> Self {
+        Retirement {
+            may_accept: true,
+            abandoned: false,
+            reason: Finished::ReuseSpent,
+        }
+    }
+}
+
+impl Retirement {
+    /// The instance takes nothing more, for `reason` (an expiry, once
+    /// recorded, stays the reason).
+    fn end(&mut self, reason: Finished) {
+        self.may_accept = false;
+        if !matches!(self.reason, Finished::Expired) {
+            self.reason = reason;
+        }
+    }
+
+    fn call_ended(&mut self, ended: Ended) {
+        match ended {
+            Ended::Responded => {}
+            Ended::Expired => self.end(Finished::Expired),
+            // wasmtime cannot cancel one guest task, and an abandoned one
+            // would hold this instance (and its pool slot) until the instance
+            // deadline: take nothing more and end with it once the requests
+            // still wanted are done.
+            Ended::Abandoned => {
+                self.abandoned = true;
+                self.end(Finished::Abandoned);
+            }
+        }
+    }
+}
+
+/// What the event loop and [`drive`], outside it, share about the worker.
+struct Shared {
+    /// What becomes of outstanding requests if the instance goes down.
+    fate: Arc<Fate>,
+    /// What the instance is doing and since when, for its expiration.
+    status: Mutex<(WorkerStatus, Instant)>,
+    /// Concurrency is earned: cleared when the worker takes a request, set
+    /// again once every task waits on I/O, and only then may it advertise
+    /// room for more.
+    accept_more: AtomicBool,
+    /// Whether the supervisor counts this worker as running: it was started
+    /// running, and every job it is given makes it running again.
+    running: AtomicBool,
+    served: AtomicU64,
+    peak: AtomicUsize,
+}
+
+impl Shared {
+    fn set_status(&self, status: WorkerStatus, since: Instant) {
+        *self.status.lock().unwrap_or_else(|e| e.into_inner()) = (status, since);
+    }
+
+    fn status(&self) -> (WorkerStatus, Instant) {
+        *self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records what the instance does now. Only a change of status restarts
+    /// its clock, except for requests, whose clock is the most recent
+    /// request's.
+    fn note_doing(&self, (now_doing, since): (WorkerStatus, Instant)) {
+        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        if now_doing != status.0 || now_doing == WorkerStatus::Requests {
+            *status = (now_doing, since);
+        }
+    }
+}
+
+/// Polls the event loop until it ends and, after each poll that leaves it
+/// pending, what the loop cannot see for itself: the instance-level
+/// deadline (level two, which a guest stuck on the CPU or in a host call
+/// cannot hide from), and whether the guest yielded at an epoch tick (still
+/// running) or every task waits on I/O (parked: others may run in its
+/// place, and it may take more work).
+async fn drive<S: HandlerState, D: Supervisor<S>>(
+    mut event_loop: Pin<&mut impl Future<Output = wasmtime::Result<wasmtime::Result<Finished>>>>,
+    mut expiration: Pin<&mut S::WorkerExpiration>,
+    shared: &Shared,
+    supervisor: &Arc<D>,
+    id: WorkerId,
+    prewarmed: bool,
+) -> Outcome {
+    let spy = Arc::new(WakeSpy::default());
+    let spy_waker = Waker::from(spy.clone());
+    poll_fn(|cx| {
+        let mut spy_cx = Context::from_waker(&spy_waker);
+        spy.inner.register(cx.waker());
+        spy.woken.store(false, Relaxed);
+        let mut poll = event_loop.as_mut().poll(&mut spy_cx);
+        if poll.is_pending() {
+            let (current, since) = shared.status();
+            let untouched_prewarm = prewarmed && shared.served.load(Relaxed) == 0;
+            if !(untouched_prewarm && current == WorkerStatus::Idle)
+                && expiration.as_mut().poll(cx, current, since).is_ready()
+            {
+                if current != WorkerStatus::Idle {
+                    shared.fate.set(ExpirationError.into());
+                }
+                return Poll::Ready(Outcome::ExpiredWhile(current));
+            }
+            if spy.woken.swap(false, Relaxed) {
+                if !shared.running.swap(true, Relaxed) {
+                    supervisor.unpark(id);
+                }
+            } else {
+                if shared.running.swap(false, Relaxed) {
+                    supervisor.park(id);
+                }
+                if !shared.accept_more.swap(true, Relaxed) {
+                    poll = event_loop.as_mut().poll(&mut spy_cx);
+                }
+            }
+        }
+        poll.map(|result| match result.and_then(|inner| inner) {
+            Ok(finished) => Outcome::Finished(finished),
+            Err(trap) => {
+                shared
+                    .fate
+                    .set(TrapOrPanicError::new(crate::describe(&trap)).into());
+                Outcome::Trapped(trap)
+            }
+        })
+    })
+    .await
+}
+
+/// The report of an instance that ended as `outcome`, logged.
+fn report(
+    outcome: Outcome,
+    id: WorkerId,
+    instantiation_time: Duration,
+    born: Instant,
+    shared: &Shared,
+) -> InstanceReport {
     let (reason, error) = match outcome {
         Outcome::Finished(Finished::ReuseSpent) => (ExitReason::ReuseSpent, None),
         Outcome::Finished(Finished::Expired) => (ExitReason::Expired, None),
@@ -608,8 +737,8 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
         incarnation: id,
         instantiation_time,
         lifetime: born.elapsed(),
-        requests_served: served.load(Relaxed),
-        peak_concurrency: peak.load(Relaxed),
+        requests_served: shared.served.load(Relaxed),
+        peak_concurrency: shared.peak.load(Relaxed),
         reason,
         error,
         peak_memory: None,
