@@ -16,12 +16,25 @@ async fn overload_is_shed_with_503_and_retry_after() {
         "1",
         "--queue-len",
         "1",
+        // The pool's queue, not the client's share, is under test.
+        "--max-requests-per-client",
+        "10",
+        "--admin-addr",
+        "127.0.0.1:0",
     ]);
-    let addr = server.addr;
+    let (addr, admin) = (server.addr, server.admin_addr().await);
     let slow: Vec<_> = (0..2)
         .map(|_| tokio::spawn(async move { get(addr, "/?ms=1500").await }))
         .collect();
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // One runs, one waits in the queue, which is then full.
+    let queued = crate::wait_for_metric(
+        admin,
+        "wasmhive_requests_queued",
+        1.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(queued, 1.0);
     let started = Instant::now();
     let (status, headers, body) = get(addr, "/?ms=1").await;
     assert_eq!(status, 503, "{body}");

@@ -42,11 +42,24 @@ async fn slowloris(addr: std::net::SocketAddr) -> Duration {
 
 #[tokio::test]
 async fn slowloris_is_cut_off_and_does_not_starve_others() {
-    let server = Server::start(&[guests::HELLO_P3.path, "--header-timeout", "1s"]);
+    let server = Server::start(&[
+        guests::HELLO_P3.path,
+        "--header-timeout",
+        "1s",
+        "--admin-addr",
+        "127.0.0.1:0",
+    ]);
     let attackers: Vec<_> = (0..300)
         .map(|_| tokio::spawn(slowloris(server.addr)))
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let open = crate::wait_until_metric(
+        server.admin_addr().await,
+        "wasmhive_connections_open",
+        |n| n >= 300.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(open >= 300.0, "{open} attackers connected");
     for _ in 0..20 {
         let (status, _, _) = get(server.addr, "/").await;
         assert_eq!(status, 200);

@@ -53,7 +53,14 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
     let admin = server.admin_addr().await;
     let addr = server.addr;
     let in_flight = tokio::spawn(async move { get(addr, "/?ms=1500").await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = crate::wait_for_metric(
+        admin,
+        "wasmhive_requests_started_total",
+        1.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(started, 1.0, "the request reached its guest");
     server.signal("TERM");
     server
         .wait_for_line("draining", Duration::from_secs(10))
@@ -73,14 +80,17 @@ async fn sigterm_under_load_completes_in_flight_requests() {
     let mut server = Server::start(&[guests::SLEEP_P3.path, "--drain-timeout", "10s"]);
     let addr = server.addr;
     let epoch = Instant::now();
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let clients: Vec<_> = (0..16)
         .map(|_| {
+            let answered = answered.clone();
             tokio::spawn(async move {
                 let mut seen = Vec::new();
                 loop {
                     let sent = epoch.elapsed();
                     let answer = try_call(addr, "GET", "/?ms=200", Bytes::new()).await;
                     let refused = answer.is_err();
+                    answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     seen.push((sent, answer));
                     if refused {
                         return seen;
@@ -89,7 +99,14 @@ async fn sigterm_under_load_completes_in_flight_requests() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Under load: every client has had two answers, on average.
+    let loaded = tokio::time::timeout(Duration::from_secs(30), async {
+        while answered.load(std::sync::atomic::Ordering::Relaxed) < 32 {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    loaded.await.expect("32 answers within 30 s");
     let signalled = epoch.elapsed();
     server.signal("TERM");
     let exit = tokio::task::spawn_blocking(move || server.wait_exit(Duration::from_secs(15)))

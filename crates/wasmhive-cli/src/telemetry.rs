@@ -63,6 +63,10 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
     );
     describe_counter!("wasmhive_instantiations_total", "Instances created");
     describe_counter!(
+        "wasmhive_requests_started_total",
+        "Requests handed to a guest"
+    );
+    describe_counter!(
         "wasmhive_instantiation_failures_total",
         "Failed attempts to create an instance"
     );
@@ -116,6 +120,7 @@ pub fn record_response(status: u16, elapsed: Duration) {
 /// scrape renders it.
 pub fn record_stats(stats: &Stats) {
     gauge!("wasmhive_instances_live").set(stats.live_instances as f64);
+    counter!("wasmhive_requests_started_total").absolute(stats.requests_started);
     gauge!("wasmhive_instances_available").set(stats.available_instances as f64);
     gauge!("wasmhive_requests_queued").set(stats.queued_requests as f64);
     gauge!("wasmhive_instances_running").set(stats.running_instances as f64);
