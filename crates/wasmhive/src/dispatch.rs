@@ -31,6 +31,8 @@ pub(crate) struct Dispatcher<S: HandlerState> {
     /// A look at whether capacity came back is scheduled.
     capacity_retry_scheduled: AtomicBool,
     pub(crate) counters: Counters,
+    /// Notified whenever a worker ends and none is left alive.
+    pub(crate) emptied: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -71,6 +73,7 @@ impl<S: HandlerState> Dispatcher<S> {
             refill_scheduled: AtomicBool::new(false),
             capacity_retry_scheduled: AtomicBool::new(false),
             counters: Counters::default(),
+            emptied: tokio::sync::Notify::new(),
         });
         dispatcher.refill_prewarm();
         dispatcher
@@ -150,6 +153,13 @@ impl<S: HandlerState> Dispatcher<S> {
         self.counters.exits[report.reason.index()].fetch_add(1, Relaxed);
         self.recorder.instance(report);
     }
+
+    /// A worker has gone: wakes whoever waits for the pool to empty.
+    fn worker_gone(&self) {
+        if self.pool.occupancy().live == 0 {
+            self.emptied.notify_waiters();
+        }
+    }
 }
 
 impl<S: HandlerState> Supervisor<S> for Dispatcher<S> {
@@ -223,6 +233,7 @@ impl<S: HandlerState> Supervisor<S> for Dispatcher<S> {
                     tracing::debug!(error = %format_args!("{:#}", failure.cause), "at capacity; waiting for an instance to end");
                     self.spawn_all(starts);
                     self.retry_capacity_later();
+                    self.worker_gone();
                     return;
                 }
                 Err(first) => first,
@@ -243,6 +254,7 @@ impl<S: HandlerState> Supervisor<S> for Dispatcher<S> {
         }
         self.refill_prewarm();
         self.record_exit(&report);
+        self.worker_gone();
     }
 
     fn advertise(&self, id: WorkerId, mailbox: &Mailbox<Job<S>>) -> Option<Job<S>> {
@@ -275,6 +287,7 @@ impl<S: HandlerState> Supervisor<S> for Dispatcher<S> {
         self.spawn_all(self.pool.exited(id, unstarted, now()));
         self.refill_prewarm();
         self.record_exit(&report);
+        self.worker_gone();
     }
 }
 

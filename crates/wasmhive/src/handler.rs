@@ -182,8 +182,16 @@ impl<S: HandlerState> ProxyHandler<S> {
     /// Waits until no instance is alive (after [`Self::shutdown`], until the
     /// pool has drained).
     pub async fn drained(&self) {
-        while self.dispatcher.pool.occupancy().live > 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        loop {
+            // Registered before the look, so that an exit in between is not
+            // missed.
+            let emptied = self.dispatcher.emptied.notified();
+            let mut emptied = std::pin::pin!(emptied);
+            emptied.as_mut().enable();
+            if self.dispatcher.pool.occupancy().live == 0 {
+                return;
+            }
+            emptied.await;
         }
     }
 
