@@ -122,16 +122,13 @@ fn build_rust_guests(guests_dir: &Path, guests_out: &Path, generated: &mut Strin
 
 /// The `name = "..."` of every `[[example]]` in the guests' manifest.
 fn example_names(manifest: &str) -> Vec<String> {
-    let mut names = Vec::new();
-    let mut in_example = false;
-    for line in manifest.lines().map(str::trim) {
-        if line.starts_with('[') {
-            in_example = line == "[[example]]";
-        } else if in_example && let Some(value) = line.strip_prefix("name = ") {
-            names.push(value.trim_matches('"').to_string());
-        }
-    }
-    names
+    let manifest: toml::Table = manifest.parse().expect("guests/Cargo.toml is TOML");
+    let examples = manifest.get("example").and_then(toml::Value::as_array);
+    examples
+        .into_iter()
+        .flatten()
+        .filter_map(|example| Some(example.get("name")?.as_str()?.to_string()))
+        .collect()
 }
 
 /// A guest app in another language, packaged into a component by that

@@ -209,16 +209,11 @@ impl ServeArgs {
         if self.no_cache {
             return None;
         }
-        self.cache_dir.clone().or_else(|| {
-            let env = |name| {
-                std::env::var_os(name)
-                    .filter(|v| !v.is_empty())
-                    .map(PathBuf::from)
-            };
-            env("XDG_CACHE_HOME")
-                .or_else(|| env("HOME").map(|home| home.join(".cache")))
-                .map(|base| base.join("wasmhive"))
-        })
+        // The platform's cache directory: $XDG_CACHE_HOME or ~/.cache on
+        // Linux.
+        self.cache_dir
+            .clone()
+            .or_else(|| dirs::cache_dir().map(|base| base.join("wasmhive")))
     }
 }
 
