@@ -23,11 +23,11 @@ use crate::policy::{Proxy, RequestDeadline};
 use crate::{Error, ExpirationError, Request, Response, TrapOrPanicError};
 
 /// The response head, or why there is none.
-pub(crate) type Delivery = Result<Response, Error>;
+pub(crate) type Answer = Result<Response, Error>;
 
 /// Where and when a request was taken by a worker.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Dispatch {
+pub(crate) struct Acceptance {
     pub(crate) incarnation: u64,
     pub(crate) accepted_at: Instant,
     /// Set when this request waited for its instance to be created.
@@ -36,8 +36,8 @@ pub(crate) struct Dispatch {
 
 /// What the caller of `handle` receives.
 pub(crate) struct Reply {
-    pub(crate) delivery: Delivery,
-    pub(crate) dispatch: Option<Dispatch>,
+    pub(crate) answer: Answer,
+    pub(crate) accepted: Option<Acceptance>,
 }
 
 /// Resolves (with an error: its sender is dropped, never used) when a
@@ -80,7 +80,7 @@ impl Fate {
     }
 }
 
-/// The sending half of a request's delivery, shared by the call and (for
+/// The sending half of a request's answer, shared by the call and (for
 /// p2) the `response-outparam` callback, so that a p2 response head reaches
 /// the caller the moment the guest sets it, even while the guest goes on
 /// writing the body in a host call that keeps the event loop from running.
@@ -93,15 +93,15 @@ pub(crate) struct Responder(Arc<Mutex<ResponderInner>>);
 struct ResponderInner {
     tx: Option<oneshot::Sender<Reply>>,
     fate: Arc<Fate>,
-    dispatch: Dispatch,
+    accepted: Acceptance,
 }
 
 impl Responder {
-    pub(crate) fn new(tx: oneshot::Sender<Reply>, fate: Arc<Fate>, dispatch: Dispatch) -> Self {
+    pub(crate) fn new(tx: oneshot::Sender<Reply>, fate: Arc<Fate>, accepted: Acceptance) -> Self {
         Responder(Arc::new(Mutex::new(ResponderInner {
             tx: Some(tx),
             fate,
-            dispatch,
+            accepted,
         })))
     }
 
@@ -109,9 +109,9 @@ impl Responder {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Delivers `delivery`, unless something was delivered already.
-    pub(crate) fn send(&self, delivery: Delivery) {
-        self.lock().send(delivery);
+    /// Delivers `answer`, unless something was delivered already.
+    pub(crate) fn send(&self, answer: Answer) {
+        self.lock().send(answer);
     }
 
     fn fate(&self) -> Arc<Fate> {
@@ -129,11 +129,11 @@ impl Responder {
 }
 
 impl ResponderInner {
-    fn send(&mut self, delivery: Delivery) {
+    fn send(&mut self, answer: Answer) {
         if let Some(tx) = self.tx.take() {
             let _ = tx.send(Reply {
-                delivery,
-                dispatch: Some(self.dispatch),
+                answer,
+                accepted: Some(self.accepted),
             });
         }
     }
@@ -203,7 +203,7 @@ impl<T: Send + 'static> GuestCall<T> {
                         let value = value.map(|response| {
                             response.map(|body| GuardedBody::wrap(body, guard, None))
                         });
-                        responder.send(p2_delivery(Some(value)));
+                        responder.send(p2_answer(Some(value)));
                     })
                     .map_err(invalid)?;
                 let call = guest
@@ -277,8 +277,8 @@ impl<T: Send + 'static> GuestCall<T> {
                     })
                 };
                 match race(response, &mut deadline, &responder).await {
-                    Ok(delivery) => {
-                        responder.send(delivery);
+                    Ok(answer) => {
+                        responder.send(answer);
                         Ok((Ended::Responded, Some(body_done)))
                     }
                     Err(unanswered) => unanswered.settle(&responder),
@@ -295,7 +295,7 @@ impl<T: Send + 'static> GuestCall<T> {
                 match race(finished, &mut deadline, &responder).await {
                     Ok(()) => {
                         let _ = returned.send(true);
-                        responder.send(p2_delivery(None));
+                        responder.send(p2_answer(None));
                         Ok((Ended::Responded, None))
                     }
                     Err(unanswered) => unanswered.settle(&responder),
@@ -350,8 +350,8 @@ async fn race<R>(
     }
 }
 
-/// The delivery for a p2 outparam value (`None`: never set).
-fn p2_delivery(value: Option<P2Response>) -> Delivery {
+/// The answer for a p2 outparam value (`None`: never set).
+fn p2_answer(value: Option<P2Response>) -> Answer {
     match value {
         Some(Ok(response)) => Ok(response),
         Some(Err(code)) => Err(Error::Guest(format!("{code:?}"))),

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use crate::call::{Delivery, Dispatch, Reply};
+use crate::call::{Acceptance, Answer, Reply};
 use crate::dispatch::Dispatcher;
 use crate::limiter::{Limiter, Permit};
 use crate::metrics::{NoRecorder, Outcome, Recorder, RequestReport, Stats};
@@ -135,16 +135,16 @@ impl<S: HandlerState> ProxyHandler<S> {
                 Err(_) => (&mut rx).await,
             },
         };
-        let Reply { delivery, dispatch } = reply.unwrap_or_else(|_| Reply {
-            delivery: Err(TrapOrPanicError::new("the worker vanished before responding").into()),
-            dispatch: None,
+        let Reply { answer, accepted } = reply.unwrap_or_else(|_| Reply {
+            answer: Err(TrapOrPanicError::new("the worker vanished before responding").into()),
+            accepted: None,
         });
-        if dispatch.is_some()
+        if accepted.is_some()
             && let Some(place) = &mut place
         {
             place.done(admitted.elapsed());
         }
-        record.finish(dispatcher, dispatch, delivery)
+        record.finish(dispatcher, accepted, answer)
     }
 
     /// Live gauges and running totals.
@@ -267,23 +267,23 @@ impl Record<'_> {
     fn finish<S: HandlerState>(
         &mut self,
         dispatcher: &Dispatcher<S>,
-        dispatch: Option<Dispatch>,
-        delivery: Delivery,
+        accepted: Option<Acceptance>,
+        answer: Answer,
     ) -> Result<Response, Error> {
-        if let Err(Error::Overloaded(_)) = delivery {
+        if let Err(Error::Overloaded(_)) = answer {
             dispatcher.counters.overloaded.fetch_add(1, Relaxed);
         }
-        self.report(dispatch, outcome_of(&delivery));
-        delivery
+        self.report(accepted, outcome_of(&answer));
+        answer
     }
 
-    fn report(&mut self, dispatch: Option<Dispatch>, outcome: Outcome) {
+    fn report(&mut self, accepted: Option<Acceptance>, outcome: Outcome) {
         let now = crate::dispatch::now();
         let report = RequestReport {
-            incarnation: dispatch.map(|d| d.incarnation),
-            queue_wait: dispatch.map_or(now - self.admitted, |d| d.accepted_at - self.admitted),
-            instantiation: dispatch.and_then(|d| d.instantiation),
-            guest_time: dispatch.map_or(Duration::ZERO, |d| now - d.accepted_at),
+            incarnation: accepted.map(|d| d.incarnation),
+            queue_wait: accepted.map_or(now - self.admitted, |d| d.accepted_at - self.admitted),
+            instantiation: accepted.and_then(|d| d.instantiation),
+            guest_time: accepted.map_or(Duration::ZERO, |d| now - d.accepted_at),
             outcome,
         };
         self.recorder.request(&report);
@@ -299,8 +299,8 @@ impl Drop for Record<'_> {
     }
 }
 
-fn outcome_of(delivery: &Delivery) -> Outcome {
-    match delivery {
+fn outcome_of(answer: &Answer) -> Outcome {
+    match answer {
         Ok(response) => Outcome::Responded(response.status().as_u16()),
         Err(Error::Expired(_)) => Outcome::Expired,
         Err(Error::TrapOrPanic(_)) => Outcome::Trapped,

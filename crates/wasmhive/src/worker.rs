@@ -44,7 +44,7 @@ use tracing::Instrument as _;
 use wasmtime::AsContextMut as _;
 use wasmtime::component::Accessor;
 
-use crate::call::{BodyDone, Dispatch, Ended, Fate, GuestCall, Reply, Responder};
+use crate::call::{Acceptance, BodyDone, Ended, Fate, GuestCall, Reply, Responder};
 use crate::metrics::{ExitReason, InstanceReport};
 use crate::policy::{
     HandlerState, Instance, Proxy, ShouldAccept, WorkerExpiration, WorkerState, WorkerStatus,
@@ -67,8 +67,8 @@ impl<S: HandlerState> Job<S> {
     /// Fails a job before any worker took it.
     pub(crate) fn reply_early(tx: oneshot::Sender<Reply>, error: Error) {
         let _ = tx.send(Reply {
-            delivery: Err(error),
-            dispatch: None,
+            answer: Err(error),
+            accepted: None,
         });
     }
 }
@@ -313,7 +313,7 @@ enum Finished {
 }
 
 /// How the worker ended, seen from outside the event loop.
-enum Outcome {
+enum Ending {
     Finished(Finished),
     Trapped(wasmtime::Error),
     ExpiredWhile(WorkerStatus),
@@ -378,7 +378,7 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
             let responder = Responder::new(
                 tx,
                 shared_ref.fate.clone(),
-                Dispatch {
+                Acceptance {
                     incarnation: id,
                     accepted_at,
                     instantiation: (in_hand.total == 1 && !prewarmed).then_some(instantiation_time),
@@ -488,7 +488,7 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
         .await
     };
 
-    let outcome = drive(
+    let ending = drive(
         pin!(store.run_concurrent(inner)),
         pin!(expiration),
         &shared,
@@ -505,7 +505,7 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
         exit.unstarted.push(job);
     }
 
-    report(outcome, id, instantiation_time, born, &shared)
+    report(ending, id, instantiation_time, born, &shared)
 }
 
 /// The requests an instance has in hand: calls the guest is working on
@@ -667,7 +667,7 @@ async fn drive<S: HandlerState, D: Supervisor<S>>(
     supervisor: &Arc<D>,
     id: WorkerId,
     prewarmed: bool,
-) -> Outcome {
+) -> Ending {
     let spy = Arc::new(WakeSpy::default());
     let spy_waker = Waker::from(spy.clone());
     poll_fn(|cx| {
@@ -684,7 +684,7 @@ async fn drive<S: HandlerState, D: Supervisor<S>>(
                 if current != WorkerStatus::Idle {
                     shared.fate.set(ExpirationError.into());
                 }
-                return Poll::Ready(Outcome::ExpiredWhile(current));
+                return Poll::Ready(Ending::ExpiredWhile(current));
             }
             if spy.woken.swap(false, Relaxed) {
                 if !shared.running.swap(true, Relaxed) {
@@ -700,34 +700,34 @@ async fn drive<S: HandlerState, D: Supervisor<S>>(
             }
         }
         poll.map(|result| match result.and_then(|inner| inner) {
-            Ok(finished) => Outcome::Finished(finished),
+            Ok(finished) => Ending::Finished(finished),
             Err(trap) => {
                 shared
                     .fate
                     .set(TrapOrPanicError::new(crate::describe(&trap)).into());
-                Outcome::Trapped(trap)
+                Ending::Trapped(trap)
             }
         })
     })
     .await
 }
 
-/// The report of an instance that ended as `outcome`, logged.
+/// The report of an instance that ended as `ending`, logged.
 fn report(
-    outcome: Outcome,
+    ending: Ending,
     id: WorkerId,
     instantiation_time: Duration,
     born: Instant,
     shared: &Shared,
 ) -> InstanceReport {
-    let (reason, error) = match outcome {
-        Outcome::Finished(Finished::ReuseSpent) => (ExitReason::ReuseSpent, None),
-        Outcome::Finished(Finished::Expired) => (ExitReason::Expired, None),
-        Outcome::Finished(Finished::Shutdown) => (ExitReason::Shutdown, None),
-        Outcome::Finished(Finished::Abandoned) => (ExitReason::Abandoned, None),
-        Outcome::ExpiredWhile(WorkerStatus::Idle) => (ExitReason::Idle, None),
-        Outcome::ExpiredWhile(_) => (ExitReason::Expired, None),
-        Outcome::Trapped(trap) => (ExitReason::Trapped, Some(crate::describe(&trap))),
+    let (reason, error) = match ending {
+        Ending::Finished(Finished::ReuseSpent) => (ExitReason::ReuseSpent, None),
+        Ending::Finished(Finished::Expired) => (ExitReason::Expired, None),
+        Ending::Finished(Finished::Shutdown) => (ExitReason::Shutdown, None),
+        Ending::Finished(Finished::Abandoned) => (ExitReason::Abandoned, None),
+        Ending::ExpiredWhile(WorkerStatus::Idle) => (ExitReason::Idle, None),
+        Ending::ExpiredWhile(_) => (ExitReason::Expired, None),
+        Ending::Trapped(trap) => (ExitReason::Trapped, Some(crate::describe(&trap))),
     };
     match &error {
         Some(error) => tracing::warn!(reason = reason.as_str(), %error, "instance ended"),
