@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use crate::call::{Acceptance, Answer, Reply};
+use crate::adaptive::{Limiter, Permit};
 use crate::dispatch::Dispatcher;
-use crate::limiter::{Limiter, Permit};
 use crate::metrics::{NoRecorder, Outcome, Recorder, RequestReport, Stats};
 use crate::policy::{HandlerState, WorkerState};
 use crate::pool::{Admission, Pool, PoolLimits, Ticket};
+use crate::reply::{Acceptance, Answer, Reply};
 use crate::worker::Job;
 use crate::{Error, Overloaded, Request, Response, ShuttingDown, TrapOrPanicError};
 

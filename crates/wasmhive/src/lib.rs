@@ -28,7 +28,7 @@
 //! 0. With [`PoolLimits::adaptive_concurrency`] on, the request first takes
 //!    a place under the adaptive in-flight limit or fails at once with
 //!    [`Overloaded`]; it gives the place back at its response head, and its
-//!    latency moves the limit (`limiter.rs`).
+//!    latency moves the limit (`adaptive.rs`).
 //! 1. [`ProxyHandler::handle`] asks the pool (`pool.rs`) to admit the
 //!    request. Under one lock, if fewer than [`PoolLimits::max_running`]
 //!    workers are running guest code, the pool hands it to the most recently
@@ -107,7 +107,11 @@
 //!   replayed.
 //!
 //! The scheduling core (`pool.rs`) has no wasmtime in it and is tested on
-//! its own with randomized runs; `worker.rs` holds the event loops;
+//! its own with randomized runs; `dispatch.rs` the dispatcher (pool,
+//! circuit, prewarming, instantiation); `worker.rs` one instance's event
+//! loop (`serve`), the driver that polls level two outside it (`drive`),
+//! and its report; `call.rs` one request as a guest task (p2 and p3 calling
+//! conventions); `reply.rs` how its answer gets back to `handle`;
 //! `memory.rs` the per-instance and global memory limits ([`MemoryBudget`]);
 //! `target.rs` the request target every guest sees (scheme and authority,
 //! `Host` validated before admission); `output.rs` guest stdout and stderr
@@ -119,13 +123,13 @@
 
 #![deny(missing_docs)]
 
+mod adaptive;
 mod app;
 mod call;
 mod circuit;
 mod dispatch;
 mod error;
 mod handler;
-mod limiter;
 mod limits;
 mod memory;
 mod metrics;
@@ -133,17 +137,18 @@ mod outbound;
 mod output;
 mod policy;
 mod pool;
+mod reply;
 mod runtime;
 mod target;
 mod worker;
 
+pub use adaptive::AdaptiveConcurrency;
 pub use app::{App, AppWorker, Host};
 pub use error::{
     AtCapacity, Error, ExpirationError, InstantiationError, Overloaded, ShuttingDown,
     TrapOrPanicError,
 };
 pub use handler::ProxyHandler;
-pub use limiter::AdaptiveConcurrency;
 pub use limits::{Limits, LimitsExpiration, World};
 pub use memory::MemoryBudget;
 pub use metrics::{ExitReason, InstanceReport, Outcome, Recorder, RequestReport, Stats};

@@ -44,12 +44,13 @@ use tracing::Instrument as _;
 use wasmtime::AsContextMut as _;
 use wasmtime::component::Accessor;
 
-use crate::call::{Acceptance, BodyDone, Ended, Fate, GuestCall, Reply, Responder};
+use crate::call::{BodyDone, Ended, GuestCall};
 use crate::metrics::{ExitReason, InstanceReport};
 use crate::policy::{
     HandlerState, Instance, Proxy, ShouldAccept, WorkerExpiration, WorkerState, WorkerStatus,
 };
 use crate::pool::{Mailbox, WorkerId};
+use crate::reply::{Acceptance, Fate, Reply, Responder};
 use crate::{Error, ExpirationError, Request, TrapOrPanicError};
 
 type RequestData<S> = <<S as HandlerState>::WorkerState as WorkerState>::RequestData;
