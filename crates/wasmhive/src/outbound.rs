@@ -28,7 +28,7 @@ use wasmtime_wasi_http::p3::{Request, Response};
 use wasmtime_wasi_http::{Error, WasiHttpCtxView, WasiHttpHooks};
 
 /// A `host` (any port) or `host:port` that guests may send HTTP requests
-/// to; see [`App::allow_outbound`]. Hosts compare case-insensitively; IPv6
+/// to; see [`App::allow_outbound`](crate::App::allow_outbound). Hosts compare case-insensitively; IPv6
 /// hosts are written in brackets (`[::1]:8080`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OutboundAuthority {
