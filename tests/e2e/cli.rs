@@ -219,10 +219,28 @@ async fn json_logs_are_one_object_per_line() {
         "--admin-addr",
         ":0",
     ]);
-    let line = server
+    server
         .wait_for_line("admin endpoint", std::time::Duration::from_secs(10))
         .await
         .unwrap();
-    assert!(line.starts_with('{') && line.ends_with('}'), "{line}");
-    assert!(line.contains("\"level\":\"INFO\""), "{line}");
+    // The address line included.
+    for line in server.stderr.lock().unwrap().iter() {
+        let object: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert_eq!(object["level"], "INFO", "{line}");
+    }
+    // And the error a failed start ends with.
+    let (code, stderr) = crate::run(&["serve", "--log-format", "json", "/no/such/app.wasm"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    let object: serde_json::Value =
+        serde_json::from_str(stderr.trim()).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    assert_eq!(object["level"], "ERROR", "{stderr}");
+    assert!(
+        object["fields"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot read"),
+        "{stderr}"
+    );
+    server.finish().await;
 }

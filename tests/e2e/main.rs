@@ -78,12 +78,12 @@ impl Server {
             }
         });
         let first = first_rx.recv_timeout(Duration::from_secs(60));
+        // `Serving HTTP on http://ADDR/`, the whole line or (with
+        // `--log-format json`) the message of a JSON line.
         let addr = first.as_ref().ok().and_then(|first| {
-            first
-                .strip_prefix("Serving HTTP on http://")?
-                .strip_suffix('/')?
-                .parse()
-                .ok()
+            let at = first.find("Serving HTTP on http://")?;
+            let rest = &first[at + "Serving HTTP on http://".len()..];
+            rest[..rest.find('/')?].parse().ok()
         });
         let Some(addr) = addr else {
             // Do not leave the server running behind a failed test.

@@ -29,7 +29,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            telemetry::announce_error(&error);
             if error.downcast_ref::<UsageError>().is_some() {
                 ExitCode::from(2)
             } else {

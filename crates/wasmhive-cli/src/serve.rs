@@ -122,7 +122,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    eprintln!("Serving HTTP on http://{}/", listener.local_addr()?);
+    telemetry::announce(&format!(
+        "Serving HTTP on http://{}/",
+        listener.local_addr()?
+    ));
     tracing::info!(%component, ?world, ?took, from_cache, "component loaded");
     tracing::debug!(?limits, "instance limits");
     // Made after the address line: prewarming starts with it, and what it

@@ -10,9 +10,40 @@ use wasmhive::{InstanceReport, Recorder, RequestReport, Stats};
 
 use crate::args::LogFormat;
 
+/// The format logging was set up with, for the lines written outside it.
+static FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
+
+/// Writes a line that must come out whatever `RUST_LOG` says (the address
+/// line): plain text, or with `--log-format json` a JSON object like every
+/// other line.
+pub fn announce(line: &str) {
+    write_line("INFO", line, line);
+}
+
+/// Writes the error a command ends with, as [`announce`] does.
+pub fn announce_error(error: &anyhow::Error) {
+    let message = format!("{error:#}");
+    write_line("ERROR", &message, &format!("error: {message}"));
+}
+
+fn write_line(level: &str, message: &str, plain: &str) {
+    if FORMAT.get() == Some(&LogFormat::Json) {
+        let now = humantime::format_rfc3339_micros(std::time::SystemTime::now());
+        let object = serde_json::json!({
+            "timestamp": now.to_string(),
+            "level": level,
+            "fields": { "message": message },
+        });
+        eprintln!("{object}");
+    } else {
+        eprintln!("{plain}");
+    }
+}
+
 /// Installs the global `tracing` subscriber: stderr, filtered by `RUST_LOG`
 /// (default `info`).
 pub fn init_logging(format: LogFormat) {
+    let _ = FORMAT.set(format);
     // wasmtime's cache warns when two processes store the same compiled
     // component at once, which is harmless (one of them wins).
     let filter = EnvFilter::try_from_default_env()
