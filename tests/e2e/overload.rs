@@ -137,16 +137,15 @@ async fn adaptive_concurrency_sheds_cpu_bound_overload_at_once() {
         })
         .collect();
     // Under load, once the limit has settled enough to shed.
-    let shedding = crate::wait_until_metric(
+    // Under load, the limit falls below the 64 clients (it starts higher,
+    // and sheds while it probes the baseline).
+    let limit = crate::wait_until_metric(
         admin,
-        "wasmhive_http_requests_total{status=\"503\"}",
-        |n| n >= 20.0,
+        "wasmhive_concurrency_limit",
+        |limit| (1.0..64.0).contains(&limit),
         Duration::from_secs(5),
     )
     .await;
-    assert!(shedding >= 20.0, "only {shedding} shed");
-    let (_, _, text) = crate::get(admin, "/metrics").await;
-    let limit = crate::metric(&text, "wasmhive_concurrency_limit");
     let (mut ok, mut shed) = (0, 0);
     for client in clients {
         let (o, s) = client.await.unwrap();
