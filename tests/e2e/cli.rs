@@ -99,6 +99,9 @@ async fn wasmtime_serve_flag_names_work_too() {
         "30",
         "--max-concurrent-connections",
         "100",
+        // One instance: the second request cannot go to a new one.
+        "--max-instances",
+        "1",
     ]);
     // Reuse 2: the counter restarts on the third request.
     let mut counts = Vec::new();
