@@ -207,6 +207,19 @@ impl Footprint {
     /// (bench harness, one round). The pages wait resident until their
     /// batch goes, so large instances batch fewer: a Python app (13 MiB of
     /// initial memory) gained nothing from it and its peak RSS grew 7%.
+    /// Bytes of each linear memory that stay resident when its instance
+    /// ends, reset in place (the pages it dirtied, copied back from the
+    /// component's memory image) instead of handed back to the kernel, so
+    /// that the next instance in that slot starts without page faults: the
+    /// component's initial memory, up to 32 MiB. A Python app (13 MiB of
+    /// initial memory, a fresh instance per request) went from 225 to 983
+    /// req/s with it (bench harness, one round). The slots used stay as
+    /// resident as they were at their busiest, so memory after a burst
+    /// returns to the system only as far as instances had grown past this.
+    fn keep_resident(&self) -> usize {
+        usize::try_from(self.initial_memory.min(32 << 20)).unwrap_or(32 << 20)
+    }
+
     fn decommit_batch(&self) -> usize {
         let per_instance = self.initial_memory.max(1);
         (Self::DECOMMIT_BATCH_BYTES / per_instance).clamp(1, 16) as usize
@@ -565,6 +578,12 @@ fn engine_config(config: &RuntimeConfig, pooling: bool, cache: Option<&Cache>) -
             .total_stacks(instances.saturating_mul(stacks_per_instance))
             .max_memory_size(config.max_memory);
         pool.decommit_batch_size(footprint.decommit_batch());
+        let resident = footprint.keep_resident();
+        pool.linear_memory_keep_resident(resident)
+            .table_keep_resident(resident.min(1 << 20))
+            // Used slots keep those bytes resident: reuse the same few
+            // rather than spreading over the pool.
+            .max_unused_warm_slots(0);
         wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     }
     wasm
