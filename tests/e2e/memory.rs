@@ -32,6 +32,11 @@ async fn oom_storm_stays_within_the_budget_and_bystanders_are_served() {
         // not about one client's share of the instances.
         "--max-requests-per-client",
         "128",
+        // While the storm holds the whole budget a bystander's new instance
+        // waits for memory in the queue; on a loaded machine that can take
+        // longer than the default 2 s wait (then 503). A generous bound.
+        "--queue-timeout",
+        "10s",
     ]);
     let bystander = Bystander::start(server.addr, "/", 2);
     let storm: Vec<_> = (0..64)
