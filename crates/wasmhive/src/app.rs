@@ -12,7 +12,8 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p3::bindings::ServicePre;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
-use crate::limits::{Limits, LimitsExpiration, World};
+use crate::World;
+use crate::limits::{Limits, LimitsExpiration};
 use crate::memory::{MemoryBudget, MemoryLimiter};
 use crate::metrics::InstanceReport;
 use crate::outbound::{Client, OutboundAuthority, OutboundHooks};

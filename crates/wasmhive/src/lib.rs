@@ -141,6 +141,7 @@ mod reply;
 mod runtime;
 mod target;
 mod worker;
+mod world;
 
 pub use adaptive::AdaptiveConcurrency;
 pub use app::{App, AppWorker, Host};
@@ -149,7 +150,7 @@ pub use error::{
     TrapOrPanicError,
 };
 pub use handler::ProxyHandler;
-pub use limits::{Limits, LimitsExpiration, World};
+pub use limits::{Limits, LimitsExpiration};
 pub use memory::MemoryBudget;
 pub use metrics::{ExitReason, InstanceReport, Outcome, Recorder, RequestReport, Stats};
 pub use outbound::{InvalidAuthority, OutboundAuthority};
@@ -160,6 +161,7 @@ pub use policy::{
 };
 pub use pool::PoolLimits;
 pub use runtime::{Footprint, LoadError, Runtime, RuntimeConfig};
+pub use world::World;
 
 /// The body of requests and responses: a boxed stream of bytes, as
 /// `wasmtime-wasi-http` uses. [`into_body`] makes one from any body, such as

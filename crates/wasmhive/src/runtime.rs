@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use wasmtime::component::Component;
 
-use crate::limits::{Limits, World};
+use crate::{Limits, World};
 use wasmtime::{
     Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig,
     Precompiled,
