@@ -48,8 +48,7 @@ async fn dropped_queued_requests_never_reach_a_guest() {
         .filter(|r| r.outcome == Outcome::Cancelled)
         .count();
     assert_eq!(cancelled, 3);
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    assert_eq!(handler.stats().queued_requests, 0);
+    wasmhive_tests::wait_for_stats(&handler, |s| s.queued_requests == 0).await;
 }
 
 /// A caller that goes away while the guest works on its request (a reset
@@ -79,13 +78,7 @@ async fn an_abandoned_request_retires_its_instance_once_the_others_are_answered(
     });
     // Both run on the one instance (concurrency 16); then the first caller
     // leaves.
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while handler.stats().requests_started < 2 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("both requests reach the guest within 10 s");
+    wasmhive_tests::wait_for_stats(&handler, |s| s.requests_started >= 2).await;
     drop(abandoned);
 
     let answer = tokio::time::timeout(Duration::from_secs(10), wanted)

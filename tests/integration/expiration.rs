@@ -30,9 +30,9 @@ async fn expires_while_a_bystander_is_served(
         let path = path.to_string();
         async move { handler.handle(1, get(&path)).await }
     });
-    // Meanwhile a normal request on the same handler gets its answer from
-    // another instance.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Once it has reached its guest, a normal request on the same handler
+    // gets its answer meanwhile.
+    wasmhive_tests::wait_for_stats(&handler, |s| s.requests_started >= 1).await;
     let bystander = tokio::time::timeout(Duration::from_secs(5), handler.handle(2, get("/")))
         .await
         .unwrap_or_else(|_| panic!("{} {path}: bystander starved", guest.name))

@@ -79,7 +79,7 @@ async fn queued_request_gives_up_after_max_queue_wait() {
         let handler = handler.clone();
         async move { handler.handle(1, get("/?ms=1000")).await }
     });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    wasmhive_tests::wait_for_stats(&handler, |s| s.requests_started >= 1).await;
     let waited = handler.handle(2, get("/?ms=1")).await;
     assert!(matches!(waited, Err(Error::Overloaded(_))), "{waited:?}");
     assert_eq!(handler.stats().queued_requests, 0);

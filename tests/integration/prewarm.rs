@@ -3,19 +3,8 @@
 
 use std::time::Duration;
 
-use wasmhive::{PoolLimits, ProxyHandler, Stats};
-use wasmhive_tests::{get, guests, handler, read_body};
-
-async fn wait_for(handler: &ProxyHandler<wasmhive::App>, check: impl Fn(&Stats) -> bool) -> Stats {
-    for _ in 0..1000 {
-        let stats = handler.stats();
-        if check(&stats) {
-            return stats;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("stats never matched: {:?}", handler.stats());
-}
+use wasmhive::PoolLimits;
+use wasmhive_tests::{get, guests, handler, read_body, wait_for_stats};
 
 #[tokio::test]
 async fn prewarmed_instances_serve_without_instantiation_and_are_refilled() {
@@ -27,7 +16,7 @@ async fn prewarmed_instances_serve_without_instantiation_and_are_refilled() {
             ..PoolLimits::default()
         },
     );
-    wait_for(&handler, |s| s.available_instances == 2).await;
+    wait_for_stats(&handler, |s| s.available_instances == 2).await;
     // Prewarmed instances do not idle out: the idle timeout is 1 s.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(handler.stats().available_instances, 2);
@@ -39,7 +28,7 @@ async fn prewarmed_instances_serve_without_instantiation_and_are_refilled() {
             "1",
             "reuse 1: a fresh instance each time"
         );
-        wait_for(&handler, |s| s.available_instances == 2).await;
+        wait_for_stats(&handler, |s| s.available_instances == 2).await;
     }
     let requests = reports.requests();
     assert_eq!(requests.len(), 5);

@@ -225,3 +225,19 @@ pub fn payload(seed: usize, len: usize) -> Bytes {
         })
         .collect()
 }
+
+/// Waits until `handler`'s stats satisfy `check` (checked every 10 ms, for
+/// up to 10 s); returns them.
+pub async fn wait_for_stats(
+    handler: &ProxyHandler<App>,
+    check: impl Fn(&wasmhive::Stats) -> bool,
+) -> wasmhive::Stats {
+    for _ in 0..1000 {
+        let stats = handler.stats();
+        if check(&stats) {
+            return stats;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("stats never matched: {:?}", handler.stats());
+}
