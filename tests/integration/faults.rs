@@ -103,23 +103,11 @@ impl wasmhive::HandlerState for PanickyPolicy {
     type WorkerState = PanickyWorker;
 
     async fn instantiate(&self, incarnation: u64) -> wasmtime::Result<wasmhive::Instance<Self>> {
-        let wasmhive::Instance {
-            store,
-            proxy,
-            view,
-            expiration,
-            state,
-        } = self.app.instantiate(incarnation).await?;
-        Ok(wasmhive::Instance {
-            store,
-            proxy,
-            view,
-            expiration,
-            state: PanickyWorker {
-                inner: state,
-                drops: self.drops.clone(),
-            },
-        })
+        let instance = self.app.instantiate(incarnation).await?;
+        Ok(instance.for_policy(|inner| PanickyWorker {
+            inner,
+            drops: self.drops.clone(),
+        }))
     }
 }
 

@@ -29,20 +29,8 @@ impl HandlerState for Flaky {
         {
             wasmtime::bail!("simulated transient failure");
         }
-        let Instance {
-            store,
-            proxy,
-            view,
-            expiration,
-            state,
-        } = self.app.instantiate(incarnation).await?;
-        Ok(Instance {
-            store,
-            proxy,
-            view,
-            expiration,
-            state,
-        })
+        let instance = self.app.instantiate(incarnation).await?;
+        Ok(instance.for_policy(|state| state))
     }
 }
 

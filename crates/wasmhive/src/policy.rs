@@ -154,6 +154,24 @@ pub struct Instance<S: HandlerState> {
     pub state: S::WorkerState,
 }
 
+impl<S: HandlerState> Instance<S> {
+    /// The same instance for policy `T`, which shares its store data and
+    /// expiration, with the worker state `wrap` makes of this one's: for a
+    /// [`HandlerState`] that wraps another (an [`App`](crate::App), say).
+    pub fn for_policy<T>(self, wrap: impl FnOnce(S::WorkerState) -> T::WorkerState) -> Instance<T>
+    where
+        T: HandlerState<StoreData = S::StoreData, WorkerExpiration = S::WorkerExpiration>,
+    {
+        Instance {
+            store: self.store,
+            proxy: self.proxy,
+            view: self.view,
+            expiration: self.expiration,
+            state: wrap(self.state),
+        }
+    }
+}
+
 /// Creates instances for a [`ProxyHandler`](crate::ProxyHandler).
 pub trait HandlerState: Send + Sync + Sized + 'static {
     /// The `T` of each worker's `Store<T>`.
