@@ -373,8 +373,7 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
                 return;
             }
             shared_ref.accept_more.store(false, Relaxed);
-            in_hand.total += 1;
-            shared_ref.served.fetch_add(1, Relaxed);
+            let taken = shared_ref.served.fetch_add(1, Relaxed) + 1;
             let accepted_at = Instant::now();
             let responder = Responder::new(
                 tx,
@@ -382,7 +381,7 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
                 Acceptance {
                     incarnation: id,
                     accepted_at,
-                    instantiation: (in_hand.total == 1 && !prewarmed).then_some(instantiation_time),
+                    instantiation: (taken == 1 && !prewarmed).then_some(instantiation_time),
                 },
             );
             let started = accessor.with(|mut store| {
@@ -428,7 +427,7 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
                 let ready = accessor.poll_ready_for_concurrent_call(func, cx).is_ready();
                 let want = retirement.may_accept
                     && ready
-                    && match state.should_accept_request(in_hand.len(), in_hand.total) {
+                    && match state.should_accept_request(in_hand.len(), shared_ref.served()) {
                         ShouldAccept::Yes => {
                             in_hand.calls.is_empty() || shared_ref.accept_more.load(Relaxed)
                         }
@@ -517,8 +516,6 @@ struct InHand<F> {
     calls: FuturesUnordered<F>,
     bodies: FuturesUnordered<BodyDone>,
     starts: StartTimes,
-    /// Requests taken in all.
-    total: usize,
 }
 
 impl<F> Default for InHand<F> {
@@ -527,7 +524,6 @@ impl<F> Default for InHand<F> {
             calls: FuturesUnordered::new(),
             bodies: FuturesUnordered::new(),
             starts: StartTimes::default(),
-            total: 0,
         }
     }
 }
@@ -631,6 +627,7 @@ struct Shared {
     /// Whether the supervisor counts this worker as running: it was started
     /// running, and every job it is given makes it running again.
     running: AtomicBool,
+    /// Requests taken in all.
     served: AtomicU64,
     peak: AtomicUsize,
 }
@@ -638,6 +635,10 @@ struct Shared {
 impl Shared {
     fn set_status(&self, status: WorkerStatus, since: Instant) {
         *self.status.lock().unwrap_or_else(|e| e.into_inner()) = (status, since);
+    }
+
+    fn served(&self) -> usize {
+        self.served.load(Relaxed) as usize
     }
 
     fn status(&self) -> (WorkerStatus, Instant) {
