@@ -243,7 +243,7 @@ impl IoTask {
     }
 
     fn guard(&self, body: UnsyncBoxBody<Bytes, Error>) -> UnsyncBoxBody<Bytes, Error> {
-        Guarded {
+        WithIo {
             body,
             _io: self.clone(),
         }
@@ -252,12 +252,12 @@ impl IoTask {
 }
 
 /// A body that keeps an [`IoTask`] alive.
-struct Guarded {
+struct WithIo {
     body: UnsyncBoxBody<Bytes, Error>,
     _io: IoTask,
 }
 
-impl http_body::Body for Guarded {
+impl http_body::Body for WithIo {
     type Data = Bytes;
     type Error = Error;
 

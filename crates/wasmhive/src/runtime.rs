@@ -561,10 +561,12 @@ fn engine_config(config: &RuntimeConfig, pooling: bool, cache: Option<&Cache>) -
         let footprint = &config.footprint;
         let (memories, tables) = (footprint.memories.max(1), footprint.tables.max(1));
         // Each stack's guard page costs a system call when the pool is made:
-        // reserve as many as can be used, not more.
-        let stacks_per_instance =
-            u32::try_from(config.max_concurrency.unwrap_or(16).saturating_add(1))
-                .unwrap_or(u32::MAX);
+        // reserve as many as can be used, not more (without a component to
+        // tell, as many as the more concurrent world's default).
+        let concurrency = config
+            .max_concurrency
+            .unwrap_or(Limits::for_world(World::P3).max_concurrency);
+        let stacks_per_instance = u32::try_from(concurrency.saturating_add(1)).unwrap_or(u32::MAX);
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(instances)
             .total_core_instances(instances.saturating_mul(Footprint::CORE_INSTANCES))
