@@ -8,8 +8,9 @@
 //! requests (HTTP/2 zero windows, bodies that never come, responses never
 //! read) pins at most its share of instances. The surplus waits in line
 //! like a queued request: up to `--queue-timeout`, and no more than
-//! `--queue-len` requests wait so at once; beyond either, `503`. Per connection, on top:
-//! HTTP/2 streams are capped (`--max-streams-per-connection`, refused with
+//! `--queue-len` requests wait so at once; beyond either, `503`.
+//!
+//! Per connection, on top: HTTP/2 streams are capped (`--max-streams-per-connection`, refused with
 //! `REFUSED_STREAM` by the protocol layer), and a connection whose client
 //! resets more requests that reached the server than it lets finish is
 //! closed ([`ClientConnection::reset`]), a connection with nothing in
@@ -186,8 +187,8 @@ impl ClientConnection {
     /// waited for its client to take more of it (a client that stopped
     /// reading, or an HTTP/2 window that stays shut), if one waits.
     pub fn stalled_since(&self) -> Option<Instant> {
-        let mut sending = self.sending.lock().unwrap_or_else(|e| e.into_inner());
-        sending.retain(|clock| clock.strong_count() > 0);
+        // Bodies already gone are skipped here, and pruned as others come.
+        let sending = self.sending.lock().unwrap_or_else(|e| e.into_inner());
         sending
             .iter()
             .filter_map(|clock| *clock.upgrade()?.0.lock().unwrap_or_else(|e| e.into_inner()))

@@ -413,10 +413,11 @@ impl Server {
         client: &Arc<ClientConnection>,
     ) -> Response {
         let busy = client.busy();
+        let started = Instant::now();
         let Some(place) = client.request_place().await else {
             metrics::counter!("wasmhive_client_share_refused_total", "what" => "request")
                 .increment(1);
-            telemetry::record_response(503, Duration::ZERO);
+            telemetry::record_response(503, started.elapsed());
             let mut response = plain(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "too many requests in flight from this client\n".into(),
@@ -429,7 +430,6 @@ impl Server {
         // Counts the request as reset if the client goes away before its
         // response head.
         let reset = ResetOnDrop(Some(client));
-        let started = Instant::now();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!(
             "request",
