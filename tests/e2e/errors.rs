@@ -27,14 +27,13 @@ async fn overload_is_shed_with_503_and_retry_after() {
         .map(|_| tokio::spawn(async move { get(addr, "/?ms=1500").await }))
         .collect();
     // One runs, one waits in the queue, which is then full.
-    let queued = crate::wait_for_metric(
+    crate::wait_for_metric(
         admin,
         "wasmhive_requests_queued",
         1.0,
         Duration::from_secs(10),
     )
     .await;
-    assert_eq!(queued, 1.0);
     let started = Instant::now();
     let (status, headers, body) = get(addr, "/?ms=1").await;
     assert_eq!(status, 503, "{body}");
@@ -85,7 +84,7 @@ async fn guest_output_is_labelled_unless_told_not_to() {
     assert!(line.starts_with("[stderr instance="), "{line}");
     assert!(line.contains("request=0]"), "{line}");
 
-    let mut bare = Server::start(&[guests::FAULT_P3.path, "--no-logging-prefix"]);
+    let bare = Server::start(&[guests::FAULT_P3.path, "--no-logging-prefix"]);
     assert_eq!(get(bare.addr, "/panic").await.0, 500);
     let line = bare
         .wait_for_line(
@@ -97,8 +96,7 @@ async fn guest_output_is_labelled_unless_told_not_to() {
     assert!(!line.contains("[stderr instance="), "{line}");
     // Unprefixed, the guest's panic message cannot be told from the
     // server's: check the exit alone.
-    bare.signal("TERM");
-    let status = bare.wait_exit(Duration::from_secs(60));
+    let status = bare.stop_without_output_check();
     assert!(status.success(), "{status}");
     server.finish().await;
 }

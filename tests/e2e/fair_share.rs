@@ -142,14 +142,14 @@ impl Pinning {
                 held.push(sender.send_request(request, self.end_stream).unwrap());
             }
         }
-        let refused = wait_until_metric(
+        // The attacker has its whole share: its surplus is refused.
+        wait_until_metric(
             server.admin_addr().await,
             "wasmhive_client_share_refused_total{what=\"request\"}",
             |n| n >= 1.0,
             Duration::from_secs(20),
         )
         .await;
-        assert!(refused >= 1.0, "the attacker never reached its share");
 
         let seen = bystanders(addr, self.method, bystander_path, bystanders_at_once).await;
         assert!(seen.iter().all(|s| s == &Ok(200)), "{seen:?}");
@@ -231,14 +231,13 @@ async fn streams_reset_after_they_started_free_their_instances() {
         }
     });
     // The reset rule has closed one of the attacker's connections.
-    let closed = wait_until_metric(
+    wait_until_metric(
         server.admin_addr().await,
         "wasmhive_connections_closed_for_resets_total",
         |n| n >= 1.0,
         Duration::from_secs(20),
     )
     .await;
-    assert!(closed >= 1.0, "no connection was closed for its resets");
 
     let seen = bystanders(addr, "GET", "/?ms=200", 32).await;
     stop.store(true, Relaxed);
@@ -248,13 +247,12 @@ async fn streams_reset_after_they_started_free_their_instances() {
     );
     assert!(seen.iter().all(|s| s == &Ok(200)), "{seen:?}");
     // The abandoned guest tasks did not keep their instances.
-    let abandoned = wait_until_metric(
+    wait_until_metric(
         server.admin_addr().await,
         "wasmhive_instance_exits_total{reason=\"abandoned\"}",
         |n| n >= 1.0,
         Duration::from_secs(10),
     )
     .await;
-    assert!(abandoned >= 1.0);
     server.finish().await;
 }

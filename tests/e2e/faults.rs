@@ -87,14 +87,14 @@ async fn matrix(guest: guests::Guest, reuse: &str) {
 
     // A hanging task outlives its request by at most the post-return
     // timeout (10 s); then every instance is gone.
-    let live = wait_for_metric(
+    // No instance left behind.
+    wait_for_metric(
         admin,
         "wasmhive_instances_live",
         0.0,
         Duration::from_secs(30),
     )
     .await;
-    assert_eq!(live, 0.0, "instances left behind");
     let (status, _, body) = try_call(server.addr, "GET", "/", Bytes::new())
         .await
         .unwrap();

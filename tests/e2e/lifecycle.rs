@@ -53,14 +53,14 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
     let admin = server.admin_addr().await;
     let addr = server.addr;
     let in_flight = tokio::spawn(async move { get(addr, "/?ms=1500").await });
-    let started = crate::wait_for_metric(
+    // The request has reached its guest.
+    crate::wait_for_metric(
         admin,
         "wasmhive_requests_started_total",
         1.0,
         Duration::from_secs(10),
     )
     .await;
-    assert_eq!(started, 1.0, "the request reached its guest");
     server.signal("TERM");
     server
         .wait_for_line("draining", Duration::from_secs(10))
