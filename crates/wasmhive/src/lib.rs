@@ -39,7 +39,9 @@
 //! 2. A queued request starts when a worker parks (waits on I/O), advertises
 //!    or exits. It waits at most `max_queue_wait`; while the queue is
 //!    overloaded (a standing, growing queue: CoDel) it is served newest first
-//!    and shed with [`Overloaded`] once it has waited `queue_target`.
+//!    and shed with [`Overloaded`] as soon as it could not start within
+//!    `queue_target` (enough newer requests wait ahead of it), or once it
+//!    has waited that long.
 //!    Dropping the `handle` future also takes it out of the queue: it never
 //!    reaches a guest.
 //! 3. The worker starts the request as a guest task in its store

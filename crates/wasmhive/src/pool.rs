@@ -23,19 +23,22 @@
 //!
 //! A CoDel-managed queue with adaptive LIFO (as in Facebook's Wangle): the
 //! sojourn time of the oldest waiting request is sampled at every dequeue.
-//! If over a whole interval it never dropped below
-//! [`PoolLimits::queue_target`] (a standing queue) *and* more than twice as
-//! many requests joined the queue as left it for a worker, plus a margin of
-//! 16 (a growing one), and so for two intervals in a row, the queue is
+//! An interval of [`PoolLimits::queue_interval`] starts when it first rises
+//! above [`PoolLimits::queue_target`], and a sample at or below the target
+//! ends it (a burst that drains). If two such standing intervals in a row
+//! each saw more than twice as many requests join the queue as leave it for
+//! a worker, plus a margin of 16 (a growing queue), the queue is
 //! overloaded: it then serves the newest request first (it still has a
-//! client willing to wait) and sheds every request that has waited longer
-//! than the target, so admitted requests stay fast and the surplus gets its
-//! `503` within a few milliseconds, until requests no longer join faster than
-//! they leave. Otherwise it is FIFO, and a burst may
-//! wait up to [`PoolLimits::max_queue_wait`]. The growth condition is what
-//! tells overload (requests arrive faster than they are served) from many
-//! clients each waiting for their turn, such as 200 connections on one
-//! instance: those are queued and served, not shed.
+//! client willing to wait), keeps only as many requests as the workers take
+//! within the target, and sheds the older ones at once, so admitted
+//! requests stay fast and the surplus gets its `503` within a few
+//! milliseconds, until requests no longer join faster than they leave.
+//! Otherwise it is FIFO, and a burst may wait up to
+//! [`PoolLimits::max_queue_wait`]. The growth condition is what tells
+//! overload (requests arrive faster than they are served) from many clients
+//! each waiting for their turn, such as 200 connections on one instance:
+//! those are queued and served, not shed, if they arrive within one
+//! interval.
 //!
 //! # No orphans
 //!
@@ -77,12 +80,13 @@ pub struct PoolLimits {
     /// fails with [`Overloaded`](crate::Overloaded): room for bursts.
     /// Default: 2 s.
     pub max_queue_wait: Duration,
-    /// The queue's target sojourn time. When waits stay above it for a
-    /// whole [`Self::queue_interval`], the queue counts as overloaded: it
-    /// serves newest first and sheds requests that waited longer than this.
-    /// Default: 5 ms.
+    /// The queue's target sojourn time. When waits stay above it and the
+    /// queue grows fast for two [`Self::queue_interval`]s in a row, the
+    /// queue counts as overloaded: it serves newest first and sheds
+    /// requests that would wait longer than this. Default: 5 ms.
     pub queue_target: Duration,
-    /// See [`Self::queue_target`]. Default: 100 ms.
+    /// See [`Self::queue_target`]. Clients arriving together within one
+    /// interval are queued, not shed. Default: 25 ms.
     pub queue_interval: Duration,
     /// Instances kept instantiated and idle ahead of demand, refilled in the
     /// background as requests take them. A prewarmed instance that has not
@@ -122,7 +126,7 @@ impl Default for PoolLimits {
             max_queue_len: 1024,
             max_queue_wait: Duration::from_secs(2),
             queue_target: Duration::from_millis(5),
-            queue_interval: Duration::from_millis(100),
+            queue_interval: Duration::from_millis(25),
             prewarm: 0,
             instantiation_retries: 2,
             retry_backoff: Duration::from_millis(10),
@@ -220,16 +224,7 @@ impl<J: Sheddable> Pool<J> {
     pub(crate) fn new(mut limits: PoolLimits) -> Self {
         limits.max_instances = limits.max_instances.max(1);
         limits.max_running = limits.max_running.max(1);
-        let codel = Codel {
-            target: limits.queue_target,
-            interval: limits.queue_interval,
-            interval_end: None,
-            min_delay: None,
-            joined: 0,
-            left: 0,
-            grew: false,
-            overloaded: false,
-        };
+        let codel = Codel::new(&limits);
         Pool {
             limits,
             state: Mutex::new(State {
@@ -509,12 +504,18 @@ impl<J: Sheddable> State<J> {
             job,
             since: now,
         });
-        let patience = if self.codel.overloaded {
-            limits.queue_target
-        } else {
-            limits.max_queue_wait
-        };
-        Admission::Queued(ticket, patience)
+        if !self.codel.overloaded {
+            return Admission::Queued(ticket, limits.max_queue_wait);
+        }
+        // Newest first: with `depth` newer jobs ahead of it, the oldest
+        // would wait past the target anyway. It gets its answer now rather
+        // than after the target.
+        while self.queue.len() > self.codel.depth
+            && let Some(oldest) = self.queue.pop_front()
+        {
+            oldest.job.shed();
+        }
+        Admission::Queued(ticket, limits.queue_target)
     }
 
     /// Already-admitted jobs skip the line (and the queue's length limit);
@@ -580,18 +581,22 @@ impl<J: Sheddable> State<J> {
 /// queue to count as growing.
 const GROWTH_MARGIN: u32 = 16;
 
-/// The overload detector of a CoDel queue: the queue becomes overloaded
-/// when, over each of the last two intervals, the sampled wait never fell
-/// below the target (a standing queue rather than a burst) and more than
-/// twice as many jobs joined as left for a worker, plus a margin (a queue
-/// growing fast; clients taking turns keep the two about equal). It stays
-/// so while jobs join faster than they leave for a worker (shed ones count
-/// as having joined, not as having left).
+/// The overload detector of a CoDel queue. As in CoDel, an interval starts
+/// when the sampled wait first rises above the target, and any sample at
+/// or below it ends the interval: a burst drains before then, a standing
+/// queue does not. The queue becomes overloaded at the end of the second
+/// standing interval in a row in which more than twice as many jobs joined
+/// as left for a worker, plus a margin: a queue growing fast. (Clients
+/// ramping up, or re-queueing at once after a shed, grow it for one
+/// interval; clients taking turns keep the two about equal.) It stays so
+/// while jobs join faster than they leave for a worker, shed ones counting
+/// as having joined, not as having left.
 struct Codel {
     target: Duration,
     interval: Duration,
+    /// The end of the current interval: `None` while the wait is at or
+    /// below the target (and not overloaded).
     interval_end: Option<Instant>,
-    min_delay: Option<Duration>,
     /// Jobs that joined (or, the queue being full, tried to join) during
     /// this interval.
     joined: u32,
@@ -600,53 +605,74 @@ struct Codel {
     /// The last interval had a standing, growing queue.
     grew: bool,
     overloaded: bool,
+    /// While overloaded, how many of the newest jobs the queue keeps: as
+    /// many as workers took within the target at the last interval's rate.
+    /// An older one would wait past the target and is shed at once.
+    depth: usize,
 }
 
 impl Codel {
+    fn new(limits: &PoolLimits) -> Self {
+        Codel {
+            target: limits.queue_target,
+            interval: limits.queue_interval,
+            interval_end: None,
+            joined: 0,
+            left: 0,
+            grew: false,
+            overloaded: false,
+            depth: limits.max_running,
+        }
+    }
+
     /// Samples the wait `delay` at `now`, ending the interval if it is
     /// over; overload may begin then only if `may_enter`.
     fn observe(&mut self, delay: Duration, now: Instant, may_enter: bool) {
-        match self.interval_end {
-            Some(end) if now < end => {}
-            Some(end) => {
-                // A whole interval without samples counts as no queue.
-                let stale = now >= end + self.interval;
-                // Overload ends when jobs no longer join faster than they
-                // leave. (The queue may empty for a moment while shedding:
-                // a client that stalls a few milliseconds does that.)
-                let growing = if self.overloaded {
-                    self.joined > self.left
-                } else {
-                    // With few requests an interval, two or three more
-                    // arrivals are noise, not growth.
-                    self.joined > 2 * self.left + GROWTH_MARGIN
-                };
-                let standing = self.overloaded
-                    || !stale && self.min_delay.is_some_and(|min| min > self.target);
-                // Entering takes two growing intervals in a row: clients
-                // ramping up, or re-queueing at once after a shed, grow the
-                // queue for one interval; sustained overload keeps doing so.
-                let grew_before = std::mem::replace(&mut self.grew, standing && growing);
-                let overloaded =
-                    standing && growing && (self.overloaded || grew_before && may_enter);
-                if overloaded != self.overloaded {
-                    tracing::info!(
-                        overloaded,
-                        joined = self.joined,
-                        left = self.left,
-                        min_wait = ?self.min_delay,
-                        "request queue overload {}",
-                        if overloaded { "began: newest first, shedding" } else { "ended" }
-                    );
-                }
-                self.overloaded = overloaded;
-                self.min_delay = None;
-                (self.joined, self.left) = (0, 0);
-                self.interval_end = Some(now + self.interval);
-            }
-            None => self.interval_end = Some(now + self.interval),
+        if !self.overloaded && delay <= self.target {
+            self.interval_end = None;
+            self.grew = false;
+            return;
         }
-        self.min_delay = Some(self.min_delay.map_or(delay, |min| min.min(delay)));
+        let Some(end) = self.interval_end else {
+            self.start_interval(now);
+            return;
+        };
+        if now < end {
+            return;
+        }
+        let growing = if self.overloaded {
+            self.joined > self.left
+        } else {
+            self.joined > 2 * self.left + GROWTH_MARGIN
+        };
+        let overloaded = growing && (self.overloaded || self.grew && may_enter);
+        if overloaded != self.overloaded {
+            tracing::info!(
+                overloaded,
+                joined = self.joined,
+                left = self.left,
+                "request queue overload {}",
+                if overloaded {
+                    "began: newest first, shedding"
+                } else {
+                    "ended"
+                }
+            );
+        }
+        let per_target = u128::from(self.left) * self.target.as_nanos()
+            / now
+                .saturating_duration_since(end - self.interval)
+                .as_nanos()
+                .max(1);
+        self.depth = usize::try_from(per_target).unwrap_or(usize::MAX).max(1);
+        self.grew = growing && !self.overloaded;
+        self.overloaded = overloaded;
+        self.start_interval(now);
+    }
+
+    fn start_interval(&mut self, now: Instant) {
+        (self.joined, self.left) = (0, 0);
+        self.interval_end = Some(now + self.interval);
     }
 }
 

@@ -239,27 +239,30 @@ fn a_standing_queue_turns_lifo_and_sheds_what_waited_past_the_target() {
         }
         assert!(job < 300, "never overloaded");
     }
-    // Overloaded: new arrivals are told to wait only the target, the
-    // newest goes first, and the old ones are shed.
+    // Overloaded: new arrivals are told to wait only the target, and the
+    // queue keeps only as many of the newest as workers took within the
+    // target at the last interval's rate (here one, at 10 per 100 ms): an
+    // older one is shed as soon as a newer one arrives.
     let Admission::Queued(_, patience) = pool.admit(1000, at) else {
         panic!()
     };
     assert_eq!(patience, 5 * MS);
+    assert!(take_shed().is_empty());
     assert!(matches!(pool.admit(1001, at + MS), Admission::Queued(..)));
+    assert_eq!(take_shed(), vec![1000]);
     assert_eq!(pool.advertise(1, &tx, at + 2 * MS), Some(1001));
-    assert_eq!(pool.advertise(1, &tx, at + 3 * MS), Some(1000));
     assert!(matches!(
         pool.admit(1002, at + 3 * MS),
         Admission::Queued(..)
     ));
     assert!(matches!(
-        pool.admit(1003, at + 10 * MS),
+        pool.admit(1003, at + 4 * MS),
         Admission::Queued(..)
     ));
     assert_eq!(take_shed(), vec![1002]);
     assert_eq!(pool.occupancy().queued, 1);
     // The queue drains: after an interval with no wait, it is FIFO again.
-    assert_eq!(pool.advertise(1, &tx, at + 11 * MS), Some(1003));
+    assert_eq!(pool.advertise(1, &tx, at + 5 * MS), Some(1003));
     assert_eq!(pool.advertise(1, &tx, at + 200 * MS), None);
     let Admission::Handed = pool.admit(2000, at + 201 * MS) else {
         panic!()
@@ -267,6 +270,38 @@ fn a_standing_queue_turns_lifo_and_sheds_what_waited_past_the_target() {
     assert!(
         matches!(pool.admit(2001, at + 202 * MS), Admission::Queued(_, p) if p == Duration::from_secs(2))
     );
+}
+
+#[test]
+fn clients_ramping_up_within_an_interval_are_queued_not_shed() {
+    let pool = Pool::new(PoolLimits {
+        max_running: 1,
+        ..limits(1, 1000)
+    });
+    let interval = pool.limits().queue_interval;
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let t0 = now();
+    assert!(matches!(pool.admit(0, t0), Admission::Start(1, 0)));
+    // 200 clients arrive over most of one interval, and each sends its
+    // next request as soon as its last one is served, one per millisecond:
+    // a long standing queue that stops growing once they are all there.
+    let ramp_ms = (interval * 4 / 5).as_millis() as u64;
+    let (mut next, mut served) = (1, 1);
+    let mut at = t0;
+    while served < 2000 {
+        at += MS;
+        let clients = (200 * (at - t0).as_millis() as u64 / ramp_ms).min(200);
+        while next < clients {
+            assert!(matches!(pool.admit(next, at), Admission::Queued(..)));
+            next += 1;
+        }
+        assert_eq!(pool.advertise(1, &tx, at), Some(served), "FIFO");
+        served += 1;
+        assert!(matches!(pool.admit(next, at), Admission::Queued(..)));
+        next += 1;
+    }
+    assert!(!pool.lock().codel.overloaded);
+    assert!(take_shed().is_empty());
 }
 
 #[test]
