@@ -1,5 +1,6 @@
 //! `fault-p3`: misbehaves on purpose, as chosen by the request path (see
-//! [`Fault`]): `/trap`, `/trap-after-headers`, `/spin`, `/hang`, `/oom`,
+//! [`Fault`]): `/trap`, `/trap-after-headers`, `/hang-after-headers`,
+//! `/spin`, `/hang`, `/oom`,
 //! `/panic`, `/stack-overflow`; `/print?n=N` prints N lines (with control
 //! characters) to stdout; any other path answers `200 ok` (WASIp3).
 
@@ -31,11 +32,14 @@ impl wasip3::exports::http::handler::Guest for Faulty {
                 wasip3::clocks::monotonic_clock::wait_for(u64::MAX).await;
                 p3::respond(200, b"woke up\n".to_vec())
             }
-            Fault::TrapAfterHeaders => {
+            Fault::TrapAfterHeaders | Fault::HangAfterHeaders => {
                 let (response, mut body) = p3::streaming_response(200, Vec::new());
                 wasip3::spawn_local(async move {
-                    body.write_all(b"partial body, then a trap".to_vec()).await;
-                    std::process::abort();
+                    body.write_all(b"partial body, then a fault".to_vec()).await;
+                    if fault == Fault::TrapAfterHeaders {
+                        std::process::abort();
+                    }
+                    wasip3::clocks::monotonic_clock::wait_for(u64::MAX).await;
                 });
                 Ok(response)
             }

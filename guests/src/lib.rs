@@ -60,6 +60,9 @@ pub enum Fault {
     Trap,
     /// `/trap-after-headers`: send headers and part of the body, then trap.
     TrapAfterHeaders,
+    /// `/hang-after-headers`: send headers and part of the body, then wait
+    /// forever without using the CPU.
+    HangAfterHeaders,
     /// `/spin`: loop forever on the CPU.
     Spin,
     /// `/hang`: wait forever without using the CPU.
@@ -80,6 +83,7 @@ impl Fault {
         match path(path_with_query) {
             "/trap" => Fault::Trap,
             "/trap-after-headers" => Fault::TrapAfterHeaders,
+            "/hang-after-headers" => Fault::HangAfterHeaders,
             "/spin" => Fault::Spin,
             "/hang" => Fault::Hang,
             "/oom" => Fault::Oom,
@@ -89,8 +93,9 @@ impl Fault {
         }
     }
 
-    /// Runs the faults that need no I/O: they never return. `Hang` and
-    /// `TrapAfterHeaders` depend on the world and are left to the caller.
+    /// Runs the faults that need no I/O: they never return. `Hang`,
+    /// `TrapAfterHeaders` and `HangAfterHeaders` depend on the world and are
+    /// left to the caller.
     pub fn run_cpu_fault(self) {
         match self {
             Fault::Trap => std::process::abort(),
@@ -111,7 +116,7 @@ impl Fault {
             Fault::StackOverflow => {
                 std::hint::black_box(recurse(std::hint::black_box(1)));
             }
-            Fault::TrapAfterHeaders | Fault::Hang | Fault::None => {}
+            Fault::TrapAfterHeaders | Fault::HangAfterHeaders | Fault::Hang | Fault::None => {}
         }
     }
 }

@@ -120,3 +120,72 @@ async fn p3_single_use() {
 async fn p3_reused() {
     matrix(guests::FAULT_P3, "4").await;
 }
+
+/// A guest that sends its head and part of its body, then waits forever:
+/// its stream stays open while the client holds it (past the request
+/// timeout: the body is not bounded by it), and once the client lets go
+/// the instance is killed at the post-return timeout.
+async fn stalled_body_ends_with_its_client(guest: guests::Guest) {
+    use http_body_util::BodyExt as _;
+    let server = Server::start(&[
+        guest.path,
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--request-timeout",
+        "300ms",
+        "--post-return-timeout",
+        "300ms",
+    ]);
+    let admin = server.admin_addr().await;
+    let stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    let connection = tokio::spawn(connection);
+    let request = http::Request::get("/hang-after-headers")
+        .header("host", "wasmhive.test")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, Bytes::from_static(b"partial body, then a fault"));
+    // Well past the request timeout, the stream is still open: no end, no
+    // error.
+    let next = tokio::time::timeout(Duration::from_secs(1), body.frame()).await;
+    assert!(next.is_err(), "the stream ended: {next:?}");
+    wait_for_metric(
+        admin,
+        "wasmhive_instances_live",
+        1.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    // The client lets go: the instance is left with leftover work only.
+    drop((body, sender));
+    connection.abort();
+    wait_for_metric(
+        admin,
+        "wasmhive_instances_live",
+        0.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    let (status, _, body) = try_call(server.addr, "GET", "/", Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!((status, body.unwrap()), (200, Bytes::from_static(b"ok\n")));
+    server.finish().await;
+}
+
+#[tokio::test]
+async fn p2_stalled_body_ends_with_its_client() {
+    stalled_body_ends_with_its_client(guests::FAULT_P2).await;
+}
+
+#[tokio::test]
+async fn p3_stalled_body_ends_with_its_client() {
+    stalled_body_ends_with_its_client(guests::FAULT_P3).await;
+}

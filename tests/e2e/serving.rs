@@ -238,12 +238,11 @@ async fn guests_see_the_scheme_and_authority_of_every_request() {
     }
 }
 
-#[tokio::test]
-async fn a_p3_stream_outlives_the_post_return_timeout_while_its_client_reads() {
-    // The echo guest's call returns at once and its task streams the body
-    // back as the client sends it: 6 chunks, 300 ms apart, against a
-    // post-return timeout of 500 ms.
-    let server = Server::start(&[guests::ECHO_P3.path, "--post-return-timeout", "500ms"]);
+/// Streams 6 chunks of 1,000 bytes, 300 ms apart, through the echo
+/// `guest` started with `flags` (whose limits are shorter than the stream),
+/// and checks that all of them come back.
+async fn stream_through(guest: &str, flags: &[&str]) {
+    let server = Server::start(&[&[guest], flags].concat());
     let chunks = futures::stream::unfold(0u8, |i| async move {
         if i == 6 {
             return None;
@@ -268,4 +267,25 @@ async fn a_p3_stream_outlives_the_post_return_timeout_while_its_client_reads() {
     let expected: Vec<u8> = (0..6u8).flat_map(|i| vec![b'a' + i; 1000]).collect();
     assert_eq!(body, expected);
     server.finish().await;
+}
+
+#[tokio::test]
+async fn a_p3_stream_outlives_the_post_return_timeout_while_its_client_reads() {
+    // The echo guest's call returns at once and its task streams the body
+    // back as the client sends it.
+    stream_through(guests::ECHO_P3.path, &["--post-return-timeout", "500ms"]).await;
+}
+
+#[tokio::test]
+async fn a_p2_stream_outlives_the_request_timeout_while_its_client_reads() {
+    // The echo guest sets its response at once and its handler goes on
+    // copying the body back as the client sends it: the deadline is for the
+    // head, and neither it nor the post-return timeout cuts the body.
+    let flags = [
+        "--request-timeout",
+        "500ms",
+        "--post-return-timeout",
+        "500ms",
+    ];
+    stream_through(guests::ECHO_P2.path, &flags).await;
 }

@@ -4,12 +4,16 @@
 //! WASIp3 (`handler@0.3`) returns the response from the call; WASIp2
 //! (`incoming-handler@0.2`) hands it to a `response-outparam` and may keep
 //! running afterwards to write the body, so for p2 the response is delivered
-//! as soon as the outparam is set, not when the call returns.
+//! as soon as the outparam is set, not when the call returns. Either way the
+//! request's deadline bounds the time to the response head; the body is
+//! then a [`Streaming`] future the worker keeps until the client has read it
+//! (or dropped it).
 
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 
 use futures::FutureExt as _;
+use futures::future::Either;
 
 use tokio::sync::oneshot;
 use wasmtime::StoreContextMut;
@@ -19,13 +23,19 @@ use wasmtime_wasi_http::p2::bindings::http::types as p2_types;
 use wasmtime_wasi_http::p3::bindings::http::types as p3_types;
 
 use crate::policy::{Proxy, RequestDeadline};
-use crate::reply::{Answer, Fate, Responder};
+use crate::reply::{Answer, BodyHeld, Fate, Responder};
 use crate::{Error, ExpirationError, Request, TrapOrPanicError};
 
+/// A response body on its way to the caller after the response head: it
+/// resolves when the caller has read the body to its end or dropped it (for
+/// p2, also when the handler returns, having written it all). Until then
+/// the request still counts against its instance, with no deadline: a
+/// stream lasts as long as its client reads it. An `Err` is a trap.
+pub(crate) type Streaming<'a> = Pin<Box<dyn Future<Output = wasmtime::Result<()>> + Send + 'a>>;
+
 /// Resolves (with an error: its sender is dropped, never used) when a
-/// response body delivered to the caller has been read to its end or
-/// dropped. Until then the request still counts against its instance.
-pub(crate) type BodyDone = oneshot::Receiver<()>;
+/// [`GuardedBody`] has been read to its end or dropped.
+type BodyDone = oneshot::Receiver<()>;
 
 /// How a call ended for the worker's bookkeeping.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -62,6 +72,9 @@ pub(crate) enum GuestCall<T: 'static> {
         call: P2Call<T>,
         /// Tells the response body whether the handler returned normally.
         returned: oneshot::Sender<bool>,
+        /// Resolves when the guest has set its response outparam.
+        head: oneshot::Receiver<()>,
+        body_done: BodyDone,
     },
     P3 {
         call: P3Call<T>,
@@ -89,13 +102,17 @@ impl<T: Send + 'static> GuestCall<T> {
                     .map_err(invalid)?;
                 let responder = responder.clone();
                 let (returned, outcome) = oneshot::channel();
+                let (head_tx, head) = oneshot::channel();
+                let (body_tx, body_done) = oneshot::channel();
                 let outparam = http
                     .new_response_outparam_from_callback(move |value| {
                         let guard = Guard::Returned(Some(outcome));
                         let value = value.map(|response| {
-                            response.map(|body| GuardedBody::wrap(body, guard, None))
+                            let held = responder.hold_body();
+                            response.map(|body| GuardedBody::wrap(body, guard, (body_tx, held)))
                         });
                         responder.send(p2_answer(Some(value)));
+                        let _ = head_tx.send(());
                     })
                     .map_err(invalid)?;
                 let call = guest
@@ -103,7 +120,12 @@ impl<T: Send + 'static> GuestCall<T> {
                     .func_handle()
                     .start_call_concurrent(store, (incoming, outparam))
                     .map_err(invalid)?;
-                Ok(GuestCall::P2 { call, returned })
+                Ok(GuestCall::P2 {
+                    call,
+                    returned,
+                    head,
+                    body_done,
+                })
             }
             Proxy::P3(guest) => {
                 let http = view(store.data_mut());
@@ -133,17 +155,18 @@ impl<T: Send + 'static> GuestCall<T> {
 
     /// Runs the call until the response head is delivered, the deadline
     /// passes or the caller goes away. An `Err` is a trap: the instance is
-    /// unusable and the worker must end. A p3 response body is written by
-    /// the instance after the call returns: [`BodyDone`] tells when it is
-    /// over. (A p2 body is finished before the call returns.)
-    pub(crate) async fn run(
+    /// unusable and the worker must end. The instance goes on writing the
+    /// response body after that (p3: a task of the instance, once the call
+    /// returned; p2: the rest of the call): the [`Streaming`] future tells
+    /// when the body is over.
+    pub(crate) async fn run<'a>(
         self,
-        accessor: &Accessor<T>,
-        proxy: &Proxy,
+        accessor: &'a Accessor<T>,
+        proxy: &'a Proxy,
         view: fn(&mut T) -> WasiHttpCtxView<'_>,
         deadline: RequestDeadline,
         responder: Responder,
-    ) -> wasmtime::Result<(Ended, Option<BodyDone>)> {
+    ) -> wasmtime::Result<(Ended, Option<Streaming<'a>>)> {
         let mut deadline = deadline.fuse();
         match (self, proxy) {
             (GuestCall::P3 { call, request_io }, Proxy::P3(guest)) => {
@@ -161,8 +184,9 @@ impl<T: Send + 'static> GuestCall<T> {
                                 .into_http_with_getter(&mut store, request_io, view)
                                 .map(|response| {
                                     let guard = Guard::Instance(responder.fate());
+                                    let in_flight = (body_tx, responder.hold_body());
                                     Ok(response
-                                        .map(|body| GuardedBody::wrap(body, guard, Some(body_tx))))
+                                        .map(|body| GuardedBody::wrap(body, guard, in_flight)))
                                 })
                         })?,
                         Err(code) => Err(Error::Guest(format!("{code:?}"))),
@@ -171,24 +195,56 @@ impl<T: Send + 'static> GuestCall<T> {
                 match race(response, &mut deadline, &responder).await {
                     Ok(answer) => {
                         responder.send(answer);
-                        Ok((Ended::Responded, Some(body_done)))
+                        let streaming: Streaming<'a> = Box::pin(body_done.map(|_| Ok(())));
+                        Ok((Ended::Responded, Some(streaming)))
                     }
                     Err(unanswered) => unanswered.settle(&responder),
                 }
             }
-            (GuestCall::P2 { call, returned }, Proxy::P2(guest)) => {
-                // The outparam callback delivers the head; the call goes on
-                // writing the body until it returns, within the deadline. A
-                // trap after the head aborts the body.
-                let finished = guest
-                    .wasi_http_incoming_handler()
-                    .func_handle()
-                    .finish_call_concurrent(accessor, call);
-                match race(finished, &mut deadline, &responder).await {
-                    Ok(()) => {
+            (
+                GuestCall::P2 {
+                    call,
+                    returned,
+                    head,
+                    body_done,
+                },
+                Proxy::P2(guest),
+            ) => {
+                // The outparam callback delivers the head, within the
+                // deadline; the call goes on writing the body until it
+                // returns. A trap after the head aborts the body.
+                let mut finished = Box::pin(
+                    guest
+                        .wasi_http_incoming_handler()
+                        .func_handle()
+                        .finish_call_concurrent(accessor, call),
+                );
+                let returned_or_head = async {
+                    match futures::future::select(finished.as_mut(), head).await {
+                        Either::Left((result, _)) => result.map(|()| true),
+                        Either::Right(_) => Ok(false),
+                    }
+                };
+                match race(returned_or_head, &mut deadline, &responder).await {
+                    Ok(true) => {
                         let _ = returned.send(true);
                         responder.send(p2_answer(None));
                         Ok((Ended::Responded, None))
+                    }
+                    // The rest of the call writes the body while the client
+                    // reads it. If the client drops it first, what the guest
+                    // still does is leftover work, bounded as such.
+                    Ok(false) => {
+                        let streaming: Streaming<'a> = Box::pin(async move {
+                            if let Either::Left((result, _)) =
+                                futures::future::select(finished, body_done).await
+                            {
+                                result?;
+                                let _ = returned.send(true);
+                            }
+                            Ok(())
+                        });
+                        Ok((Ended::Responded, Some(streaming)))
                     }
                     Err(unanswered) => unanswered.settle(&responder),
                 }
@@ -211,7 +267,7 @@ enum Unanswered {
 impl Unanswered {
     /// Tells the caller (if still there) and says how the call ended; a
     /// trap is an `Err`: the instance is unusable.
-    fn settle(self, responder: &Responder) -> wasmtime::Result<(Ended, Option<BodyDone>)> {
+    fn settle<'a>(self, responder: &Responder) -> wasmtime::Result<(Ended, Option<Streaming<'a>>)> {
         match self {
             Unanswered::Trapped(trap) => {
                 responder.send(Err(TrapOrPanicError::new(crate::describe(&trap)).into()));
@@ -263,8 +319,9 @@ fn p2_answer(value: Option<P2Response>) -> Answer {
 struct GuardedBody {
     inner: crate::Body,
     guard: Guard,
-    /// Dropped at the end of the body, or with it: see [`BodyDone`].
-    in_flight: Option<oneshot::Sender<()>>,
+    /// Dropped at the end of the body, or with it: see [`BodyDone`] and
+    /// [`BodyHeld`].
+    in_flight: Option<(oneshot::Sender<()>, BodyHeld)>,
 }
 
 /// How a [`GuardedBody`] tells a finished body from a cut-off one.
@@ -283,13 +340,13 @@ impl GuardedBody {
     fn wrap(
         inner: crate::Body,
         guard: Guard,
-        in_flight: Option<oneshot::Sender<()>>,
+        in_flight: (oneshot::Sender<()>, BodyHeld),
     ) -> crate::Body {
         use http_body_util::BodyExt as _;
         GuardedBody {
             inner,
             guard,
-            in_flight,
+            in_flight: Some(in_flight),
         }
         .boxed_unsync()
     }

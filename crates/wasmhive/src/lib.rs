@@ -77,9 +77,10 @@
 //! * **Acceptance.** After each event the worker asks
 //!   [`WorkerState::should_accept_request`]: `Yes` (advertise capacity),
 //!   `No` (not now), `Never` (this instance is done). The concurrent count
-//!   it passes includes p3 requests whose response body the instance is
-//!   still writing: a request leaves the books when its body has been read
-//!   or dropped. Concurrency is earned: after taking a request the worker
+//!   it passes includes requests whose response body the instance is still
+//!   writing (p3: a task after the call returned; p2: the rest of the call):
+//!   a request leaves the books when its body has been read or dropped (or,
+//!   p2, its handler returned). Concurrency is earned: after taking a request the worker
 //!   advertises again only once it has parked.
 //! * **Two-level expiration.** Level one is the per-request deadline, polled
 //!   inside the store's event loop; when it fires the request fails and the

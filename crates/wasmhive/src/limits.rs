@@ -27,8 +27,9 @@ pub struct Limits {
     pub max_concurrency: usize,
     /// How long an instance with nothing to do is kept for reuse. Default: 1 s.
     pub idle_timeout: Duration,
-    /// How long a request may take to get its response head (for p2, for the
-    /// handler to return). Past it the request fails with
+    /// How long a request may take to get its response head (p2: for the
+    /// guest to set its response outparam). The body that follows has no
+    /// deadline while its client reads it. Past it the request fails with
     /// [`ExpirationError`](crate::ExpirationError) and the instance takes no
     /// more requests; the instance is killed once its most recent request is
     /// this old. Default: 30 s.

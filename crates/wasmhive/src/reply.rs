@@ -1,14 +1,18 @@
 //! How a request's answer gets back to the caller of `handle`: the
 //! [`Reply`] on a oneshot channel, sent through a [`Responder`] shared by
-//! the call and (p2) the `response-outparam` callback, and the worker's
-//! [`Fate`] for requests it could not answer.
+//! the call and (p2) the `response-outparam` callback, the worker's
+//! [`Fate`] for requests it could not answer, and its [`Progress`]: how far
+//! its answers have gone out.
 
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::task::Context;
 use std::time::{Duration, Instant};
 
+use futures::task::AtomicWaker;
 use tokio::sync::oneshot;
 
-use crate::{Error, Response, TrapOrPanicError};
+use crate::{Error, Response, TrapOrPanicError, WorkerStatus};
 
 /// The response head, or why there is none.
 pub(crate) type Answer = Result<Response, Error>;
@@ -52,6 +56,68 @@ impl Fate {
     }
 }
 
+/// How far a worker's answers have gone out, kept by the responders and the
+/// response bodies themselves rather than by the worker's event loop: a p2
+/// guest blocked in a host call keeps that loop from running while its
+/// response head and body go out, and the instance-level deadline must
+/// still tell a stream from a request waiting for its head.
+pub(crate) struct Progress {
+    /// Requests taken whose answer (head or error) is not sent yet.
+    awaiting_head: AtomicUsize,
+    /// Response bodies sent and not yet read to their end or dropped.
+    bodies: AtomicUsize,
+    /// When the last answer went out or the last body ended.
+    last_change: Mutex<Instant>,
+    /// Woken at every change: the worker polls its deadline again.
+    watcher: AtomicWaker,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress {
+            awaiting_head: AtomicUsize::new(0),
+            bodies: AtomicUsize::new(0),
+            last_change: Mutex::new(Instant::now()),
+            watcher: AtomicWaker::new(),
+        }
+    }
+}
+
+impl Progress {
+    /// What the instance does once every request it took has its answer:
+    /// `Streaming` while clients hold bodies, else `PostReturn` since the
+    /// last one ended. `None` while a request still awaits its head. `cx` is
+    /// woken at the next change.
+    pub(crate) fn after_heads(&self, cx: &Context<'_>) -> Option<(WorkerStatus, Instant)> {
+        self.watcher.register(cx.waker());
+        if self.awaiting_head.load(Relaxed) > 0 {
+            return None;
+        }
+        let since = *self.last_change.lock().unwrap_or_else(|e| e.into_inner());
+        Some(if self.bodies.load(Relaxed) > 0 {
+            (WorkerStatus::Streaming, since)
+        } else {
+            (WorkerStatus::PostReturn, since)
+        })
+    }
+
+    fn changed(&self) {
+        *self.last_change.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        self.watcher.wake();
+    }
+}
+
+/// A response body a client holds, counted in its worker's [`Progress`]
+/// until dropped.
+pub(crate) struct BodyHeld(Arc<Progress>);
+
+impl Drop for BodyHeld {
+    fn drop(&mut self) {
+        self.0.bodies.fetch_sub(1, Relaxed);
+        self.0.changed();
+    }
+}
+
 /// The sending half of a request's answer, shared by the call and (for
 /// p2) the `response-outparam` callback, so that a p2 response head reaches
 /// the caller the moment the guest sets it, even while the guest goes on
@@ -65,16 +131,33 @@ pub(crate) struct Responder(Arc<Mutex<ResponderInner>>);
 struct ResponderInner {
     tx: Option<oneshot::Sender<Reply>>,
     fate: Arc<Fate>,
+    progress: Arc<Progress>,
     accepted: Acceptance,
 }
 
 impl Responder {
-    pub(crate) fn new(tx: oneshot::Sender<Reply>, fate: Arc<Fate>, accepted: Acceptance) -> Self {
+    /// The responder of a request its worker took, counted in `progress`
+    /// as awaiting its head until something is sent.
+    pub(crate) fn new(
+        tx: oneshot::Sender<Reply>,
+        fate: Arc<Fate>,
+        progress: Arc<Progress>,
+        accepted: Acceptance,
+    ) -> Self {
+        progress.awaiting_head.fetch_add(1, Relaxed);
         Responder(Arc::new(Mutex::new(ResponderInner {
             tx: Some(tx),
             fate,
+            progress,
             accepted,
         })))
+    }
+
+    /// Counts a response body of this worker's as held by its client.
+    pub(crate) fn hold_body(&self) -> BodyHeld {
+        let progress = self.lock().progress.clone();
+        progress.bodies.fetch_add(1, Relaxed);
+        BodyHeld(progress)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ResponderInner> {
@@ -107,6 +190,8 @@ impl ResponderInner {
                 answer,
                 accepted: Some(self.accepted),
             });
+            self.progress.awaiting_head.fetch_sub(1, Relaxed);
+            self.progress.changed();
         }
     }
 }

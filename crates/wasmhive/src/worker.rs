@@ -9,9 +9,10 @@
 //! yield at every engine tick, so this poll cannot be starved. When level two
 //! fires, the store is dropped with whatever it was running.
 //!
-//! A p3 request stays on the worker's books after its call returned, until
-//! the caller has read its response body: the instance writes that body, so
-//! a trap for a later request would cut it off.
+//! A request stays on the worker's books after its response head, until the
+//! caller has read its response body (or, p2, the handler returned): the
+//! instance writes that body, so a trap for a later request would cut it
+//! off, and the request's deadline no longer applies to it.
 //!
 //! Concurrency is earned: taking a job clears `accept_more`, assuming the new
 //! task is CPU-bound. Only when the event loop returns `Pending` without
@@ -44,13 +45,13 @@ use tracing::Instrument as _;
 use wasmtime::AsContextMut as _;
 use wasmtime::component::Accessor;
 
-use crate::call::{BodyDone, Ended, GuestCall};
+use crate::call::{Ended, GuestCall, Streaming};
 use crate::metrics::{ExitReason, InstanceReport};
 use crate::policy::{
     HandlerState, Instance, Proxy, ShouldAccept, WorkerExpiration, WorkerState, WorkerStatus,
 };
 use crate::pool::{Mailbox, WorkerId};
-use crate::reply::{Acceptance, Fate, Reply, Responder};
+use crate::reply::{Acceptance, Fate, Progress, Reply, Responder};
 use crate::{Error, ExpirationError, Request, TrapOrPanicError};
 
 type RequestData<S> = <<S as HandlerState>::WorkerState as WorkerState>::RequestData;
@@ -342,6 +343,8 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
     } = parts;
     let shared = Shared {
         fate: Arc::new(Fate::default()),
+        progress: Arc::default(),
+        blocking_calls: matches!(proxy, Proxy::P2(_)),
         status: Mutex::new((WorkerStatus::Idle, born)),
         accept_more: AtomicBool::new(true),
         running: AtomicBool::new(true),
@@ -378,6 +381,7 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
             let responder = Responder::new(
                 tx,
                 shared_ref.fate.clone(),
+                shared_ref.progress.clone(),
                 Acceptance {
                     incarnation: id,
                     accepted_at,
@@ -512,13 +516,13 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
 /// (futures of type `F`, made by the event loop), and response bodies
 /// clients still read, whose requests count against the concurrency limit
 /// until then.
-struct InHand<F> {
+struct InHand<'a, F> {
     calls: FuturesUnordered<F>,
-    bodies: FuturesUnordered<BodyDone>,
+    bodies: FuturesUnordered<Streaming<'a>>,
     starts: StartTimes,
 }
 
-impl<F> Default for InHand<F> {
+impl<F> Default for InHand<'_, F> {
     fn default() -> Self {
         InHand {
             calls: FuturesUnordered::new(),
@@ -528,9 +532,9 @@ impl<F> Default for InHand<F> {
     }
 }
 
-impl<F> InHand<F>
+impl<'a, F> InHand<'a, F>
 where
-    F: Future<Output = wasmtime::Result<(Ended, Option<BodyDone>, Instant)>>,
+    F: Future<Output = wasmtime::Result<(Ended, Option<Streaming<'a>>, Instant)>>,
 {
     /// Requests in hand: calls and bodies.
     fn len(&self) -> usize {
@@ -553,7 +557,8 @@ where
             retirement.call_ended(ended);
             settled = true;
         }
-        while let Poll::Ready(Some(_)) = self.bodies.poll_next_unpin(cx) {
+        while let Poll::Ready(Some(result)) = self.bodies.poll_next_unpin(cx) {
+            result?;
             settled = true;
         }
         Ok(settled)
@@ -618,6 +623,13 @@ impl Retirement {
 struct Shared {
     /// What becomes of outstanding requests if the instance goes down.
     fate: Arc<Fate>,
+    /// How far the answers to them have gone out, seen outside the event
+    /// loop.
+    progress: Arc<Progress>,
+    /// The guest's host calls block its event loop while they wait (p2
+    /// guests call synchronously), so the loop's view of its requests may be
+    /// stale: [`Self::progress`] tells more.
+    blocking_calls: bool,
     /// What the instance is doing and since when, for its expiration.
     status: Mutex<(WorkerStatus, Instant)>,
     /// Concurrency is earned: cleared when the worker takes a request, set
@@ -678,7 +690,16 @@ async fn drive<S: HandlerState, D: Supervisor<S>>(
         spy.woken.store(false, Relaxed);
         let mut poll = event_loop.as_mut().poll(&mut spy_cx);
         if poll.is_pending() {
-            let (current, since) = shared.status();
+            let (mut current, mut since) = shared.status();
+            // A p2 guest blocked in a host call after sending its head keeps
+            // the event loop (and its view of the requests) from running:
+            // streaming is not waiting for a head.
+            if shared.blocking_calls
+                && current == WorkerStatus::Requests
+                && let Some(status) = shared.progress.after_heads(cx)
+            {
+                (current, since) = status;
+            }
             let untouched_prewarm = prewarmed && shared.served.load(Relaxed) == 0;
             if !(untouched_prewarm && current == WorkerStatus::Idle)
                 && expiration.as_mut().poll(cx, current, since).is_ready()
