@@ -132,6 +132,7 @@ mod call;
 mod circuit;
 mod dispatch;
 mod error;
+mod footprint;
 mod handler;
 mod limits;
 mod memory;
@@ -152,6 +153,7 @@ pub use error::{
     AtCapacity, Error, ExpirationError, InstantiationError, Overloaded, ShuttingDown,
     TrapOrPanicError,
 };
+pub use footprint::Footprint;
 pub use handler::ProxyHandler;
 pub use limits::{Limits, LimitsExpiration};
 pub use memory::MemoryBudget;
@@ -163,7 +165,7 @@ pub use policy::{
     WorkerStatus,
 };
 pub use pool::PoolLimits;
-pub use runtime::{Footprint, LoadError, Runtime, RuntimeConfig};
+pub use runtime::{LoadError, Runtime, RuntimeConfig};
 pub use world::World;
 
 /// The body of requests and responses: a boxed stream of bytes, as

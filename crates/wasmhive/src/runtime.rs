@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use wasmtime::component::Component;
 
+use crate::footprint::{Footprint, Measured};
 use crate::{Limits, World};
 use wasmtime::{
     Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig,
@@ -33,7 +34,9 @@ pub struct RuntimeConfig {
     pub footprint: Footprint,
     /// Requests one instance runs at once (keep it at least
     /// [`Limits::max_concurrency`](crate::Limits)): the pool reserves a fiber
-    /// stack for each, plus one to instantiate with. Default: none, meaning
+    /// stack for each, plus one to instantiate with, up to 1,024 in all
+    /// beyond two per instance (a task waiting on async I/O holds none).
+    /// Default: none, meaning
     /// [`Limits::for_world`](crate::Limits::for_world)'s for the world the
     /// component exports (without a component, 16).
     pub max_concurrency: Option<usize>,
@@ -164,90 +167,6 @@ pub enum LoadError {
     },
 }
 
-/// What one instance of a component takes from the pooling allocator.
-///
-/// Core instances are only counted by the pool, not reserved, so they get a
-/// generous allowance; memories and tables reserve address space per slot
-/// and are sized exactly.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Footprint {
-    /// Linear memories one instance defines.
-    pub memories: u32,
-    /// Tables one instance defines.
-    pub tables: u32,
-    /// Largest initial size of any of its memories, in bytes.
-    pub initial_memory: u64,
-    /// Largest initial size of any of its tables, in elements.
-    pub initial_table_elements: u64,
-}
-
-impl Default for Footprint {
-    /// Room for a component built by `wit-component` from one module: a
-    /// memory or two and a few tables.
-    fn default() -> Self {
-        Footprint {
-            memories: 2,
-            tables: 4,
-            initial_memory: 0,
-            initial_table_elements: 0,
-        }
-    }
-}
-
-impl Footprint {
-    /// Resident bytes the pool may hold back from the system to batch the
-    /// decommits of ended instances; see [`Self::decommit_batch`].
-    const DECOMMIT_BATCH_BYTES: u64 = 16 << 20;
-
-    /// How many ended instances' memories the pooling allocator decommits
-    /// at once. Each decommit (`madvise`) costs a TLB shootdown on every
-    /// other core running this process, so batching them is what makes a
-    /// fresh instance per request cheap: hello-p2 at 32 connections went
-    /// from 0.97x to 1.29x `wasmtime serve`'s req/s with batches of 16
-    /// (bench harness, one round). The pages wait resident until their
-    /// batch goes, so large instances batch fewer: a Python app (13 MiB of
-    /// initial memory) gained nothing from it and its peak RSS grew 7%.
-    /// Bytes of each linear memory that stay resident when its instance
-    /// ends, reset in place (the pages it dirtied, copied back from the
-    /// component's memory image) instead of handed back to the kernel, so
-    /// that the next instance in that slot starts without page faults: the
-    /// component's initial memory, up to 32 MiB. A Python app (13 MiB of
-    /// initial memory, a fresh instance per request) went from 225 to 983
-    /// req/s with it (bench harness, one round). The slots used stay as
-    /// resident as they were at their busiest, so memory after a burst
-    /// returns to the system only as far as instances had grown past this.
-    fn keep_resident(&self) -> usize {
-        usize::try_from(self.initial_memory.min(32 << 20)).unwrap_or(32 << 20)
-    }
-
-    fn decommit_batch(&self) -> usize {
-        let per_instance = self.initial_memory.max(1);
-        (Self::DECOMMIT_BATCH_BYTES / per_instance).clamp(1, 16) as usize
-    }
-
-    /// Core instances one component instance may have: only counted by the
-    /// pool (no memory is reserved for them), so this is an allowance, well
-    /// above the 14 of a componentize-py app.
-    const CORE_INSTANCES: u32 = 64;
-
-    /// Measures `component`. A component that instantiates an imported
-    /// module cannot be measured; it gets the default.
-    pub fn of(component: &Component) -> Footprint {
-        let Some(needs) = component.resources_required() else {
-            return Footprint::default();
-        };
-        Footprint {
-            memories: needs.num_memories,
-            tables: needs.num_tables,
-            initial_memory: needs
-                .max_initial_memory_size
-                .unwrap_or(0)
-                .saturating_mul(64 * 1024),
-            initial_table_elements: needs.max_initial_table_size.unwrap_or(0),
-        }
-    }
-}
-
 impl Runtime {
     /// Builds the engine (pooling, with a fallback to on-demand allocation;
     /// the compilation cache, if configured and usable) and starts its epoch
@@ -276,8 +195,10 @@ impl Runtime {
     /// sized for `config.max_instances` instances of it (the component's
     /// [`Footprint`]), returning both.
     ///
-    /// The component is compiled once, on an engine without a pool, and
-    /// moved to the sized engine. Fails with [`LoadError::MemoryTooSmall`]
+    /// The footprint is read from the binary, and the component loaded once,
+    /// into the sized engine; what the binary cannot tell (a module imported
+    /// from outside the component) is measured on a copy loaded into an
+    /// engine without a pool first. Fails with [`LoadError::MemoryTooSmall`]
     /// when its initial memory exceeds `config.max_memory`, and with
     /// [`LoadError::PoolTooLarge`] when the pool cannot reserve room for
     /// that many instances; if not even one instance fits (a restricted
@@ -289,7 +210,8 @@ impl Runtime {
         Self::sized_for(config, Source::Wasm(bytes))
     }
 
-    /// [`Self::for_component`] for a precompiled file, memory-mapped.
+    /// [`Self::for_component`] for a precompiled file, memory-mapped; it is
+    /// measured on a copy loaded into an engine without a pool first.
     ///
     /// # Safety
     ///
@@ -306,36 +228,57 @@ impl Runtime {
         config: &RuntimeConfig,
         source: Source<'_>,
     ) -> Result<(Runtime, Component), LoadError> {
-        let probe = Runtime::new(&RuntimeConfig {
+        let on_demand = RuntimeConfig {
             pooling: false,
             ..config.clone()
-        })?;
-        let component = match source {
-            Source::Wasm(bytes) => probe.load_bytes(bytes)?,
-            // SAFETY: the caller of `for_precompiled_file` vouches for it.
-            Source::Precompiled(path) => unsafe { probe.load_precompiled_file(path)? },
         };
-        let footprint = Footprint::of(&component);
+        // A `.wasm` says what it needs in its binary; otherwise a copy is
+        // loaded on an engine without a pool just to measure it.
+        let binary = match source {
+            Source::Wasm(bytes) => Measured::from_binary(bytes),
+            Source::Precompiled(_) => None,
+        };
+        let (measured, mut probe) = match binary {
+            Some(measured) => (measured, None),
+            None => {
+                let probe = Runtime::new(&on_demand)?;
+                let component = probe.load(source)?;
+                let measured = Measured {
+                    footprint: Footprint::of(&component),
+                    world: World::exported_by(&component, probe.engine()),
+                };
+                (measured, Some((probe, component)))
+            }
+        };
+        let footprint = measured.footprint;
         if footprint.initial_memory > config.max_memory as u64 {
             return Err(LoadError::MemoryTooSmall {
                 needed: footprint.initial_memory,
                 limit: config.max_memory,
             });
         }
+        let unpooled = |probe: Option<(Runtime, Component)>| match probe {
+            Some(loaded) => Ok(loaded),
+            None => {
+                let runtime = Runtime::new(&on_demand)?;
+                let component = runtime.load(source)?;
+                Ok((runtime, component))
+            }
+        };
         if !config.pooling {
-            return Ok((probe, component));
+            return unpooled(probe);
         }
-        let world = World::exported_by(&component, probe.engine());
         let sized = RuntimeConfig {
             footprint,
             max_concurrency: Some(
                 config
                     .max_concurrency
-                    .unwrap_or(Limits::for_world(world).max_concurrency),
+                    .unwrap_or(Limits::for_world(measured.world).max_concurrency),
             ),
             ..config.clone()
         };
-        let engine = match pooled_engine(&sized, probe.0.cache.as_ref()) {
+        let cache = compile_cache(config);
+        let engine = match pooled_engine(&sized, cache.as_ref()) {
             Ok(engine) => engine,
             Err(error) => {
                 let one = RuntimeConfig {
@@ -356,31 +299,27 @@ impl Runtime {
                     "cannot reserve address space for the pooling allocator; \
                      falling back to on-demand allocation"
                 );
-                return Ok((probe, component));
+                return unpooled(probe);
             }
         };
-        let runtime = Runtime::with_engine(engine, true, probe.0.cache.clone(), config)?;
-        let measured = component;
-        let component = match source {
-            Source::Wasm(_) => {
-                let compiled = measured
-                    .serialize()
-                    .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
-                // SAFETY: these bytes were serialized just now by an engine
-                // with the same compilation settings; only the instance
-                // allocator differs.
-                unsafe { Component::deserialize(runtime.engine(), &compiled) }
-                    .map_err(|e| LoadError::Incompatible(format!("{e:#}")))?
-            }
-            // SAFETY: the caller of `for_precompiled_file` vouches for it.
-            Source::Precompiled(path) => unsafe { runtime.load_precompiled_file(path)? },
-        };
-        // Unmapping the measured copy's code and stopping the probe's ticker
-        // take milliseconds that start-up need not wait for.
-        let _ = std::thread::Builder::new()
-            .name("wasmhive-probe-drop".into())
-            .spawn(move || drop((measured, probe)));
+        let runtime = Runtime::with_engine(engine, true, cache, config)?;
+        let component = runtime.load(source)?;
+        if let Some(probe) = probe.take() {
+            // Unmapping the measured copy's code and stopping the probe's
+            // ticker take milliseconds that start-up need not wait for.
+            let _ = std::thread::Builder::new()
+                .name("wasmhive-probe-drop".into())
+                .spawn(move || drop(probe));
+        }
         Ok((runtime, component))
+    }
+
+    fn load(&self, source: Source<'_>) -> Result<Component, LoadError> {
+        match source {
+            Source::Wasm(bytes) => self.load_bytes(bytes),
+            // SAFETY: the caller of `for_precompiled_file` vouches for it.
+            Source::Precompiled(path) => unsafe { self.load_precompiled_file(path) },
+        }
     }
 
     /// [`Self::for_component`] with the bytes of the file at `path`.
@@ -550,6 +489,10 @@ fn compile_cache(config: &RuntimeConfig) -> Option<Cache> {
         .ok()
 }
 
+/// Fiber stacks the pool holds at most beyond two per instance: see
+/// [`engine_config`].
+const MAX_SPARE_STACKS: u32 = 1024;
+
 fn engine_config(config: &RuntimeConfig, pooling: bool, cache: Option<&Cache>) -> Config {
     let mut wasm = Config::new();
     wasm.wasm_component_model(true);
@@ -560,13 +503,21 @@ fn engine_config(config: &RuntimeConfig, pooling: bool, cache: Option<&Cache>) -
         let instances = u32::try_from(config.max_instances).unwrap_or(u32::MAX);
         let footprint = &config.footprint;
         let (memories, tables) = (footprint.memories.max(1), footprint.tables.max(1));
-        // Each stack's guard page costs a system call when the pool is made:
-        // reserve as many as can be used, not more (without a component to
-        // tell, as many as the more concurrent world's default).
+        // A guest task holds a fiber stack while it runs or blocks in a
+        // synchronous host call (p2), not while an async (p3) task waits. So
+        // one per request an instance runs at once, plus one to instantiate
+        // with, is the most that can be used; but each stack's guard page
+        // costs a system call when the pool is made (4,352 of them, p3's
+        // defaults, took 5 ms of start-up), so beyond two per instance the
+        // pool holds at most `MAX_SPARE_STACKS`. Running short makes
+        // instantiation wait, like a full pool.
         let concurrency = config
             .max_concurrency
             .unwrap_or(Limits::for_world(World::P3).max_concurrency);
         let stacks_per_instance = u32::try_from(concurrency.saturating_add(1)).unwrap_or(u32::MAX);
+        let stacks = instances
+            .saturating_mul(stacks_per_instance)
+            .min(instances.saturating_mul(2).max(MAX_SPARE_STACKS));
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(instances)
             .total_core_instances(instances.saturating_mul(Footprint::CORE_INSTANCES))
@@ -575,9 +526,8 @@ fn engine_config(config: &RuntimeConfig, pooling: bool, cache: Option<&Cache>) -
             .total_tables(instances.saturating_mul(tables))
             .max_tables_per_module(tables)
             .table_elements(20_000.max(footprint.initial_table_elements as usize))
-            // A fiber stack per guest task running at once: reserved, but
-            // committed only as used.
-            .total_stacks(instances.saturating_mul(stacks_per_instance))
+            // Reserved, but committed only as used.
+            .total_stacks(stacks)
             .max_memory_size(config.max_memory);
         pool.decommit_batch_size(footprint.decommit_batch());
         let resident = footprint.keep_resident();

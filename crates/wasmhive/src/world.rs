@@ -13,6 +13,9 @@ pub enum World {
 }
 
 impl World {
+    /// The start of the name of the interface a p3 component exports.
+    pub(crate) const P3_EXPORT: &str = "wasi:http/handler@0.3";
+
     /// The world `component` exports: p3 if it exports
     /// `wasi:http/handler@0.3`, else p2 (whether it really exports
     /// `incoming-handler@0.2` is checked when it is linked, by
@@ -21,7 +24,7 @@ impl World {
         let p3 = component
             .component_type()
             .exports(engine)
-            .any(|(name, _)| name.starts_with("wasi:http/handler@0.3"));
+            .any(|(name, _)| name.starts_with(Self::P3_EXPORT));
         if p3 { World::P3 } else { World::P2 }
     }
 }

@@ -1,0 +1,396 @@
+//! [`Footprint`]: what one instance of a component takes from the pooling
+//! allocator, measured from a loaded component or read straight from its
+//! binary (which spares loading it twice: once to measure it, once into
+//! the engine whose pool is sized for it).
+
+use wasmparser::{
+    ComponentAlias, ComponentExternalKind, ComponentInstance, ComponentOuterAliasKind,
+    ComponentTypeRef, Instance, Parser, Payload,
+};
+use wasmtime::component::Component;
+
+use crate::World;
+
+/// What one instance of a component takes from the pooling allocator.
+///
+/// Core instances are only counted by the pool, not reserved, so they get a
+/// generous allowance; memories and tables reserve address space per slot
+/// and are sized exactly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Footprint {
+    /// Linear memories one instance defines.
+    pub memories: u32,
+    /// Tables one instance defines.
+    pub tables: u32,
+    /// Largest initial size of any of its memories, in bytes.
+    pub initial_memory: u64,
+    /// Largest initial size of any of its tables, in elements.
+    pub initial_table_elements: u64,
+}
+
+impl Default for Footprint {
+    /// Room for a component built by `wit-component` from one module: a
+    /// memory or two and a few tables.
+    fn default() -> Self {
+        Footprint {
+            memories: 2,
+            tables: 4,
+            initial_memory: 0,
+            initial_table_elements: 0,
+        }
+    }
+}
+
+impl Footprint {
+    /// Resident bytes the pool may hold back from the system to batch the
+    /// decommits of ended instances; see [`Self::decommit_batch`].
+    const DECOMMIT_BATCH_BYTES: u64 = 16 << 20;
+
+    /// How many ended instances' memories the pooling allocator decommits
+    /// at once. Each decommit (`madvise`) costs a TLB shootdown on every
+    /// other core running this process, so batching them is what makes a
+    /// fresh instance per request cheap: hello-p2 at 32 connections went
+    /// from 0.97x to 1.29x `wasmtime serve`'s req/s with batches of 16
+    /// (bench harness, one round). The pages wait resident until their
+    /// batch goes, so large instances batch fewer: a Python app (13 MiB of
+    /// initial memory) gained nothing from it and its peak RSS grew 7%.
+    /// Bytes of each linear memory that stay resident when its instance
+    /// ends, reset in place (the pages it dirtied, copied back from the
+    /// component's memory image) instead of handed back to the kernel, so
+    /// that the next instance in that slot starts without page faults: the
+    /// component's initial memory, up to 32 MiB. A Python app (13 MiB of
+    /// initial memory, a fresh instance per request) went from 225 to 983
+    /// req/s with it (bench harness, one round). The slots used stay as
+    /// resident as they were at their busiest, so memory after a burst
+    /// returns to the system only as far as instances had grown past this.
+    pub(crate) fn keep_resident(&self) -> usize {
+        usize::try_from(self.initial_memory.min(32 << 20)).unwrap_or(32 << 20)
+    }
+
+    pub(crate) fn decommit_batch(&self) -> usize {
+        let per_instance = self.initial_memory.max(1);
+        (Self::DECOMMIT_BATCH_BYTES / per_instance).clamp(1, 16) as usize
+    }
+
+    /// Core instances one component instance may have: only counted by the
+    /// pool (no memory is reserved for them), so this is an allowance, well
+    /// above the 14 of a componentize-py app.
+    pub(crate) const CORE_INSTANCES: u32 = 64;
+
+    /// Measures `component`. A component that instantiates an imported
+    /// module cannot be measured; it gets the default.
+    pub fn of(component: &Component) -> Footprint {
+        let Some(needs) = component.resources_required() else {
+            return Footprint::default();
+        };
+        Footprint {
+            memories: needs.num_memories,
+            tables: needs.num_tables,
+            initial_memory: needs
+                .max_initial_memory_size
+                .unwrap_or(0)
+                .saturating_mul(64 * 1024),
+            initial_table_elements: needs.max_initial_table_size.unwrap_or(0),
+        }
+    }
+}
+
+/// What a component's binary says about it before it is compiled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Measured {
+    pub(crate) footprint: Footprint,
+    pub(crate) world: World,
+}
+
+/// What an instance of a core module, or of a component, takes: the
+/// memories and tables it defines (not imports), its nested instances'
+/// included.
+#[derive(Clone, Copy, Default)]
+struct Needs {
+    memories: u32,
+    tables: u32,
+    /// Largest initial memory, in 64 KiB pages.
+    initial_pages: u64,
+    initial_table_elements: u64,
+}
+
+impl Needs {
+    fn add(&mut self, other: Needs) {
+        self.memories += other.memories;
+        self.tables += other.tables;
+        self.initial_pages = self.initial_pages.max(other.initial_pages);
+        self.initial_table_elements = self
+            .initial_table_elements
+            .max(other.initial_table_elements);
+    }
+}
+
+/// A component being read: its core module and component index spaces
+/// (`None` for what comes from outside it, which only loading can measure)
+/// and what instantiating it takes so far.
+#[derive(Default)]
+struct Scope {
+    modules: Vec<Option<Needs>>,
+    components: Vec<Option<Needs>>,
+    total: Needs,
+}
+
+impl Measured {
+    /// Reads the footprint and world of the component in `bytes` without
+    /// compiling it, as [`Footprint::of`] would measure them once loaded:
+    /// the memories and tables of every core module it instantiates,
+    /// through its nested components. `None` for what only loading can
+    /// tell (a module or component imported from outside) and for a binary
+    /// that does not parse (loading reports why).
+    pub(crate) fn from_binary(bytes: &[u8]) -> Option<Measured> {
+        // The components being read, innermost last, and the core module
+        // being read, if any.
+        let mut scopes: Vec<Scope> = Vec::new();
+        let mut module: Option<Needs> = None;
+        let mut world = World::P2;
+        for payload in Parser::new(0).parse_all(bytes) {
+            match payload.ok()? {
+                Payload::Version { encoding, .. } => match encoding {
+                    wasmparser::Encoding::Component => scopes.push(Scope::default()),
+                    wasmparser::Encoding::Module if module.is_some() => {}
+                    wasmparser::Encoding::Module => return None,
+                },
+                Payload::ModuleSection { .. } => module = Some(Needs::default()),
+                Payload::MemorySection(reader) => {
+                    let module = module.as_mut()?;
+                    for memory in reader {
+                        module.add(Needs {
+                            memories: 1,
+                            initial_pages: memory.ok()?.initial,
+                            ..Needs::default()
+                        });
+                    }
+                }
+                Payload::TableSection(reader) => {
+                    let module = module.as_mut()?;
+                    for table in reader {
+                        module.add(Needs {
+                            tables: 1,
+                            initial_table_elements: table.ok()?.ty.initial,
+                            ..Needs::default()
+                        });
+                    }
+                }
+                Payload::End(_) => {
+                    if let Some(done) = module.take() {
+                        scopes.last_mut()?.modules.push(Some(done));
+                    } else {
+                        let done = scopes.pop()?;
+                        match scopes.last_mut() {
+                            Some(parent) => parent.components.push(Some(done.total)),
+                            None => return Some(Measured::of(done.total, world)),
+                        }
+                    }
+                }
+                Payload::InstanceSection(reader) => {
+                    let scope = scopes.last_mut()?;
+                    for instance in reader {
+                        if let Instance::Instantiate { module_index, .. } = instance.ok()? {
+                            let needs = (*scope.modules.get(module_index as usize)?)?;
+                            scope.total.add(needs);
+                        }
+                    }
+                }
+                Payload::ComponentInstanceSection(reader) => {
+                    let scope = scopes.last_mut()?;
+                    for instance in reader {
+                        if let ComponentInstance::Instantiate {
+                            component_index, ..
+                        } = instance.ok()?
+                        {
+                            let needs = (*scope.components.get(component_index as usize)?)?;
+                            scope.total.add(needs);
+                        }
+                    }
+                }
+                Payload::ComponentImportSection(reader) => {
+                    let scope = scopes.last_mut()?;
+                    for import in reader {
+                        match import.ok()?.ty {
+                            ComponentTypeRef::Module(_) => scope.modules.push(None),
+                            ComponentTypeRef::Component(_) => scope.components.push(None),
+                            _ => {}
+                        }
+                    }
+                }
+                Payload::ComponentAliasSection(reader) => {
+                    for alias in reader {
+                        match alias.ok()? {
+                            ComponentAlias::InstanceExport { kind, .. } => {
+                                let scope = scopes.last_mut()?;
+                                match kind {
+                                    ComponentExternalKind::Module => scope.modules.push(None),
+                                    ComponentExternalKind::Component => scope.components.push(None),
+                                    _ => {}
+                                }
+                            }
+                            ComponentAlias::Outer { kind, count, index } => {
+                                let outer = scopes.len().checked_sub(1 + count as usize)?;
+                                let (outer, index) = (&scopes[outer], index as usize);
+                                match kind {
+                                    ComponentOuterAliasKind::CoreModule => {
+                                        let needs = *outer.modules.get(index)?;
+                                        scopes.last_mut()?.modules.push(needs);
+                                    }
+                                    ComponentOuterAliasKind::Component => {
+                                        let needs = *outer.components.get(index)?;
+                                        scopes.last_mut()?.components.push(needs);
+                                    }
+                                    _ => {}
+                                }
+                            }
+                            ComponentAlias::CoreInstanceExport { .. } => {}
+                        }
+                    }
+                }
+                // An export is a new index in its sort's space too.
+                Payload::ComponentExportSection(reader) => {
+                    let outermost = scopes.len() == 1;
+                    let scope = scopes.last_mut()?;
+                    for export in reader {
+                        let export = export.ok()?;
+                        let index = export.index as usize;
+                        match export.kind {
+                            ComponentExternalKind::Module => {
+                                let needs = *scope.modules.get(index)?;
+                                scope.modules.push(needs);
+                            }
+                            ComponentExternalKind::Component => {
+                                let needs = *scope.components.get(index)?;
+                                scope.components.push(needs);
+                            }
+                            _ => {}
+                        }
+                        if outermost && export.name.name.starts_with(World::P3_EXPORT) {
+                            world = World::P3;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
+    fn of(needs: Needs, world: World) -> Measured {
+        Measured {
+            footprint: Footprint {
+                memories: needs.memories,
+                tables: needs.tables,
+                initial_memory: needs.initial_pages.saturating_mul(64 * 1024),
+                initial_table_elements: needs.initial_table_elements,
+            },
+            world,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use wasmhive_guests as guests;
+    use wasmtime::{Config, Engine};
+
+    use super::*;
+
+    fn engine() -> Engine {
+        let mut config = Config::new();
+        config.wasm_component_model_async(true);
+        Engine::new(&config).unwrap()
+    }
+
+    /// What loading the component measures.
+    fn loaded(engine: &Engine, bytes: &[u8]) -> Measured {
+        let component = Component::new(engine, bytes).unwrap();
+        Measured {
+            footprint: Footprint::of(&component),
+            world: World::exported_by(&component, engine),
+        }
+    }
+
+    #[test]
+    fn the_binary_says_what_loading_measures_for_every_guest() {
+        let engine = engine();
+        for guest in [
+            guests::HELLO_P2,
+            guests::HELLO_P3,
+            guests::ECHO_P2,
+            guests::FAULT_P3,
+            guests::FETCH_P3,
+            guests::PYTHON_APP,
+            guests::JS_APP,
+        ] {
+            let bytes = guest.bytes();
+            assert_eq!(
+                Measured::from_binary(&bytes),
+                Some(loaded(&engine, &bytes)),
+                "{}",
+                guest.name
+            );
+        }
+    }
+
+    #[test]
+    fn every_instantiation_of_a_module_counts_and_imported_memories_do_not() {
+        let bytes = wat::parse_str(
+            r#"(component
+                (core module $m (memory (export "mem") 3) (table 5 funcref))
+                (core module $n (import "m" "mem" (memory 1)) (memory 9) (memory 2))
+                (core instance $a (instantiate $m))
+                (core instance (instantiate $m))
+                (core instance (instantiate $n (with "m" (instance (export "mem" (memory $a "mem"))))))
+            )"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let measured = Measured::from_binary(&bytes).unwrap();
+        assert_eq!(measured, loaded(&engine(), &bytes));
+        assert_eq!(
+            measured.footprint,
+            Footprint {
+                memories: 4,
+                tables: 2,
+                initial_memory: 9 * 64 * 1024,
+                initial_table_elements: 5,
+            }
+        );
+        assert_eq!(measured.world, World::P2);
+    }
+
+    #[test]
+    fn nested_components_count_for_each_instantiation() {
+        let bytes = wat::parse_str(
+            r#"(component
+                (core module $m (memory 2))
+                (component $c
+                    (core module $n (memory 7) (table 1 funcref))
+                    (core instance (instantiate $n))
+                    (alias outer 1 $m (core module $outer))
+                    (core instance (instantiate $outer))
+                )
+                (instance (instantiate $c))
+                (instance (instantiate $c))
+            )"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let measured = Measured::from_binary(&bytes).unwrap();
+        assert_eq!(measured, loaded(&engine(), &bytes));
+        assert_eq!(measured.footprint.memories, 4);
+        assert_eq!(measured.footprint.tables, 2);
+    }
+
+    #[test]
+    fn modules_from_outside_are_left_to_loading() {
+        for text in [
+            "(component (import \"m\" (core module $m)) (core instance (instantiate $m)))",
+            "(component (import \"c\" (component $c)) (instance (instantiate $c)))",
+        ] {
+            let bytes = wat::parse_str(text).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(Measured::from_binary(&bytes), None, "{text}");
+        }
+        assert_eq!(Measured::from_binary(b"\0asm not really"), None);
+    }
+}
