@@ -128,6 +128,33 @@ fn recurse(n: u64) -> u64 {
     recurse(buf[(n % 64) as usize] + 1) + buf[0]
 }
 
+/// The text of `method`, a value of either world's generated `Method` type
+/// (`$Method`): they have the same variants.
+macro_rules! method_text {
+    ($method:expr, $Method:ident) => {
+        match $method {
+            $Method::Get => "GET".into(),
+            $Method::Head => "HEAD".into(),
+            $Method::Post => "POST".into(),
+            $Method::Put => "PUT".into(),
+            $Method::Delete => "DELETE".into(),
+            $Method::Connect => "CONNECT".into(),
+            $Method::Options => "OPTIONS".into(),
+            $Method::Trace => "TRACE".into(),
+            $Method::Patch => "PATCH".into(),
+            $Method::Other(other) => other,
+        }
+    };
+}
+
+/// `headers` with `content-type: text/plain` unless they have one.
+fn text_plain_unless_typed(mut headers: Vec<(String, Vec<u8>)>) -> Vec<(String, Vec<u8>)> {
+    if !headers.iter().any(|(k, _)| k == "content-type") {
+        headers.push(("content-type".into(), b"text/plain".to_vec()));
+    }
+    headers
+}
+
 /// Helpers for WASIp2 (`wasi:http/proxy`) guests.
 pub mod p2 {
     use std::io::Write as _;
@@ -137,18 +164,7 @@ pub mod p2 {
 
     /// The request's method as text.
     pub fn method(request: &IncomingRequest) -> String {
-        match request.method() {
-            Method::Get => "GET".into(),
-            Method::Head => "HEAD".into(),
-            Method::Post => "POST".into(),
-            Method::Put => "PUT".into(),
-            Method::Delete => "DELETE".into(),
-            Method::Connect => "CONNECT".into(),
-            Method::Options => "OPTIONS".into(),
-            Method::Trace => "TRACE".into(),
-            Method::Patch => "PATCH".into(),
-            Method::Other(other) => other,
-        }
+        method_text!(request.method(), Method)
     }
 
     /// Sends a complete `text/plain` response with `status` and `body`.
@@ -166,11 +182,9 @@ pub mod p2 {
     pub fn start_response(
         out: ResponseOutparam,
         status: u16,
-        mut headers: Vec<(String, Vec<u8>)>,
+        headers: Vec<(String, Vec<u8>)>,
     ) -> OutgoingBody {
-        if !headers.iter().any(|(k, _)| k == "content-type") {
-            headers.push(("content-type".into(), b"text/plain".to_vec()));
-        }
+        let headers = super::text_plain_unless_typed(headers);
         let response = OutgoingResponse::new(Fields::from_list(&headers).unwrap());
         response.set_status_code(status).unwrap();
         let body = response.body().unwrap();
@@ -187,29 +201,16 @@ pub mod p3 {
 
     /// The request's method as text.
     pub fn method(request: &Request) -> String {
-        match request.get_method() {
-            Method::Get => "GET".into(),
-            Method::Head => "HEAD".into(),
-            Method::Post => "POST".into(),
-            Method::Put => "PUT".into(),
-            Method::Delete => "DELETE".into(),
-            Method::Connect => "CONNECT".into(),
-            Method::Options => "OPTIONS".into(),
-            Method::Trace => "TRACE".into(),
-            Method::Patch => "PATCH".into(),
-            Method::Other(other) => other,
-        }
+        method_text!(request.get_method(), Method)
     }
 
     /// A `text/plain` response with `status`, the extra `headers`, and a body
     /// stream the caller writes to (dropping the writer ends the body).
     pub fn streaming_response(
         status: u16,
-        mut headers: Vec<(String, Vec<u8>)>,
+        headers: Vec<(String, Vec<u8>)>,
     ) -> (Response, StreamWriter<u8>) {
-        if !headers.iter().any(|(k, _)| k == "content-type") {
-            headers.push(("content-type".into(), b"text/plain".to_vec()));
-        }
+        let headers = super::text_plain_unless_typed(headers);
         let (body_tx, body_rx) = wit_stream::new();
         let (trailers_tx, trailers_rx) = wit_future::new(|| Ok(None));
         drop(trailers_tx);

@@ -6,7 +6,8 @@ use std::time::Duration;
 use wasmhive::PoolLimits;
 use wasmhive_tests::{get, guests, handler, read_body, wait_for_stats};
 
-#[tokio::test]
+// Paused, auto-advancing time: waiting out the idle timeout takes no time.
+#[tokio::test(start_paused = true)]
 async fn prewarmed_instances_serve_without_instantiation_and_are_refilled() {
     let (handler, reports) = handler(
         guests::COUNTER_P2,
@@ -19,6 +20,7 @@ async fn prewarmed_instances_serve_without_instantiation_and_are_refilled() {
     wait_for_stats(&handler, |s| s.available_instances == 2).await;
     // Prewarmed instances do not idle out: the idle timeout is 1 s.
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(handler.stats().live_instances, 2, "none idled out");
     assert_eq!(handler.stats().available_instances, 2);
 
     for _ in 0..5 {

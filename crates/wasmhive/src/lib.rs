@@ -113,8 +113,10 @@
 //! its own with randomized runs; `dispatch.rs` the dispatcher (pool,
 //! circuit, prewarming, instantiation); `worker.rs` one instance's event
 //! loop (`serve`), the driver that polls level two outside it (`drive`),
-//! and its report; `call.rs` one request as a guest task (p2 and p3 calling
-//! conventions); `reply.rs` how its answer gets back to `handle`;
+//! and its report; `call.rs` one request as a guest task, with a module per
+//! calling convention (`call/p2.rs`, `call/p3.rs`); `reply.rs` how its
+//! answer gets back to `handle` and how far it has gone out (`Progress`,
+//! which the instance deadline reads for a p2 guest blocked in a host call);
 //! `memory.rs` the per-instance and global memory limits ([`MemoryBudget`]);
 //! `target.rs` the request target every guest sees (scheme and authority,
 //! `Host` validated before admission); `output.rs` guest stdout and stderr
@@ -122,7 +124,8 @@
 //! and p3 `wasi:http/client#send`, whose transmission future reports a
 //! request that never left as failed);
 //! `runtime.rs` the engine, with the pool sized from the component
-//! ([`Runtime::for_component`], [`Footprint`]).
+//! ([`Runtime::for_component`]); `footprint.rs` what one instance takes
+//! ([`Footprint`]), read from a `.wasm` binary without compiling it.
 
 #![deny(missing_docs)]
 

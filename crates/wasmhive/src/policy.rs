@@ -130,6 +130,23 @@ pub enum Proxy {
     P3(wasmtime_wasi_http::p3::bindings::Service),
 }
 
+impl Proxy {
+    /// The guest's `handle` export, which the store's readiness for another
+    /// concurrent call is asked about.
+    pub(crate) fn handle_func(&self) -> wasmtime::component::Func {
+        match self {
+            Proxy::P2(guest) => *guest.wasi_http_incoming_handler().func_handle().func(),
+            Proxy::P3(guest) => *guest.wasi_http_handler().func_handle().func(),
+        }
+    }
+
+    /// Whether the guest's host calls block the store's event loop while
+    /// they wait: p2 guests call synchronously.
+    pub(crate) fn blocks_in_host_calls(&self) -> bool {
+        matches!(self, Proxy::P2(_))
+    }
+}
+
 impl fmt::Debug for Proxy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

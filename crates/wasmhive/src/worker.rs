@@ -357,7 +357,7 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
     let shared = Shared {
         fate: Arc::new(Fate::default()),
         progress: Arc::default(),
-        blocking_calls: matches!(proxy, Proxy::P2(_)),
+        blocking_calls: proxy.blocks_in_host_calls(),
         status: Mutex::new((WorkerStatus::Idle, born)),
         accept_more: AtomicBool::new(true),
         running: AtomicBool::new(true),
@@ -366,10 +366,7 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
     };
     let (mailbox, mut inbox) = mpsc::unbounded_channel::<Job<S>>();
     let prewarmed = first.is_none();
-    let func = match &proxy {
-        Proxy::P2(guest) => *guest.wasi_http_incoming_handler().func_handle().func(),
-        Proxy::P3(guest) => *guest.wasi_http_handler().func_handle().func(),
-    };
+    let func = proxy.handle_func();
     let shared_ref = &shared;
     let inbox_ref = &mut inbox;
 
@@ -418,7 +415,7 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
             in_hand.starts.add(accepted_at);
             shared_ref.set_status(WorkerStatus::Requests, accepted_at);
             in_hand.calls.push(async move {
-                let (ended, body) = call.run(accessor, proxy, view, deadline, responder).await?;
+                let (ended, body) = call.run(accessor, deadline, responder).await?;
                 Ok::<_, wasmtime::Error>((ended, body, accepted_at))
             });
             shared_ref.peak.fetch_max(in_hand.calls.len(), Relaxed);
