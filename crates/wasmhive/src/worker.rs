@@ -1,9 +1,10 @@
 //! A worker: one store, one instance, the requests it takes, and its end.
 //!
 //! The worker runs the store's event loop (`Store::run_concurrent`). Inside
-//! it, a `poll_fn` loop reaps finished calls, advertises spare capacity to
-//! the pool, takes jobs from its mailbox and starts them as guest tasks,
-//! each with its per-request deadline (level one). Around it, a second
+//! it, a `poll_fn` loop reaps finished calls ([`InHand`]), decides whether
+//! to take more ([`Retirement`]), offers spare capacity to the pool and
+//! takes jobs from its mailbox ([`Offer`]), and starts them as guest tasks
+//! ([`Starter`]), each with its per-request deadline (level one). Around it, a second
 //! `poll_fn` polls the instance-level [`WorkerExpiration`] every time the
 //! event loop yields (level two); epoch interruption makes a spinning guest
 //! yield at every engine tick, so this poll cannot be starved. When level two
@@ -354,75 +355,28 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
         expiration,
         state,
     } = parts;
-    let shared = Shared {
-        fate: Arc::new(Fate::default()),
-        progress: Arc::default(),
-        blocking_calls: proxy.blocks_in_host_calls(),
-        status: Mutex::new((WorkerStatus::Idle, born)),
-        accept_more: AtomicBool::new(true),
-        running: AtomicBool::new(true),
-        served: AtomicU64::new(0),
-        peak: AtomicUsize::new(0),
-    };
-    let (mailbox, mut inbox) = mpsc::unbounded_channel::<Job<S>>();
+    let shared = Shared::new(proxy, born);
     let prewarmed = first.is_none();
+    let starter = Starter {
+        supervisor,
+        id,
+        proxy,
+        view,
+        state,
+        shared: &shared,
+        instantiated_for_first: (!prewarmed).then_some(instantiation_time),
+    };
+    let mut offer = Offer::new(supervisor, id);
+    let offer_ref = &mut offer;
     let func = proxy.handle_func();
-    let shared_ref = &shared;
-    let inbox_ref = &mut inbox;
 
     let inner = async move |accessor: &Accessor<S::StoreData>| -> wasmtime::Result<Finished> {
+        let starter = &starter;
         let mut in_hand = InHand::default();
         let mut retirement = Retirement::default();
-        let mut advertised = false;
         let mut shutdown = pin!(supervisor.shutdown().cancelled());
-
-        // Starts `job` as a guest task (unless its caller has left).
-        let accept = |job: Job<S>, in_hand: &mut InHand<_>| {
-            let Job {
-                data, request, tx, ..
-            } = job;
-            if tx.is_closed() {
-                // The caller left while the job was on its way.
-                return;
-            }
-            shared_ref.accept_more.store(false, Relaxed);
-            let taken = shared_ref.served.fetch_add(1, Relaxed) + 1;
-            let accepted_at = Instant::now();
-            let responder = Responder::new(
-                tx,
-                shared_ref.fate.clone(),
-                shared_ref.progress.clone(),
-                Acceptance {
-                    incarnation: id,
-                    accepted_at,
-                    instantiation: (taken == 1 && !prewarmed).then_some(instantiation_time),
-                },
-            );
-            let started = accessor.with(|mut store| {
-                let call =
-                    GuestCall::start(store.as_context_mut(), proxy, view, request, &responder)?;
-                let deadline = state.on_request_start(store.as_context_mut(), data, call.task());
-                Ok::<_, crate::Error>((call, deadline))
-            });
-            let (call, deadline) = match started {
-                Ok(started) => started,
-                Err(error) => {
-                    responder.send(Err(error));
-                    return;
-                }
-            };
-            supervisor.started();
-            in_hand.starts.add(accepted_at);
-            shared_ref.set_status(WorkerStatus::Requests, accepted_at);
-            in_hand.calls.push(async move {
-                let (ended, body) = call.run(accessor, deadline, responder).await?;
-                Ok::<_, wasmtime::Error>((ended, body, accepted_at))
-            });
-            shared_ref.peak.fetch_max(in_hand.calls.len(), Relaxed);
-        };
-
         if let Some(job) = first {
-            accept(job, &mut in_hand);
+            in_hand.take(starter.start(accessor, job), starter.shared);
         }
 
         poll_fn(|cx| {
@@ -430,48 +384,32 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
                 // Reap finished calls first: an expiry must stop this
                 // instance accepting before it takes anything new.
                 if in_hand.reap(cx, &mut retirement)? {
-                    shared_ref.note_doing(in_hand.now_doing());
+                    starter.shared.note_doing(in_hand.now_doing());
                 }
                 if retirement.may_accept && shutdown.as_mut().poll(cx).is_ready() {
                     retirement.end(Finished::Shutdown);
                 }
-                // Whether to offer room for one more request: the policy's
-                // limits, and concurrency earned by having parked since the
-                // last request (a CPU-bound guest hoards nothing).
+                // Whether to offer room for one more request: the store can
+                // take another call, the policy's limits allow it, and the
+                // instance earned concurrency by parking since its last
+                // request (a CPU-bound guest hoards nothing).
                 let ready = accessor.poll_ready_for_concurrent_call(func, cx).is_ready();
-                let want = retirement.may_accept
-                    && ready
-                    && match state.should_accept_request(in_hand.len(), shared_ref.served()) {
-                        ShouldAccept::Yes => {
-                            in_hand.calls.is_empty() || shared_ref.accept_more.load(Relaxed)
-                        }
-                        ShouldAccept::No => false,
-                        ShouldAccept::Never => {
-                            retirement.end(Finished::ReuseSpent);
-                            false
-                        }
-                    };
-                // Offer it, or take the offer back; a queued job may come at
-                // once.
-                if want && !advertised {
-                    let job = supervisor.advertise(id, &mailbox);
-                    shared_ref.running.store(job.is_some(), Relaxed);
-                    if let Some(job) = job {
-                        accept(job, &mut in_hand);
-                        continue;
-                    }
-                    advertised = true;
-                } else if !want && advertised {
-                    supervisor.withdraw(id);
-                    advertised = false;
+                let shared = starter.shared;
+                let want = ready
+                    && retirement.may_accept
+                    && retirement.wants_more(
+                        state.should_accept_request(in_hand.len(), shared.served()),
+                        in_hand.calls.is_empty() || shared.accept_more.load(Relaxed),
+                    );
+                // Offer it (a queued job may come at once), or take the
+                // offer back; or take a job mailed since the offer.
+                if let Some(job) = offer_ref.update(want, starter.shared) {
+                    in_hand.take(starter.start(accessor, job), starter.shared);
+                    continue;
                 }
-
-                // Jobs mailed while this worker was advertised.
-                if let Poll::Ready(Some(job)) = inbox_ref.poll_recv(cx) {
-                    advertised = false;
-                    shared_ref.running.store(true, Relaxed);
+                if let Some(job) = offer_ref.mailed(cx, starter.shared) {
                     if want {
-                        accept(job, &mut in_hand);
+                        in_hand.take(starter.start(accessor, job), starter.shared);
                     } else {
                         // Capacity went away as the job arrived: pass it on.
                         supervisor.redispatch(job);
@@ -490,12 +428,12 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
                     return Poll::Pending;
                 }
                 if !(retirement.may_accept && ready) {
-                    if advertised {
-                        supervisor.withdraw(id);
-                    }
+                    offer_ref.update(false, starter.shared);
                     return Poll::Ready(Ok(retirement.reason));
                 }
-                shared_ref.note_doing((WorkerStatus::Idle, Instant::now()));
+                starter
+                    .shared
+                    .note_doing((WorkerStatus::Idle, Instant::now()));
                 return Poll::Pending;
             }
         })
@@ -511,41 +449,166 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
         prewarmed,
     )
     .await;
-
-    // Jobs mailed but never started go back to the pool. Withdrawing first
-    // means none can arrive after the mailbox is drained.
-    supervisor.withdraw(id);
-    while let Ok(job) = inbox.try_recv() {
-        exit.unstarted.push(job);
-    }
-
+    exit.unstarted = offer.close();
     report(ending, id, instantiation_time, born, &shared)
 }
 
-/// The requests an instance has in hand: calls the guest is working on
-/// (futures of type `F`, made by the event loop), and response bodies
-/// clients still read, whose requests count against the concurrency limit
-/// until then.
-struct InHand<'a, F> {
-    calls: FuturesUnordered<F>,
+/// Starts requests on this instance as guest tasks.
+struct Starter<'w, S: HandlerState, D> {
+    supervisor: &'w Arc<D>,
+    id: WorkerId,
+    proxy: &'w Proxy,
+    view: fn(&mut S::StoreData) -> wasmtime_wasi_http::WasiHttpCtxView<'_>,
+    state: &'w S::WorkerState,
+    shared: &'w Shared,
+    /// Reported with the first request of an instance created for it.
+    instantiated_for_first: Option<Duration>,
+}
+
+/// A request's call as a guest task: it resolves at the response head with
+/// how the call ended, the body to come, and when the request started.
+type CallFuture<'a> = Pin<
+    Box<dyn Future<Output = wasmtime::Result<(Ended, Option<Streaming<'a>>, Instant)>> + Send + 'a>,
+>;
+
+impl<'w, S: HandlerState, D: Supervisor<S>> Starter<'w, S, D> {
+    /// Starts `job` as a guest task, unless its caller has left (or the
+    /// call could not be set up: its caller gets the error).
+    fn start<'a>(
+        &self,
+        accessor: &'a Accessor<S::StoreData>,
+        job: Job<S>,
+    ) -> Option<(Instant, CallFuture<'a>)>
+    where
+        'w: 'a,
+    {
+        let Job {
+            data, request, tx, ..
+        } = job;
+        if tx.is_closed() {
+            // The caller left while the job was on its way.
+            return None;
+        }
+        let shared = self.shared;
+        shared.accept_more.store(false, Relaxed);
+        let taken = shared.served.fetch_add(1, Relaxed) + 1;
+        let accepted_at = Instant::now();
+        let responder = Responder::new(
+            tx,
+            shared.fate.clone(),
+            shared.progress.clone(),
+            Acceptance {
+                incarnation: self.id,
+                accepted_at,
+                instantiation: self.instantiated_for_first.filter(|_| taken == 1),
+            },
+        );
+        let (proxy, view, state) = (self.proxy, self.view, self.state);
+        let started = accessor.with(|mut store| {
+            let call = GuestCall::start(store.as_context_mut(), proxy, view, request, &responder)?;
+            let deadline = state.on_request_start(store.as_context_mut(), data, call.task());
+            Ok::<_, crate::Error>((call, deadline))
+        });
+        let (call, deadline) = match started {
+            Ok(started) => started,
+            Err(error) => {
+                responder.send(Err(error));
+                return None;
+            }
+        };
+        self.supervisor.started();
+        shared.set_status(WorkerStatus::Requests, accepted_at);
+        let call = async move {
+            let (ended, body) = call.run(accessor, deadline, responder).await?;
+            Ok((ended, body, accepted_at))
+        };
+        Some((accepted_at, Box::pin(call)))
+    }
+}
+
+/// This worker's offer of room for one more request to the pool, and the
+/// mailbox jobs come by once it is made.
+struct Offer<'w, S: HandlerState, D> {
+    supervisor: &'w Arc<D>,
+    id: WorkerId,
+    advertised: bool,
+    mailbox: Mailbox<Job<S>>,
+    inbox: mpsc::UnboundedReceiver<Job<S>>,
+}
+
+impl<'w, S: HandlerState, D: Supervisor<S>> Offer<'w, S, D> {
+    fn new(supervisor: &'w Arc<D>, id: WorkerId) -> Self {
+        let (mailbox, inbox) = mpsc::unbounded_channel();
+        Offer {
+            supervisor,
+            id,
+            advertised: false,
+            mailbox,
+            inbox,
+        }
+    }
+
+    /// Makes the offer if `want` and not made yet (a queued job may come at
+    /// once: the worker runs it), or takes it back if not `want`.
+    fn update(&mut self, want: bool, shared: &Shared) -> Option<Job<S>> {
+        if want && !self.advertised {
+            let job = self.supervisor.advertise(self.id, &self.mailbox);
+            shared.running.store(job.is_some(), Relaxed);
+            self.advertised = job.is_none();
+            return job;
+        }
+        if !want && self.advertised {
+            self.supervisor.withdraw(self.id);
+            self.advertised = false;
+        }
+        None
+    }
+
+    /// A job mailed since the offer was made, which used it up; the worker
+    /// is running from then on.
+    fn mailed(&mut self, cx: &mut Context<'_>, shared: &Shared) -> Option<Job<S>> {
+        let Poll::Ready(Some(job)) = self.inbox.poll_recv(cx) else {
+            return None;
+        };
+        self.advertised = false;
+        shared.running.store(true, Relaxed);
+        Some(job)
+    }
+
+    /// Takes the offer back for good, returning the jobs mailed but never
+    /// started (withdrawing first means none can arrive after the mailbox
+    /// is drained).
+    fn close(mut self) -> Vec<Job<S>> {
+        self.supervisor.withdraw(self.id);
+        let mut unstarted = Vec::new();
+        while let Ok(job) = self.inbox.try_recv() {
+            unstarted.push(job);
+        }
+        unstarted
+    }
+}
+
+/// The requests an instance has in hand: calls the guest is working on, and
+/// response bodies clients still read, whose requests count against the
+/// concurrency limit until then.
+#[derive(Default)]
+struct InHand<'a> {
+    calls: FuturesUnordered<CallFuture<'a>>,
     bodies: FuturesUnordered<Streaming<'a>>,
     starts: StartTimes,
 }
 
-impl<F> Default for InHand<'_, F> {
-    fn default() -> Self {
-        InHand {
-            calls: FuturesUnordered::new(),
-            bodies: FuturesUnordered::new(),
-            starts: StartTimes::default(),
+impl<'a> InHand<'a> {
+    /// Takes a request started by [`Starter::start`] (at that time), if it
+    /// was.
+    fn take(&mut self, started: Option<(Instant, CallFuture<'a>)>, shared: &Shared) {
+        if let Some((at, call)) = started {
+            self.starts.add(at);
+            self.calls.push(call);
+            shared.peak.fetch_max(self.calls.len(), Relaxed);
         }
     }
-}
 
-impl<'a, F> InHand<'a, F>
-where
-    F: Future<Output = wasmtime::Result<(Ended, Option<Streaming<'a>>, Instant)>>,
-{
     /// Requests in hand: calls and bodies.
     fn len(&self) -> usize {
         self.calls.len() + self.bodies.len()
@@ -613,6 +676,20 @@ impl Retirement {
         }
     }
 
+    /// Whether to take one more request, by the policy's `verdict` and
+    /// whether the instance has `earned` concurrency; a `Never` verdict
+    /// retires it.
+    fn wants_more(&mut self, verdict: ShouldAccept, earned: bool) -> bool {
+        match verdict {
+            ShouldAccept::Yes => earned,
+            ShouldAccept::No => false,
+            ShouldAccept::Never => {
+                self.end(Finished::ReuseSpent);
+                false
+            }
+        }
+    }
+
     fn call_ended(&mut self, ended: Ended) {
         match ended {
             Ended::Responded => {}
@@ -655,6 +732,21 @@ struct Shared {
 }
 
 impl Shared {
+    /// An instance of `proxy` born at `born`, idle, running (it was started
+    /// running) and with nothing served.
+    fn new(proxy: &Proxy, born: Instant) -> Self {
+        Shared {
+            fate: Arc::new(Fate::default()),
+            progress: Arc::default(),
+            blocking_calls: proxy.blocks_in_host_calls(),
+            status: Mutex::new((WorkerStatus::Idle, born)),
+            accept_more: AtomicBool::new(true),
+            running: AtomicBool::new(true),
+            served: AtomicU64::new(0),
+            peak: AtomicUsize::new(0),
+        }
+    }
+
     fn set_status(&self, status: WorkerStatus, since: Instant) {
         *self.status.lock().unwrap_or_else(|e| e.into_inner()) = (status, since);
     }
