@@ -123,14 +123,15 @@ fn histogram() -> Histogram<u64> {
 }
 
 /// Measures CPU use of this process and `server` around `run`.
-async fn with_cpu<F: Future<Output = Measured>>(server: u32, run: F) -> Measured {
+async fn with_cpu<F: Future<Output = Measured>>(server: &[u32], run: F) -> Measured {
+    let server_cpu = || -> Duration { server.iter().map(|&pid| cpu_time(Some(pid))).sum() };
     let started = Instant::now();
-    let (client0, server0) = (cpu_time(None), cpu_time(Some(server)));
+    let (client0, server0) = (cpu_time(None), server_cpu());
     let mut measured = run.await;
     measured.elapsed = started.elapsed();
     let capacity = measured.elapsed.as_secs_f64() * cores() as f64;
     measured.client_cpu = (cpu_time(None) - client0).as_secs_f64() / capacity;
-    measured.server_cpu = (cpu_time(Some(server)).saturating_sub(server0)).as_secs_f64() / capacity;
+    measured.server_cpu = (server_cpu().saturating_sub(server0)).as_secs_f64() / capacity;
     measured
 }
 
@@ -170,7 +171,7 @@ pub async fn closed_loop(
     target: &Target,
     connections: usize,
     duration: Duration,
-    server: u32,
+    server: &[u32],
 ) -> Measured {
     with_cpu(server, async {
         let deadline = Instant::now() + duration;
@@ -221,7 +222,7 @@ pub async fn open_loop(
     rate: f64,
     duration: Duration,
     max_outstanding: usize,
-    server: u32,
+    server: &[u32],
 ) -> Measured {
     with_cpu(server, async {
         let results = Arc::new(std::sync::Mutex::new(Measured::new()));

@@ -63,6 +63,17 @@ pub fn all() -> Vec<Scenario> {
             },
         )
     };
+    // One single-threaded wasmhive process per core on one port
+    // (`--reuse-port`), as `settings` otherwise.
+    let per_core = |name, settings: Settings| {
+        (
+            name,
+            Settings {
+                processes: crate::servers::cores(),
+                ..settings
+            },
+        )
+    };
     let closed = |path, body| Load::Closed {
         path,
         body,
@@ -82,6 +93,14 @@ pub fn all() -> Vec<Scenario> {
                         ..Settings::default()
                     },
                 ),
+                per_core("per-core", Settings::default()),
+                per_core(
+                    "reuse-128-per-core",
+                    Settings {
+                        reuse: Some(128),
+                        ..Settings::default()
+                    },
+                ),
             ],
             native: true,
         },
@@ -91,7 +110,7 @@ pub fn all() -> Vec<Scenario> {
             name: "hello-p3",
             guest: g::HELLO_P3,
             load: closed("/", 0),
-            variants: vec![defaults()],
+            variants: vec![defaults(), per_core("per-core", Settings::default())],
             native: true,
         },
         Scenario {
@@ -277,8 +296,9 @@ pub async fn run_one(
                 body: (*body > 0).then(|| Bytes::from(vec![b'x'; *body])),
             };
             let connections = connections.unwrap_or(options.connections);
-            load::closed_loop(&target, connections, options.warmup, running.pid()).await;
-            let m = load::closed_loop(&target, connections, options.duration, running.pid()).await;
+            load::closed_loop(&target, connections, options.warmup, &running.pids()).await;
+            let m =
+                load::closed_loop(&target, connections, options.duration, &running.pids()).await;
             throughput_figures(&mut figures, &m);
             figures.insert("peak_rss_mib".into(), mib(running.peak_rss()));
             return Ok((figures, m.statuses, m.errors));
@@ -289,19 +309,19 @@ pub async fn run_one(
                 path: path.to_string(),
                 body: None,
             };
-            let unloaded = load::closed_loop(&target, 1, options.warmup, running.pid()).await;
+            let unloaded = load::closed_loop(&target, 1, options.warmup, &running.pids()).await;
             let capacity = load::closed_loop(
                 &target,
                 options.connections,
                 options.duration,
-                running.pid(),
+                &running.pids(),
             )
             .await;
             // Let the instances the capacity run left behind settle.
             tokio::time::sleep(Duration::from_millis(200)).await;
             let offered = 4.0 * capacity.ok_rate().max(10.0);
             let m =
-                load::open_loop(&target, offered, options.duration, 16_384, running.pid()).await;
+                load::open_loop(&target, offered, options.duration, 16_384, &running.pids()).await;
             let answered: u64 = m.statuses.values().sum();
             figures.insert("unloaded_p99_ms".into(), unloaded.ok_ms(99.0));
             figures.insert("capacity_rps".into(), capacity.ok_rate());

@@ -59,6 +59,11 @@ pub struct Settings {
     /// Serve the component precompiled by the server's own `compile`
     /// command (see [`precompile`]), with `--allow-precompiled`.
     pub precompiled: bool,
+    /// wasmhive only: run this many `wasmhive serve` processes on one port
+    /// (`--reuse-port`), each with a single-threaded runtime, as one would
+    /// one per core; below 2, one process with the default runtime.
+    /// `wasmtime serve` cannot share a port and runs as one process.
+    pub processes: usize,
 }
 
 /// Precompiles `component` with `kind`'s own `compile` command (a `.cwasm`
@@ -99,12 +104,12 @@ pub fn precompile(
     Ok(output)
 }
 
-/// A server process, killed when dropped.
+/// A server, as one process or several on one port, killed when dropped.
 pub struct Running {
-    child: Child,
+    children: Vec<Child>,
     /// Where it listens.
     pub addr: SocketAddr,
-    /// From spawn to its `Serving HTTP on` line.
+    /// From spawn to its (first process's) `Serving HTTP on` line.
     pub ready_after: Duration,
 }
 
@@ -116,124 +121,155 @@ impl Running {
         component: &Path,
         settings: &Settings,
     ) -> anyhow::Result<Running> {
-        let mut command = match kind {
-            ServerKind::Wasmhive => {
-                let mut c = Command::new(&binaries.wasmhive);
-                c.args(["serve", "--addr", "127.0.0.1:0", "--no-logging-prefix"]);
-                if let Some(n) = settings.reuse {
-                    c.arg("--max-reuse").arg(n.to_string());
-                }
-                if let Some(n) = settings.concurrency {
-                    c.arg("--max-concurrent-per-instance").arg(n.to_string());
-                }
-                if let Some(s) = settings.idle_timeout_secs {
-                    c.arg("--idle-timeout").arg(format!("{s}s"));
-                }
-                if settings.precompiled {
-                    c.arg("--allow-precompiled");
-                }
-                c.args(&settings.wasmhive_extra).arg(component);
-                c.env("RUST_LOG", "warn");
-                c
-            }
-            ServerKind::Wasmtime => {
-                let Some(wasmtime) = &binaries.wasmtime else {
-                    bail!("no wasmtime binary");
-                };
-                let mut c = Command::new(wasmtime);
-                c.args([
-                    "serve",
-                    "-Scli",
-                    "--addr",
-                    "127.0.0.1:0",
-                    "--no-logging-prefix",
-                ]);
-                if let Some(n) = settings.reuse {
-                    c.arg("--max-instance-reuse-count").arg(n.to_string());
-                }
-                if let Some(n) = settings.concurrency {
-                    c.arg("--max-instance-concurrent-reuse-count")
-                        .arg(n.to_string());
-                }
-                if let Some(s) = settings.idle_timeout_secs {
-                    c.arg("--idle-instance-timeout").arg(format!("{s}s"));
-                }
-                if settings.precompiled {
-                    c.arg("--allow-precompiled");
-                }
-                c.arg(component);
-                c
-            }
-            ServerKind::Native => {
-                let mut c = Command::new(&binaries.harness);
-                c.args(["native-server", "--addr", "127.0.0.1:0"]);
-                c
-            }
-        };
-        // Servers run as they would in production: without the harness's
-        // own debugging aids. With RUST_BACKTRACE set, wasmtime captures a
-        // backtrace for every error it makes internally, even handled ones
-        // (e.g. each time a store with a suspended fiber is dropped), which
-        // costs every server alike but measures the shell, not the server.
-        command
-            .env_remove("RUST_BACKTRACE")
-            .env_remove("RUST_LIB_BACKTRACE");
         let spawned = Instant::now();
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {}", kind.label()))?;
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in lines.by_ref().map_while(Result::ok) {
-                if let Some(addr) = line
-                    .strip_prefix("Serving HTTP on http://")
-                    .and_then(|rest| rest.trim_end_matches('/').parse::<SocketAddr>().ok())
-                {
-                    let _ = tx.send(addr);
-                    break;
-                }
-            }
-            // Keep draining so the server never blocks on a full pipe.
-            for _ in lines.map_while(Result::ok) {}
-        });
-        let addr = match rx.recv_timeout(Duration::from_secs(120)) {
-            Ok(addr) => addr,
-            Err(_) => {
-                let _ = child.kill();
-                bail!("{} did not start listening", kind.label());
-            }
-        };
-        Ok(Running {
-            child,
+        let first = command(kind, binaries, component, settings, "127.0.0.1:0")?;
+        let (child, addr) = listening(first, kind)?;
+        let ready_after = spawned.elapsed();
+        let mut running = Running {
+            children: vec![child],
             addr,
-            ready_after: spawned.elapsed(),
-        })
+            ready_after,
+        };
+        if kind == ServerKind::Wasmhive {
+            for _ in 1..settings.processes {
+                let more = command(kind, binaries, component, settings, &addr.to_string())?;
+                running.children.push(listening(more, kind)?.0);
+            }
+        }
+        Ok(running)
     }
 
-    /// The process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
+    /// The process ids.
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(Child::id).collect()
     }
 
-    /// Resident memory, in bytes.
+    /// Resident memory, in bytes, of all its processes.
     pub fn rss(&self) -> u64 {
-        memory_of(self.pid(), "VmRSS").unwrap_or(0)
+        self.pids()
+            .into_iter()
+            .map(|pid| memory_of(pid, "VmRSS").unwrap_or(0))
+            .sum()
     }
 
-    /// The highest resident memory it has had, in bytes.
+    /// The highest resident memory each of its processes has had, in bytes,
+    /// summed.
     pub fn peak_rss(&self) -> u64 {
-        memory_of(self.pid(), "VmHWM").unwrap_or(0)
+        self.pids()
+            .into_iter()
+            .map(|pid| memory_of(pid, "VmHWM").unwrap_or(0))
+            .sum()
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The command line of `kind` serving `component` on `addr`.
+fn command(
+    kind: ServerKind,
+    binaries: &Binaries,
+    component: &Path,
+    settings: &Settings,
+    addr: &str,
+) -> anyhow::Result<Command> {
+    let mut command = match kind {
+        ServerKind::Wasmhive => {
+            let mut c = Command::new(&binaries.wasmhive);
+            c.args(["serve", "--addr", addr, "--no-logging-prefix"]);
+            if let Some(n) = settings.reuse {
+                c.arg("--max-reuse").arg(n.to_string());
+            }
+            if let Some(n) = settings.concurrency {
+                c.arg("--max-concurrent-per-instance").arg(n.to_string());
+            }
+            if let Some(s) = settings.idle_timeout_secs {
+                c.arg("--idle-timeout").arg(format!("{s}s"));
+            }
+            if settings.precompiled {
+                c.arg("--allow-precompiled");
+            }
+            if settings.processes > 1 {
+                c.arg("--reuse-port").env("TOKIO_WORKER_THREADS", "1");
+            }
+            c.args(&settings.wasmhive_extra).arg(component);
+            c.env("RUST_LOG", "warn");
+            c
+        }
+        ServerKind::Wasmtime => {
+            let Some(wasmtime) = &binaries.wasmtime else {
+                bail!("no wasmtime binary");
+            };
+            let mut c = Command::new(wasmtime);
+            c.args(["serve", "-Scli", "--addr", addr, "--no-logging-prefix"]);
+            if let Some(n) = settings.reuse {
+                c.arg("--max-instance-reuse-count").arg(n.to_string());
+            }
+            if let Some(n) = settings.concurrency {
+                c.arg("--max-instance-concurrent-reuse-count")
+                    .arg(n.to_string());
+            }
+            if let Some(s) = settings.idle_timeout_secs {
+                c.arg("--idle-instance-timeout").arg(format!("{s}s"));
+            }
+            if settings.precompiled {
+                c.arg("--allow-precompiled");
+            }
+            c.arg(component);
+            c
+        }
+        ServerKind::Native => {
+            let mut c = Command::new(&binaries.harness);
+            c.args(["native-server", "--addr", addr]);
+            c
+        }
+    };
+    // Servers run as they would in production: without the harness's own
+    // debugging aids. With RUST_BACKTRACE set, wasmtime captures a
+    // backtrace for every error it makes internally, even handled ones (e.g.
+    // each time a store with a suspended fiber is dropped), which costs
+    // every server alike but measures the shell, not the server.
+    command
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE");
+    Ok(command)
+}
+
+/// Spawns `command` and waits for its `Serving HTTP on` line.
+fn listening(mut command: Command, kind: ServerKind) -> anyhow::Result<(Child, SocketAddr)> {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", kind.label()))?;
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.by_ref().map_while(Result::ok) {
+            if let Some(addr) = line
+                .strip_prefix("Serving HTTP on http://")
+                .and_then(|rest| rest.trim_end_matches('/').parse::<SocketAddr>().ok())
+            {
+                let _ = tx.send(addr);
+                break;
+            }
+        }
+        // Keep draining so the server never blocks on a full pipe.
+        for _ in lines.map_while(Result::ok) {}
+    });
+    match rx.recv_timeout(Duration::from_secs(120)) {
+        Ok(addr) => Ok((child, addr)),
+        Err(_) => {
+            let _ = child.kill();
+            bail!("{} did not start listening", kind.label());
+        }
     }
 }
 

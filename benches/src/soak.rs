@@ -129,7 +129,7 @@ pub async fn run(binaries: &Binaries, options: &SoakOptions) -> anyhow::Result<S
         },
     )?;
     let addr = server.addr;
-    let pid = server.pid();
+    let pid = server.pids()[0];
     let started = Instant::now();
     let next = Arc::new(AtomicU64::new(0));
     let unexpected = Arc::new(AtomicU64::new(0));

@@ -141,3 +141,44 @@ async fn sigterm_under_load_completes_in_flight_requests() {
 /// Requests sent this shortly before the signal may still be in the
 /// listener's backlog when it closes.
 const SLACK: Duration = Duration::from_millis(50);
+
+/// Two servers started with `--reuse-port` share one port: the kernel
+/// spreads connections over both, and when one drains and exits the other
+/// serves everything. Without the flag, a second server cannot listen there.
+#[tokio::test]
+async fn servers_with_reuse_port_share_a_port_and_take_over_from_each_other() {
+    let flags = [
+        guests::HELLO_P2.path,
+        "--reuse-port",
+        "--admin-addr",
+        "127.0.0.1:0",
+    ];
+    let first = Server::start_at("127.0.0.1:0", &flags, std::process::Stdio::null());
+    let port = first.addr.to_string();
+    let second = Server::start_at(&port, &flags, std::process::Stdio::null());
+    assert_eq!(second.addr, first.addr);
+    let admins = [first.admin_addr().await, second.admin_addr().await];
+    let served = |text: &str| metric(text, "wasmhive_http_requests_total{status=\"200\"}");
+    let mut both = false;
+    for _ in 0..200 {
+        assert_eq!(get(first.addr, "/").await.0, 200);
+        let (_, _, one) = get(admins[0], "/metrics").await;
+        let (_, _, other) = get(admins[1], "/metrics").await;
+        if served(&one) > 0.0 && served(&other) > 0.0 {
+            both = true;
+            break;
+        }
+    }
+    assert!(both, "200 connections all went to one server");
+
+    let (code, output) = crate::run(&["serve", "--addr", &port, guests::HELLO_P2.path]);
+    assert_eq!(code, Some(1), "{output}");
+    assert!(output.contains("cannot listen on"), "{output}");
+
+    let addr = first.addr;
+    first.finish().await;
+    for _ in 0..20 {
+        assert_eq!(get(addr, "/").await.0, 200);
+    }
+    second.finish().await;
+}

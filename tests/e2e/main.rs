@@ -55,8 +55,13 @@ impl Server {
     /// [`Server::start`] with the server's stdout going to `stdout` (a pipe
     /// nobody reads, say).
     pub fn start_with_stdout(args: &[&str], stdout: Stdio) -> Server {
+        Server::start_at("127.0.0.1:0", args, stdout)
+    }
+
+    /// [`Server::start`] listening on `addr`.
+    pub fn start_at(addr: &str, args: &[&str], stdout: Stdio) -> Server {
         let mut child = wasmhive()
-            .args(["serve", "--addr", "127.0.0.1:0"])
+            .args(["serve", "--addr", addr])
             .args(args)
             .stdout(stdout)
             .stderr(Stdio::piped())

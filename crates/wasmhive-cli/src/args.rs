@@ -38,6 +38,12 @@ pub struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:8080", value_parser = parse_addr)]
     pub addr: SocketAddr,
 
+    /// Share the port of --addr with other processes started with this
+    /// flag (SO_REUSEPORT): the kernel spreads new connections among them.
+    /// Run one per core, or start a new version before draining the old.
+    #[arg(long)]
+    pub reuse_port: bool,
+
     /// Instances alive at once, busy or idle.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_instances: u32,

@@ -10,6 +10,7 @@
 //! at the limit), then `ProxyHandler::handle`.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,7 +25,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Semaphore;
 use tracing::Instrument as _;
 use wasmhive::{
@@ -111,8 +112,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ..PoolLimits::default()
     };
 
-    let listener = TcpListener::bind(args.addr)
-        .await
+    let listener = listen(args.addr, args.reuse_port)
         .with_context(|| format!("cannot listen on {}", args.addr))?;
     let admin_listener = match args.admin_addr {
         Some(addr) => Some(
@@ -268,6 +268,24 @@ fn load_app(args: &ServeArgs) -> anyhow::Result<Loaded> {
         from_cache,
     })
 }
+
+/// Listens on `addr`, sharing its port with other processes that do so too
+/// if `reuse_port`.
+fn listen(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    // As `TcpListener::bind` does: a restarted server need not wait for its
+    // predecessor's connections in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(reuse_port)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Connections the kernel holds ready for `accept`.
+const LISTEN_BACKLOG: u32 = 1024;
 
 /// Accepts connections until `signal` fires, within `--max-connections`.
 async fn accept(
