@@ -182,6 +182,12 @@ async fn silent_and_preface_only_connections_are_closed_by_their_deadline() {
         guests::HELLO_P2.path,
         "--header-timeout",
         "1s",
+        // Every connection here comes from 127.0.0.1: let its share be the
+        // whole cap, so that the cap is what holds the surplus back (in the
+        // listen backlog, not accepted) rather than the share (accepted and
+        // closed at once).
+        "--max-connections-per-client",
+        "4096",
         "--admin-addr",
         "127.0.0.1:0",
     ]);

@@ -14,6 +14,7 @@ mod outbound;
 mod overload;
 mod real_apps;
 mod serving;
+mod tls;
 
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
@@ -37,7 +38,7 @@ pub fn wasmhive() -> Command {
 /// failing (then it is killed).
 pub struct Server {
     child: Child,
-    /// The HTTP address from `Serving HTTP on http://ADDR/`.
+    /// The address from `Serving HTTP on http://ADDR/` (or `HTTPS`).
     pub addr: SocketAddr,
     /// Every stderr line so far, the first one included.
     pub stderr: Arc<Mutex<Vec<String>>>,
@@ -83,11 +84,11 @@ impl Server {
             }
         });
         let first = first_rx.recv_timeout(Duration::from_secs(60));
-        // `Serving HTTP on http://ADDR/`, the whole line or (with
-        // `--log-format json`) the message of a JSON line.
+        // `Serving HTTP on http://ADDR/` (or HTTPS on https://), the whole
+        // line or (with `--log-format json`) the message of a JSON line.
         let addr = first.as_ref().ok().and_then(|first| {
-            let at = first.find("Serving HTTP on http://")?;
-            let rest = &first[at + "Serving HTTP on http://".len()..];
+            let rest = &first[first.find("Serving HTTP")?..];
+            let rest = &rest[rest.find("://")? + 3..];
             rest[..rest.find('/')?].parse().ok()
         });
         let Some(addr) = addr else {

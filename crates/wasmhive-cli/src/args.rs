@@ -44,6 +44,17 @@ pub struct ServeArgs {
     #[arg(long)]
     pub reuse_port: bool,
 
+    /// Serve HTTPS with this certificate chain (PEM, the server's own
+    /// certificate first), with the key of --tls-key; ALPN offers HTTP/2
+    /// and HTTP/1.1. Refused at start-up if the certificate has expired or
+    /// the key is not its key.
+    #[arg(long, requires = "tls_key", value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, requires = "tls_cert", value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+
     /// Instances alive at once, busy or idle.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_instances: u32,

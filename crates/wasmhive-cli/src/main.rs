@@ -3,8 +3,9 @@
 //! `serve` runs the server of [`serve`] (connections, limits, drain) over the
 //! library's `ProxyHandler`, with each client address's fair share of
 //! connections and requests ([`clients`]), request bodies limited in size and
-//! pace ([`request_body`]), the admin endpoint of [`admin`] and the metrics
-//! and logs of [`telemetry`]; `compile` precompiles a component.
+//! pace ([`request_body`]), TLS ([`tls`]), the admin endpoint of [`admin`]
+//! and the metrics and logs of [`telemetry`]; `compile` precompiles a
+//! component.
 
 mod admin;
 mod args;
@@ -12,6 +13,7 @@ mod clients;
 mod request_body;
 mod serve;
 mod telemetry;
+mod tls;
 
 use std::process::ExitCode;
 

@@ -1,5 +1,5 @@
 //! `wasmhive serve`: loads the component, accepts connections (HTTP/1.1 and
-//! h2c), hands each request to the library's [`ProxyHandler`], maps its
+//! HTTP/2, cleartext or over TLS with ALPN), hands each request to the library's [`ProxyHandler`], maps its
 //! typed errors to statuses, and drains on SIGINT or SIGTERM.
 //!
 //! Per connection: hyper-util's auto builder, a deadline for the first
@@ -18,15 +18,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use bytes::Bytes;
+use http::uri::Scheme;
 use http::{HeaderValue, StatusCode, header};
 use http_body::Body as _;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::{TcpListener, TcpSocket};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 use tracing::Instrument as _;
 use wasmhive::{
     AdaptiveConcurrency, App, Error, Limits, MemoryBudget, PoolLimits, ProxyHandler, Runtime,
@@ -89,6 +91,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ))
         .into());
     }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key).map_err(UsageError)?),
+        _ => None,
+    };
     let Loaded {
         app,
         component,
@@ -122,10 +128,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    telemetry::announce(&format!(
-        "Serving HTTP on http://{}/",
-        listener.local_addr()?
-    ));
+    telemetry::announce(&match tls {
+        None => format!("Serving HTTP on http://{}/", listener.local_addr()?),
+        Some(_) => format!("Serving HTTPS on https://{}/", listener.local_addr()?),
+    });
     tracing::info!(%component, ?world, ?took, from_cache, "component loaded");
     tracing::debug!(?limits, "instance limits");
     // Made after the address line: prewarming starts with it, and what it
@@ -148,6 +154,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let server = Arc::new(Server {
         handler: handler.clone(),
+        scheme: match tls {
+            None => Scheme::HTTP,
+            Some(_) => Scheme::HTTPS,
+        },
         max_body_size: args.max_body_size,
         body_timeout: args.body_timeout,
         next_id: AtomicU64::new(0),
@@ -164,12 +174,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     let graceful = GracefulShutdown::new();
     let mut signal = std::pin::pin!(shutdown_signal());
+    let connections = Connections::new(&args, server, tls);
     accept(
         &listener,
-        &server,
+        &connections,
         &clients,
-        &args,
-        &graceful,
+        (args.max_connections, &graceful),
         signal.as_mut(),
     )
     .await;
@@ -290,28 +300,12 @@ const LISTEN_BACKLOG: u32 = 1024;
 /// Accepts connections until `signal` fires, within `--max-connections`.
 async fn accept(
     listener: &TcpListener,
-    server: &Arc<Server>,
+    connections: &Connections,
     clients: &Arc<Clients>,
-    args: &ServeArgs,
-    graceful: &GracefulShutdown,
+    (max_connections, graceful): (u32, &GracefulShutdown),
     mut signal: Pin<&mut impl Future<Output = ()>>,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(args.header_timeout)
-        .max_buf_size(MAX_HEAD_SIZE);
-    // Pings find HTTP/2 peers that went silent (a client that sent its
-    // preface and SETTINGS and then nothing answers none).
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(H2_KEEP_ALIVE))
-        .keep_alive_timeout(H2_KEEP_ALIVE)
-        .max_concurrent_streams(args.max_streams_per_connection);
-    let permits = Arc::new(Semaphore::new(args.max_connections as usize));
-    let open = metrics::gauge!("wasmhive_connections_open");
+    let permits = Arc::new(Semaphore::new(max_connections as usize));
     loop {
         let permit = tokio::select! {
             biased;
@@ -337,68 +331,130 @@ async fn accept(
             tracing::debug!(client = %peer.ip(), "connection closed: the client has its share open");
             continue;
         };
-        let client = Arc::new(client);
         let _ = stream.set_nodelay(true);
+        let (connections, watcher) = (connections.clone(), graceful.watcher());
+        tokio::spawn(async move {
+            connections.serve(stream, Arc::new(client), watcher).await;
+            drop(permit);
+        });
+    }
+}
+
+/// What serving a client connection takes, shared by all of them.
+#[derive(Clone)]
+struct Connections {
+    builder: auto::Builder<TokioExecutor>,
+    server: Arc<Server>,
+    tls: Option<TlsAcceptor>,
+    open: metrics::Gauge,
+    /// `--header-timeout`: how long a connection may be idle, and how long
+    /// a TLS handshake may take.
+    idle_timeout: Duration,
+    /// `--send-timeout`.
+    send_timeout: Duration,
+}
+
+impl Connections {
+    fn new(args: &ServeArgs, server: Arc<Server>, tls: Option<TlsAcceptor>) -> Connections {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(args.header_timeout)
+            .max_buf_size(MAX_HEAD_SIZE);
+        // Pings find HTTP/2 peers that went silent (a client that sent its
+        // preface and SETTINGS and then nothing answers none).
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(H2_KEEP_ALIVE))
+            .keep_alive_timeout(H2_KEEP_ALIVE)
+            .max_concurrent_streams(args.max_streams_per_connection);
+        Connections {
+            builder,
+            server,
+            tls,
+            open: metrics::gauge!("wasmhive_connections_open"),
+            idle_timeout: args.header_timeout,
+            send_timeout: args.send_timeout,
+        }
+    }
+
+    /// Serves `stream` until it ends, its client misbehaves, or the server
+    /// has drained (`watcher`); over TLS if the server serves HTTPS.
+    async fn serve(&self, stream: TcpStream, client: Arc<ClientConnection>, watcher: Watcher) {
+        self.open.increment(1.0);
+        match &self.tls {
+            None => self.serve_http(TokioIo::new(stream), client, watcher).await,
+            Some(tls) => match tokio::time::timeout(self.idle_timeout, tls.accept(stream)).await {
+                Ok(Ok(stream)) => self.serve_http(TokioIo::new(stream), client, watcher).await,
+                Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
+                Err(_) => {
+                    metrics::counter!("wasmhive_connections_timed_out_total").increment(1);
+                    tracing::debug!(
+                        "connection closed: no TLS handshake within the header timeout"
+                    );
+                }
+            },
+        }
+        self.open.decrement(1.0);
+    }
+
+    async fn serve_http<I>(&self, io: I, client: Arc<ClientConnection>, watcher: Watcher)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
         let service = hyper::service::service_fn({
-            let (server, client) = (server.clone(), client.clone());
+            let (server, client) = (self.server.clone(), client.clone());
             move |request| {
                 let (server, client) = (server.clone(), client.clone());
                 async move { Ok::<_, Infallible>(server.respond(request, &client).await) }
             }
         });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
-        let open = open.clone();
-        open.increment(1.0);
-        let (idle_timeout, send_timeout) = (args.header_timeout, args.send_timeout);
-        tokio::spawn(async move {
-            let mut connection = std::pin::pin!(connection);
-            // Dropping the connection closes the socket.
-            let ended = loop {
-                // Every connection state has this deadline while nothing is
-                // in flight: first bytes, protocol detection, the HTTP/2
-                // preface and SETTINGS, an HTTP/1 head, and an HTTP/2
-                // connection with no open stream (whose client may answer
-                // pings forever).
-                let now = tokio::time::Instant::now();
-                let idle = client.idle_since().unwrap_or(now) + idle_timeout;
-                let stalled = client.stalled_since().unwrap_or(now) + send_timeout;
-                tokio::select! {
-                    ended = &mut connection => break Some(ended),
-                    () = client.abusive() => {
-                        metrics::counter!("wasmhive_connections_closed_for_resets_total")
-                            .increment(1);
-                        tracing::debug!(
-                            "connection closed: it reset more requests than it let finish"
-                        );
+        let connection = self.builder.serve_connection(io, service).into_owned();
+        let mut connection = std::pin::pin!(watcher.watch(connection));
+        let (idle_timeout, send_timeout) = (self.idle_timeout, self.send_timeout);
+        // Dropping the connection closes the socket.
+        let ended = loop {
+            // Every connection state has this deadline while nothing is
+            // in flight: first bytes, protocol detection, the HTTP/2
+            // preface and SETTINGS, an HTTP/1 head, and an HTTP/2
+            // connection with no open stream (whose client may answer
+            // pings forever).
+            let now = tokio::time::Instant::now();
+            let idle = client.idle_since().unwrap_or(now) + idle_timeout;
+            let stalled = client.stalled_since().unwrap_or(now) + send_timeout;
+            tokio::select! {
+                ended = &mut connection => break Some(ended),
+                () = client.abusive() => {
+                    metrics::counter!("wasmhive_connections_closed_for_resets_total")
+                        .increment(1);
+                    tracing::debug!(
+                        "connection closed: it reset more requests than it let finish"
+                    );
+                    break None;
+                }
+                () = tokio::time::sleep_until(idle.min(stalled)) => {
+                    if client.idle_since().is_some_and(|since| since.elapsed() >= idle_timeout) {
+                        metrics::counter!("wasmhive_connections_timed_out_total").increment(1);
+                        tracing::debug!("connection closed: idle for the header timeout");
                         break None;
                     }
-                    () = tokio::time::sleep_until(idle.min(stalled)) => {
-                        if client.idle_since().is_some_and(|since| since.elapsed() >= idle_timeout) {
-                            metrics::counter!("wasmhive_connections_timed_out_total").increment(1);
-                            tracing::debug!("connection closed: idle for the header timeout");
-                            break None;
-                        }
-                        // A client that takes none of a response for this
-                        // long would hold its instance for as long as it
-                        // likes (an HTTP/2 window kept shut, say).
-                        if client.stalled_since().is_some_and(|since| since.elapsed() >= send_timeout) {
-                            metrics::counter!("wasmhive_connections_send_timed_out_total")
-                                .increment(1);
-                            tracing::debug!("connection closed: its client stopped taking a response");
-                            break None;
-                        }
+                    // A client that takes none of a response for this
+                    // long would hold its instance for as long as it
+                    // likes (an HTTP/2 window kept shut, say).
+                    if client.stalled_since().is_some_and(|since| since.elapsed() >= send_timeout) {
+                        metrics::counter!("wasmhive_connections_send_timed_out_total")
+                            .increment(1);
+                        tracing::debug!("connection closed: its client stopped taking a response");
+                        break None;
                     }
                 }
-            };
-            if let Some(Err(error)) = ended {
-                tracing::debug!(error = %error, "connection ended with an error");
             }
-            open.decrement(1.0);
-            drop(permit);
-        });
+        };
+        if let Some(Err(error)) = ended {
+            tracing::debug!(error = %error, "connection ended with an error");
+        }
     }
 }
 
@@ -415,6 +471,8 @@ async fn shutdown_signal() {
 /// What every request needs.
 struct Server {
     handler: ProxyHandler<App>,
+    /// The scheme every request arrives with: `https` over TLS.
+    scheme: Scheme,
     max_body_size: u64,
     body_timeout: Duration,
     next_id: AtomicU64,
@@ -461,7 +519,10 @@ impl Server {
         response.map(|body| wasmhive::into_body(Holding::new(body, Some(place), busy)))
     }
 
-    async fn dispatch(&self, id: u64, request: hyper::Request<Incoming>) -> Response {
+    async fn dispatch(&self, id: u64, mut request: hyper::Request<Incoming>) -> Response {
+        // What the guest sees as the scheme is the connection's, whatever
+        // the request target or `:scheme` claims.
+        request.extensions_mut().insert(self.scheme.clone());
         let limit = self.max_body_size;
         let declared = request
             .headers()

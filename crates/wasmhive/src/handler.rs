@@ -73,6 +73,12 @@ impl<S: HandlerState> ProxyHandler<S> {
     /// queue is full, and with [`Error::ShuttingDown`] after
     /// [`Self::shutdown`]. See [`Error`] for the other failures.
     ///
+    /// The guest sees an absolute URI: the authority from the request target
+    /// or its `Host` header (a request with neither fails with
+    /// [`Error::InvalidRequest`]), and the scheme of an [`http::uri::Scheme`]
+    /// in the request's extensions (a server puts its connection's there:
+    /// `https` over TLS), else the target's, else `http`.
+    ///
     /// Dropping the returned future gives up on the request: if it is still
     /// queued it leaves the queue and never reaches a guest; if it is
     /// running, it stops counting against its instance (the guest task may

@@ -14,8 +14,9 @@ use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use crate::{Error, Request};
 
 /// Gives `request` an absolute URI, with the authority from its target or
-/// else its single `Host` header, and the scheme `http` unless the target
-/// names one.
+/// else its single `Host` header, and the scheme of the [`Scheme`] in its
+/// extensions (the connection's, set by the server), else the one its
+/// target names, else `http`.
 pub(crate) fn absolute(request: Request) -> Result<Request, Error> {
     let invalid = |why: &str| Error::InvalidRequest(why.to_string());
     let (mut parts, body) = request.into_parts();
@@ -31,7 +32,9 @@ pub(crate) fn absolute(request: Request) -> Result<Request, Error> {
         (None, None) => return Err(invalid("no authority and no Host header")),
     }
     .ok_or_else(|| invalid("invalid authority or Host header"))?;
-    let scheme = parts.uri.scheme().cloned().unwrap_or(Scheme::HTTP);
+    let scheme = (parts.extensions.remove::<Scheme>())
+        .or_else(|| parts.uri.scheme().cloned())
+        .unwrap_or(Scheme::HTTP);
     let path = parts
         .uri
         .path_and_query()
@@ -91,6 +94,29 @@ mod tests {
             "https://secure.org/x"
         );
         assert_eq!(uri("/", &["[::1]:80"]).unwrap(), "http://[::1]:80/");
+    }
+
+    #[test]
+    fn the_connections_scheme_wins_over_the_targets() {
+        for (target, connection, seen) in [
+            ("/a", Scheme::HTTPS, "https://example.com/a"),
+            (
+                "http://example.com/a",
+                Scheme::HTTPS,
+                "https://example.com/a",
+            ),
+            (
+                "https://example.com/a",
+                Scheme::HTTP,
+                "http://example.com/a",
+            ),
+        ] {
+            let mut request = request(target, &["example.com"]);
+            request.extensions_mut().insert(connection);
+            let request = absolute(request).unwrap();
+            assert_eq!(request.uri().to_string(), seen);
+            assert!(request.extensions().get::<Scheme>().is_none());
+        }
     }
 
     #[test]

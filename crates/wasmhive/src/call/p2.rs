@@ -45,7 +45,12 @@ impl<'p, T: Send + 'static> Call<'p, T> {
         responder: &Responder,
     ) -> wasmtime::Result<Self> {
         let mut http = view(store.data_mut());
-        let incoming = http.new_incoming_request(Scheme::Http, request)?;
+        // `target::absolute` gave every request its scheme.
+        let scheme = match request.uri().scheme() {
+            Some(scheme) if *scheme == http::uri::Scheme::HTTPS => Scheme::Https,
+            _ => Scheme::Http,
+        };
+        let incoming = http.new_incoming_request(scheme, request)?;
         let responder = responder.clone();
         let (returned, outcome) = oneshot::channel();
         let (head_tx, head) = oneshot::channel();
