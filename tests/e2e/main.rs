@@ -13,6 +13,7 @@ mod memory;
 mod outbound;
 mod overload;
 mod real_apps;
+mod reload;
 mod serving;
 mod tls;
 

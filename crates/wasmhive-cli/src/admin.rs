@@ -1,5 +1,7 @@
 //! The admin endpoint: `GET /metrics` (Prometheus text), `GET /healthz`
-//! (the process answers) and `GET /readyz` (`503` once draining).
+//! (the process answers), `GET /readyz` (`503` once draining) and
+//! `POST /reload` (load the component again and serve new requests with
+//! it: `200` once it does, `500` with the reason if it does not load).
 //!
 //! It is for probes and scrapers, so it is small and strict: HTTP/1.1, one
 //! request per connection, a 5 s deadline for the request head, and at most
@@ -18,7 +20,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use wasmhive::{App, ProxyHandler};
+
+use crate::versions::Versions;
 
 /// Admin connections open at once.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -28,7 +31,7 @@ const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What the admin endpoint reports on.
 pub struct Admin {
-    pub handler: ProxyHandler<App>,
+    pub versions: Arc<Versions>,
     pub metrics: PrometheusHandle,
     /// Set when the server starts draining.
     pub draining: Arc<AtomicBool>,
@@ -61,7 +64,7 @@ impl Admin {
                 TokioIo::new(stream),
                 hyper::service::service_fn(move |request| {
                     let admin = admin.clone();
-                    async move { Ok::<_, Infallible>(admin.answer(&request)) }
+                    async move { Ok::<_, Infallible>(admin.answer(&request).await) }
                 }),
             );
             tokio::spawn(async move {
@@ -71,13 +74,26 @@ impl Admin {
         }
     }
 
-    fn answer<B>(&self, request: &http::Request<B>) -> http::Response<Full<Bytes>> {
+    async fn answer<B>(&self, request: &http::Request<B>) -> http::Response<Full<Bytes>> {
+        if request.uri().path() == "/reload" {
+            if request.method() != Method::POST {
+                return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n".into());
+            }
+            // The operator asked: the reason goes back to them whole.
+            return match self.versions.reload().await {
+                Ok(version) => text(StatusCode::OK, format!("reloaded: version {version}\n")),
+                Err(error) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("reload refused, the current version keeps serving: {error:#}\n"),
+                ),
+            };
+        }
         if request.method() != Method::GET && request.method() != Method::HEAD {
             return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into());
         }
         match request.uri().path() {
             "/metrics" => {
-                crate::telemetry::record_stats(&self.handler.stats());
+                crate::telemetry::record_stats(&self.versions.stats());
                 let mut response = text(StatusCode::OK, self.metrics.render());
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,
@@ -92,7 +108,7 @@ impl Admin {
             "/readyz" => text(StatusCode::OK, "ready\n".into()),
             _ => text(
                 StatusCode::NOT_FOUND,
-                "try /metrics, /healthz or /readyz\n".into(),
+                "try /metrics, /healthz, /readyz or POST /reload\n".into(),
             ),
         }
     }

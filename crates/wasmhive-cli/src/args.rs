@@ -17,7 +17,9 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Serve a component over HTTP/1.1 and HTTP/2 (h2c).
+    /// Serve a component over HTTP/1.1 and HTTP/2 (h2c, or HTTPS with
+    /// --tls-cert). SIGTERM or SIGINT drains and exits; SIGHUP reloads the
+    /// component file without dropping a request.
     Serve(Box<ServeArgs>),
     /// Precompile a component for this host, so that `serve` starts without
     /// compiling it.
@@ -25,7 +27,7 @@ pub enum Command {
 }
 
 /// `wasmhive serve`.
-#[derive(Args, Debug)]
+#[derive(Args, Clone, Debug)]
 pub struct ServeArgs {
     /// The component to serve: a `.wasm` component exporting
     /// `wasi:http/incoming-handler@0.2` or `wasi:http/handler@0.3`, or a

@@ -3,9 +3,9 @@
 //! `serve` runs the server of [`serve`] (connections, limits, drain) over the
 //! library's `ProxyHandler`, with each client address's fair share of
 //! connections and requests ([`clients`]), request bodies limited in size and
-//! pace ([`request_body`]), TLS ([`tls`]), the admin endpoint of [`admin`]
-//! and the metrics and logs of [`telemetry`]; `compile` precompiles a
-//! component.
+//! pace ([`request_body`]), TLS ([`tls`]), reloads without downtime
+//! ([`versions`]), the admin endpoint of [`admin`] and the metrics and logs
+//! of [`telemetry`]; `compile` precompiles a component.
 
 mod admin;
 mod args;
@@ -14,6 +14,7 @@ mod request_body;
 mod serve;
 mod telemetry;
 mod tls;
+mod versions;
 
 use std::process::ExitCode;
 

@@ -31,8 +31,8 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument as _;
 use wasmhive::{
-    AdaptiveConcurrency, App, Error, Limits, MemoryBudget, PoolLimits, ProxyHandler, Runtime,
-    RuntimeConfig,
+    AdaptiveConcurrency, App, Error, Limits, MemoryBudget, PoolLimits, ProxyHandler, Recorder,
+    Runtime, RuntimeConfig,
 };
 
 use crate::UsageError;
@@ -41,6 +41,7 @@ use crate::args::ServeArgs;
 use crate::clients::{ClientConnection, Clients, Holding};
 use crate::request_body::{CutOff, RequestBody, Verdict};
 use crate::telemetry;
+use crate::versions::Versions;
 
 /// How often an HTTP/2 connection is pinged, and how long the answer may
 /// take before the connection is closed.
@@ -136,16 +137,29 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::debug!(?limits, "instance limits");
     // Made after the address line: prewarming starts with it, and what it
     // logs must not come first.
-    let handler = ProxyHandler::with_recorder(app, pool, Arc::new(telemetry::MetricsRecorder));
+    let recorder: Arc<dyn Recorder> = Arc::new(telemetry::MetricsRecorder);
+    let handler = ProxyHandler::with_recorder(app, pool.clone(), recorder.clone());
+    let versions = Versions::new(handler, {
+        let args = args.clone();
+        Arc::new(move || {
+            let Loaded { app, .. } = load_app(&args)?;
+            Ok(ProxyHandler::with_recorder(
+                app,
+                pool.clone(),
+                recorder.clone(),
+            ))
+        })
+    });
+    tokio::spawn(reload_on_hangup(versions.clone()));
 
     let draining = Arc::new(AtomicBool::new(false));
     if let (Some(admin_listener), Some(metrics)) = (admin_listener, metrics) {
         tracing::info!(
-            "admin endpoint on http://{}/ (/metrics, /healthz, /readyz)",
+            "admin endpoint on http://{}/ (/metrics, /healthz, /readyz, POST /reload)",
             admin_listener.local_addr()?
         );
         let admin = Admin {
-            handler: handler.clone(),
+            versions: versions.clone(),
             metrics,
             draining: draining.clone(),
         };
@@ -153,7 +167,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
 
     let server = Arc::new(Server {
-        handler: handler.clone(),
+        versions: versions.clone(),
         scheme: match tls {
             None => Scheme::HTTP,
             Some(_) => Scheme::HTTPS,
@@ -188,7 +202,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // 503, let in-flight ones finish, close idle connections.
     draining.store(true, Ordering::Relaxed);
     drop(listener);
-    handler.shutdown();
+    versions.shutdown();
     tracing::info!(
         deadline = %humantime::format_duration(args.drain_timeout),
         "draining in-flight requests (signal again to exit at once)"
@@ -200,12 +214,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     });
     let drained = async {
         graceful.shutdown().await;
-        handler.drained().await;
+        versions.drained().await;
     };
     match tokio::time::timeout(args.drain_timeout, drained).await {
         Ok(()) => tracing::info!("drained; exiting"),
         Err(_) => tracing::warn!(
-            live_instances = handler.stats().live_instances,
+            live_instances = versions.stats().live_instances,
             "drain deadline passed; exiting with requests still in flight"
         ),
     }
@@ -458,6 +472,17 @@ impl Connections {
     }
 }
 
+/// Reloads the app on every SIGHUP; a version that fails to load is
+/// refused and the current one keeps serving.
+async fn reload_on_hangup(versions: Arc<Versions>) {
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .expect("SIGHUP handler");
+    while hangups.recv().await.is_some() {
+        // A failure is logged by `reload`.
+        let _ = versions.reload().await;
+    }
+}
+
 /// Resolves on SIGINT or SIGTERM.
 async fn shutdown_signal() {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -470,7 +495,7 @@ async fn shutdown_signal() {
 
 /// What every request needs.
 struct Server {
-    handler: ProxyHandler<App>,
+    versions: Arc<Versions>,
     /// The scheme every request arrives with: `https` over TLS.
     scheme: Scheme,
     max_body_size: u64,
@@ -541,7 +566,7 @@ impl Server {
             let (pause, verdict) = (self.body_timeout, verdict.clone());
             request.map(|body| wasmhive::into_body(RequestBody::new(body, limit, pause, verdict)))
         };
-        let result = self.handler.handle(id, request).await;
+        let result = self.versions.enter().handle(id, request).await;
         // The body was cut off before the guest answered: the client's
         // doing, whatever the guest made of it.
         match verdict.get() {

@@ -202,3 +202,28 @@ impl Stats {
         self.exits[reason.index()]
     }
 }
+
+/// The stats of two handlers serving side by side (an old version
+/// draining beside its successor, say): every gauge and total is the sum,
+/// and so is the concurrency limit, each handler having its own.
+impl std::ops::Add for Stats {
+    type Output = Stats;
+
+    fn add(self, other: Stats) -> Stats {
+        Stats {
+            live_instances: self.live_instances + other.live_instances,
+            running_instances: self.running_instances + other.running_instances,
+            available_instances: self.available_instances + other.available_instances,
+            queued_requests: self.queued_requests + other.queued_requests,
+            instantiations: self.instantiations + other.instantiations,
+            instantiation_failures: self.instantiation_failures + other.instantiation_failures,
+            requests_started: self.requests_started + other.requests_started,
+            overloaded: self.overloaded + other.overloaded,
+            concurrency_limit: match (self.concurrency_limit, other.concurrency_limit) {
+                (Some(a), Some(b)) => Some(a + b),
+                (a, b) => a.or(b),
+            },
+            exits: std::array::from_fn(|i| self.exits[i] + other.exits[i]),
+        }
+    }
+}
