@@ -2,7 +2,9 @@
 //! 127.0.0.1:0, reads its port from the first line on stderr, and talks to
 //! it over loopback.
 
+mod balancer;
 mod cli;
+mod deploy;
 mod errors;
 mod fair_share;
 mod faults;
@@ -221,6 +223,17 @@ impl Server {
     /// unprefixed output that may say `panicked`.
     pub fn stop_without_output_check(mut self) -> ExitStatus {
         self.signal("TERM");
+        let status = self.wait_exit(Duration::from_secs(60));
+        if let Some(reader) = self.reader.take() {
+            reader.join().unwrap();
+        }
+        status
+    }
+
+    /// Kills the server with SIGKILL, as a crash or the OOM killer would,
+    /// and returns how it exited (its output is not checked).
+    pub fn kill(mut self) -> ExitStatus {
+        self.signal("KILL");
         let status = self.wait_exit(Duration::from_secs(60));
         if let Some(reader) = self.reader.take() {
             reader.join().unwrap();
