@@ -11,6 +11,7 @@ mod faults;
 mod hostile;
 mod isolation;
 mod lifecycle;
+mod manifest;
 mod memory;
 mod outbound;
 mod overload;

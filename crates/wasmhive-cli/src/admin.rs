@@ -93,7 +93,10 @@ impl Admin {
         }
         match request.uri().path() {
             "/metrics" => {
-                crate::telemetry::record_stats(&self.versions.stats());
+                crate::telemetry::record_process();
+                for (labels, stats) in self.versions.stats().values() {
+                    crate::telemetry::record_stats(stats, labels);
+                }
                 let mut response = text(StatusCode::OK, self.metrics.render());
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,

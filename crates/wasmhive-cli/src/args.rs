@@ -33,7 +33,14 @@ pub struct ServeArgs {
     /// `wasi:http/incoming-handler@0.2` or `wasi:http/handler@0.3`, or a
     /// `.cwasm` from `wasmhive compile` (with `--allow-precompiled`).
     /// Without one, the bundled demo app.
+    #[arg(conflicts_with = "config")]
     pub component: Option<PathBuf>,
+
+    /// Serve the apps of this manifest (TOML: `[[app]]` tables with `name`,
+    /// `component`, `route`, `host` and per-app settings) instead of one
+    /// component. See the README's manifest reference.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 
     /// Address to listen on; `:PORT` means 127.0.0.1:PORT, and port 0
     /// picks a free one.

@@ -1,7 +1,9 @@
 //! `wasmhive`: serve `wasi:http` components over HTTP.
 //!
-//! `serve` runs the server of [`serve`] (connections, limits, drain) over the
-//! library's `ProxyHandler`, with each client address's fair share of
+//! `serve` runs the server of [`serve`] (connections, limits, drain) over
+//! the library's `ProxyHandler`, one per app of the [`manifest`] (or the one
+//! component of the command line), each request going to its app by the
+//! [`router`], with each client address's fair share of
 //! connections and requests ([`clients`]), request bodies limited in size and
 //! pace ([`request_body`]), TLS ([`tls`]), reloads without downtime
 //! ([`versions`]), the admin endpoint of [`admin`] and the metrics and logs
@@ -10,7 +12,9 @@
 mod admin;
 mod args;
 mod clients;
+mod manifest;
 mod request_body;
+mod router;
 mod serve;
 mod telemetry;
 mod tls;

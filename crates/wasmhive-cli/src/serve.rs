@@ -31,17 +31,19 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument as _;
 use wasmhive::{
-    AdaptiveConcurrency, App, Error, Limits, MemoryBudget, PoolLimits, ProxyHandler, Recorder,
-    Runtime, RuntimeConfig,
+    AdaptiveConcurrency, App, Error, Limits, MemoryBudget, PoolLimits, ProxyHandler, Runtime,
+    RuntimeConfig,
 };
 
 use crate::UsageError;
 use crate::admin::Admin;
 use crate::args::ServeArgs;
 use crate::clients::{ClientConnection, Clients, Holding};
+use crate::manifest::{AppSpec, Source};
 use crate::request_body::{CutOff, RequestBody, Verdict};
+use crate::router::{Route, Router};
 use crate::telemetry;
-use crate::versions::Versions;
+use crate::versions::{Served, Versions};
 
 /// How often an HTTP/2 connection is pinged, and how long the answer may
 /// take before the connection is closed.
@@ -84,39 +86,24 @@ fn check_fd_limit(max_connections: u32) -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     check_fd_limit(args.max_connections).map_err(UsageError)?;
-    if args.prewarm > args.max_instances as usize {
-        return Err(UsageError(anyhow::anyhow!(
-            "--prewarm ({}) cannot exceed --max-instances ({})",
-            args.prewarm,
-            args.max_instances
-        ))
-        .into());
-    }
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key).map_err(UsageError)?),
         _ => None,
     };
-    let Loaded {
-        app,
-        component,
-        took,
-        from_cache,
-    } = load_app(&args).map_err(UsageError)?;
-    let (world, limits) = (app.world(), app.limits().clone());
+    let source = Source::of(&args);
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    let budget = MemoryBudget::new(usize::try_from(args.max_total_memory()).unwrap_or(usize::MAX));
+    let loaded = load_apps(&args, &source, &budget, workers).map_err(UsageError)?;
+    // What every app's instances take at once: the per-client request
+    // share's default is half of it.
+    let capacity: usize = loaded
+        .iter()
+        .map(|app| app.pool.max_instances * app.app.limits().max_concurrency)
+        .sum();
     // Metrics are only collected when something can read them.
     let metrics = match args.admin_addr {
         Some(_) => Some(telemetry::init_metrics()?),
         None => None,
-    };
-    let workers = tokio::runtime::Handle::current().metrics().num_workers();
-    let pool = PoolLimits {
-        max_instances: args.max_instances as usize,
-        max_running: args.max_running.map_or(workers, |n| n as usize),
-        max_queue_len: args.queue_len,
-        max_queue_wait: args.queue_timeout,
-        prewarm: args.prewarm,
-        adaptive_concurrency: args.adaptive_concurrency.then(AdaptiveConcurrency::default),
-        ..PoolLimits::default()
     };
 
     let listener = listen(args.addr, args.reuse_port)
@@ -133,20 +120,28 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None => format!("Serving HTTP on http://{}/", listener.local_addr()?),
         Some(_) => format!("Serving HTTPS on https://{}/", listener.local_addr()?),
     });
-    tracing::info!(%component, ?world, ?took, from_cache, "component loaded");
-    tracing::debug!(?limits, "instance limits");
-    // Made after the address line: prewarming starts with it, and what it
-    // logs must not come first.
-    let recorder: Arc<dyn Recorder> = Arc::new(telemetry::MetricsRecorder);
-    let handler = ProxyHandler::with_recorder(app, pool.clone(), recorder.clone());
-    let versions = Versions::new(handler, {
+    for app in &loaded {
+        tracing::info!(
+            app = %app.spec.name,
+            component = %app.component,
+            world = ?app.app.world(),
+            took = ?app.took,
+            from_cache = app.from_cache,
+            route = %app.spec.route,
+            host = app.spec.host.as_deref().unwrap_or("*"),
+            "component loaded"
+        );
+        tracing::debug!(app = %app.spec.name, limits = ?app.app.limits(), "instance limits");
+    }
+    // Served after the address line: prewarming starts with it, and what
+    // it logs must not come first.
+    let labelled = matches!(source, Source::Manifest(_));
+    let versions = Versions::new(serve_apps(loaded, labelled), {
         let args = args.clone();
         Arc::new(move || {
-            let Loaded { app, .. } = load_app(&args)?;
-            Ok(ProxyHandler::with_recorder(
-                app,
-                pool.clone(),
-                recorder.clone(),
+            Ok(serve_apps(
+                load_apps(&args, &source, &budget, workers)?,
+                labelled,
             ))
         })
     });
@@ -179,10 +174,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let clients = Clients::new(
         args.max_connections_per_client
             .map_or((args.max_connections as usize / 2).max(1), |n| n as usize),
-        args.max_requests_per_client.map_or(
-            (args.max_instances as usize * limits.max_concurrency / 2).max(1),
-            |n| n as usize,
-        ),
+        args.max_requests_per_client
+            .map_or((capacity / 2).max(1), |n| n as usize),
         args.queue_timeout,
         args.queue_len,
     );
@@ -219,25 +212,60 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     match tokio::time::timeout(args.drain_timeout, drained).await {
         Ok(()) => tracing::info!("drained; exiting"),
         Err(_) => tracing::warn!(
-            live_instances = versions.stats().live_instances,
+            live_instances = versions.live_instances(),
             "drain deadline passed; exiting with requests still in flight"
         ),
     }
     Ok(())
 }
 
-/// The app to serve, and how loading it went (logged once the server is
-/// listening, so that the address stays the first line on stderr).
+/// An app loaded, not serving yet, and how loading it went (logged once
+/// the server is listening, so that the address stays the first line on
+/// stderr).
 struct Loaded {
+    spec: AppSpec,
     app: App,
+    pool: PoolLimits,
     component: String,
     took: Duration,
     from_cache: bool,
 }
 
-/// The component with the limits, environment and outbound allowlist of
-/// the flags.
-fn load_app(args: &ServeArgs) -> anyhow::Result<Loaded> {
+/// Every app of `source`, loaded with its settings; the apps share the
+/// memory `budget`. Fails on the first app that does not load.
+fn load_apps(
+    args: &ServeArgs,
+    source: &Source,
+    budget: &MemoryBudget,
+    workers: usize,
+) -> anyhow::Result<Vec<Loaded>> {
+    let specs = source.read(args)?;
+    let named = specs.len() > 1 || matches!(source, Source::Manifest(_));
+    specs
+        .into_iter()
+        .map(|spec| {
+            let name = spec.name.clone();
+            let loaded = load_app(spec, budget, workers);
+            if named {
+                loaded.with_context(|| format!("app `{name}`"))
+            } else {
+                loaded
+            }
+        })
+        .collect()
+}
+
+/// One app's component with the limits, environment and outbound
+/// allowlist of its settings.
+fn load_app(spec: AppSpec, budget: &MemoryBudget, workers: usize) -> anyhow::Result<Loaded> {
+    let args = &spec.args;
+    if args.prewarm > args.max_instances as usize {
+        anyhow::bail!(
+            "--prewarm ({}) cannot exceed --max-instances ({})",
+            args.prewarm,
+            args.max_instances
+        );
+    }
     let config = RuntimeConfig {
         pooling: !args.no_pooling,
         max_instances: args.max_instances as usize,
@@ -275,22 +303,61 @@ fn load_app(args: &ServeArgs) -> anyhow::Result<Loaded> {
         post_return_timeout: args.post_return_timeout,
         max_memory: usize::try_from(args.max_memory).unwrap_or(usize::MAX),
     };
-    let budget = MemoryBudget::new(usize::try_from(args.max_total_memory()).unwrap_or(usize::MAX));
     let mut app = app
         .label_output(!args.no_logging_prefix)
-        .with_memory_budget(budget);
+        .with_memory_budget(budget.clone());
     for (key, value) in &args.env {
         app = app.with_env(key, value);
     }
     for authority in &args.allow_outbound {
         app = app.allow_outbound(authority.clone());
     }
+    let pool = PoolLimits {
+        max_instances: args.max_instances as usize,
+        max_running: args.max_running.map_or(workers, |n| n as usize),
+        max_queue_len: args.queue_len,
+        max_queue_wait: args.queue_timeout,
+        prewarm: args.prewarm,
+        adaptive_concurrency: args.adaptive_concurrency.then(AdaptiveConcurrency::default),
+        ..PoolLimits::default()
+    };
     Ok(Loaded {
+        spec,
         app: app.with_limits(limits),
+        pool,
         component: name,
         took,
         from_cache,
     })
+}
+
+/// Starts serving `loaded`: each app gets its pool (and starts prewarming)
+/// and its place in the routes; with `labelled`, its metrics carry its
+/// name as the `app` label.
+fn serve_apps(loaded: Vec<Loaded>, labelled: bool) -> Router<Served> {
+    Router::new(
+        loaded
+            .into_iter()
+            .map(|loaded| {
+                let labels = match labelled {
+                    true => vec![metrics::Label::new("app", loaded.spec.name.clone())],
+                    false => Vec::new(),
+                };
+                let recorder = Arc::new(telemetry::MetricsRecorder {
+                    labels: labels.clone(),
+                });
+                Route {
+                    route: loaded.spec.route,
+                    host: loaded.spec.host,
+                    app: Served {
+                        name: loaded.spec.name,
+                        handler: ProxyHandler::with_recorder(loaded.app, loaded.pool, recorder),
+                        labels,
+                    },
+                }
+            })
+            .collect(),
+    )
 }
 
 /// Listens on `addr`, sharing its port with other processes that do so too
@@ -518,7 +585,7 @@ impl Server {
         let Some(place) = client.request_place().await else {
             metrics::counter!("wasmhive_client_share_refused_total", "what" => "request")
                 .increment(1);
-            telemetry::record_response(503, started.elapsed());
+            telemetry::record_response(503, started.elapsed(), &[]);
             let mut response = plain(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "too many requests in flight from this client\n".into(),
@@ -532,19 +599,37 @@ impl Server {
         // response head.
         let reset = ResetOnDrop(Some(client));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // Held until the response head: the version is not shut down
+        // before.
+        let version = self.versions.enter();
+        let Some(app) = version.route(request_host(&request), request.uri().path()) else {
+            reset.disarm();
+            telemetry::record_response(404, started.elapsed(), &[]);
+            let response = plain(StatusCode::NOT_FOUND, "no app serves this path\n".into());
+            return response.map(|body| wasmhive::into_body(Holding::new(body, Some(place), busy)));
+        };
         let span = tracing::info_span!(
             "request",
             id,
+            app = %app.name,
             method = %request.method(),
             path = %request.uri().path(),
         );
-        let response = self.dispatch(id, request).instrument(span).await;
+        let response = self
+            .dispatch(&app.handler, id, request)
+            .instrument(span)
+            .await;
         reset.disarm();
-        telemetry::record_response(response.status().as_u16(), started.elapsed());
+        telemetry::record_response(response.status().as_u16(), started.elapsed(), &app.labels);
         response.map(|body| wasmhive::into_body(Holding::new(body, Some(place), busy)))
     }
 
-    async fn dispatch(&self, id: u64, mut request: hyper::Request<Incoming>) -> Response {
+    async fn dispatch(
+        &self,
+        handler: &ProxyHandler<App>,
+        id: u64,
+        mut request: hyper::Request<Incoming>,
+    ) -> Response {
         // What the guest sees as the scheme is the connection's, whatever
         // the request target or `:scheme` claims.
         request.extensions_mut().insert(self.scheme.clone());
@@ -566,7 +651,7 @@ impl Server {
             let (pause, verdict) = (self.body_timeout, verdict.clone());
             request.map(|body| wasmhive::into_body(RequestBody::new(body, limit, pause, verdict)))
         };
-        let result = self.versions.enter().handle(id, request).await;
+        let result = handler.handle(id, request).await;
         // The body was cut off before the guest answered: the client's
         // doing, whatever the guest made of it.
         match verdict.get() {
@@ -583,6 +668,20 @@ impl Server {
             Ok(response) => response,
             Err(error) => error_response(&error),
         }
+    }
+}
+
+/// The host a request is for, without port: from an absolute target or
+/// HTTP/2's `:authority`, else the `Host` header.
+fn request_host<B>(request: &hyper::Request<B>) -> Option<&str> {
+    if let Some(host) = request.uri().host() {
+        return Some(host);
+    }
+    let host = request.headers().get(header::HOST)?.to_str().ok()?;
+    // `name`, `name:port`, `[v6]` or `[v6]:port`.
+    match host.rsplit_once(':') {
+        Some((name, port)) if !port.contains(']') => Some(name),
+        _ => Some(host),
     }
 }
 

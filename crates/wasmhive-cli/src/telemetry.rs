@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{
+    Label, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 use wasmhive::{InstanceReport, Recorder, RequestReport, Stats};
@@ -141,51 +143,72 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
     Ok(handle)
 }
 
-/// Records an answered request.
-pub fn record_response(status: u16, elapsed: Duration) {
-    counter!("wasmhive_http_requests_total", "status" => status_label(status)).increment(1);
-    histogram!("wasmhive_http_request_duration_seconds").record(elapsed);
+/// Counts an answered request and its duration; `app` labels them with
+/// the app that answered (empty for the one app of the command line, or
+/// for a request no app serves).
+pub fn record_response(status: u16, elapsed: Duration, app: &[Label]) {
+    let status = status_label(status);
+    if app.is_empty() {
+        // The one app of the command line: nothing to allocate.
+        histogram!("wasmhive_http_request_duration_seconds").record(elapsed);
+        counter!("wasmhive_http_requests_total", "status" => status).increment(1);
+        return;
+    }
+    let mut labels = app.to_vec();
+    histogram!("wasmhive_http_request_duration_seconds", labels.clone()).record(elapsed);
+    labels.push(Label::new("status", status));
+    counter!("wasmhive_http_requests_total", labels).increment(1);
 }
 
-/// Copies the handler's gauges and totals into the registry, just before a
-/// scrape renders it.
-pub fn record_stats(stats: &Stats) {
-    gauge!("wasmhive_instances_live").set(stats.live_instances as f64);
-    counter!("wasmhive_requests_started_total").absolute(stats.requests_started);
-    gauge!("wasmhive_instances_available").set(stats.available_instances as f64);
-    gauge!("wasmhive_requests_queued").set(stats.queued_requests as f64);
-    gauge!("wasmhive_instances_running").set(stats.running_instances as f64);
+/// The process's own gauges and totals, just before a scrape renders them.
+pub fn record_process() {
     counter!("wasmhive_guest_output_dropped_total").absolute(wasmhive::dropped_output_lines());
-    if let Some(limit) = stats.concurrency_limit {
-        gauge!("wasmhive_concurrency_limit").set(limit as f64);
-    }
     gauge!("wasmhive_runtime_tasks_alive").set(
         tokio::runtime::Handle::current()
             .metrics()
             .num_alive_tasks() as f64,
     );
-    counter!("wasmhive_instantiations_total").absolute(stats.instantiations);
-    counter!("wasmhive_instantiation_failures_total").absolute(stats.instantiation_failures);
-    counter!("wasmhive_overloaded_total").absolute(stats.overloaded);
+}
+
+/// Copies an app's gauges and totals into the registry with its `labels`,
+/// just before a scrape renders them.
+pub fn record_stats(stats: &Stats, labels: &[Label]) {
+    gauge!("wasmhive_instances_live", labels.to_vec()).set(stats.live_instances as f64);
+    counter!("wasmhive_requests_started_total", labels.to_vec()).absolute(stats.requests_started);
+    gauge!("wasmhive_instances_available", labels.to_vec()).set(stats.available_instances as f64);
+    gauge!("wasmhive_requests_queued", labels.to_vec()).set(stats.queued_requests as f64);
+    gauge!("wasmhive_instances_running", labels.to_vec()).set(stats.running_instances as f64);
+    if let Some(limit) = stats.concurrency_limit {
+        gauge!("wasmhive_concurrency_limit", labels.to_vec()).set(limit as f64);
+    }
+    counter!("wasmhive_instantiations_total", labels.to_vec()).absolute(stats.instantiations);
+    counter!("wasmhive_instantiation_failures_total", labels.to_vec())
+        .absolute(stats.instantiation_failures);
+    counter!("wasmhive_overloaded_total", labels.to_vec()).absolute(stats.overloaded);
     for reason in wasmhive::ExitReason::ALL {
-        counter!("wasmhive_instance_exits_total", "reason" => reason.as_str())
-            .absolute(stats.exits(reason));
+        let mut labels = labels.to_vec();
+        labels.push(Label::new("reason", reason.as_str()));
+        counter!("wasmhive_instance_exits_total", labels).absolute(stats.exits(reason));
     }
 }
 
-/// The handler's [`Recorder`]: per-request and per-instance timings into
-/// histograms.
-pub struct MetricsRecorder;
+/// An app's [`Recorder`]: per-request and per-instance timings into
+/// histograms, with the app's labels.
+pub struct MetricsRecorder {
+    pub labels: Vec<Label>,
+}
 
 impl Recorder for MetricsRecorder {
     fn request(&self, report: &RequestReport) {
         if report.incarnation.is_some() {
-            histogram!("wasmhive_queue_wait_seconds").record(report.queue_wait);
+            histogram!("wasmhive_queue_wait_seconds", self.labels.clone())
+                .record(report.queue_wait);
         }
     }
 
     fn instance(&self, report: &InstanceReport) {
-        histogram!("wasmhive_instantiation_seconds").record(report.instantiation_time);
+        histogram!("wasmhive_instantiation_seconds", self.labels.clone())
+            .record(report.instantiation_time);
         if let Some(error) = &report.error {
             tracing::debug!(
                 incarnation = report.incarnation,

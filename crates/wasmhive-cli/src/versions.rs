@@ -1,9 +1,11 @@
-//! Versions of the app and zero-downtime reload (`SIGHUP`, admin
+//! Versions of the server's apps and zero-downtime reload (`SIGHUP`, admin
 //! `POST /reload`).
 //!
-//! A reload loads the component file again (the compilation cache makes an
-//! unchanged one cheap) into a new handler with a pool of its own, and
-//! swaps it in: requests that arrive from then on go to the new version.
+//! A reload reads the manifest (or the component of the command line)
+//! again and loads every app (the compilation cache makes an unchanged
+//! component cheap), each into a new handler with a pool of its own, and
+//! swaps them in together: requests that arrive from then on go to the new
+//! version.
 //! The old version stops taking requests; once every request that reached
 //! it has its response head it is shut down, and it is dropped when its
 //! last instance has ended (bodies still streaming finish first). A
@@ -15,6 +17,7 @@
 //! request's place in the version's count, the version's `retired`), so
 //! that no request reaches a version after it was shut down.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -23,16 +26,31 @@ use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 use wasmhive::{App, ProxyHandler, Stats};
 
-/// Loads the app anew: what a reload runs, on a blocking thread.
-pub type Load = dyn Fn() -> anyhow::Result<ProxyHandler<App>> + Send + Sync;
+use crate::router::Router;
+
+/// One app of a version.
+pub struct Served {
+    /// The app's name in the manifest.
+    pub name: String,
+    pub handler: ProxyHandler<App>,
+    /// What its metrics are labelled with: its name when the server runs
+    /// a manifest, nothing for the one component of the command line.
+    pub labels: Vec<metrics::Label>,
+}
+
+/// Loads the apps anew: what a reload runs, on a blocking thread.
+pub type Load = dyn Fn() -> anyhow::Result<Router<Served>> + Send + Sync;
+
+/// An app's gauges and totals, summed over versions, with its labels.
+pub type AppStats = BTreeMap<String, (Vec<metrics::Label>, Stats)>;
 
 /// The version serving new requests, the older ones still draining, and
 /// what the gone ones did.
 pub struct Versions {
     current: ArcSwap<Version>,
     draining: Mutex<Vec<Arc<Version>>>,
-    /// The totals of the versions dropped so far.
-    gone: Mutex<Stats>,
+    /// The totals of the versions dropped so far, by app.
+    gone: Mutex<AppStats>,
     /// Serialises reloads; counts the versions made.
     reloading: tokio::sync::Mutex<u64>,
     /// Set by [`Versions::shutdown`]: no more reloads.
@@ -40,9 +58,9 @@ pub struct Versions {
     load: Arc<Load>,
 }
 
-/// One loaded version of the app.
+/// One loaded version of the apps.
 struct Version {
-    handler: ProxyHandler<App>,
+    router: Router<Served>,
     /// Requests that picked this version and have no response head yet.
     in_flight: AtomicUsize,
     /// Set when a newer version took over.
@@ -52,13 +70,25 @@ struct Version {
 }
 
 impl Version {
-    fn new(handler: ProxyHandler<App>) -> Arc<Version> {
+    fn new(router: Router<Served>) -> Arc<Version> {
         Arc::new(Version {
-            handler,
+            router,
             in_flight: AtomicUsize::new(0),
             retired: AtomicBool::new(false),
             idle: Notify::new(),
         })
+    }
+
+    /// Stops every app of this version taking requests.
+    fn shutdown(&self) {
+        self.router.apps().for_each(|app| app.handler.shutdown());
+    }
+
+    /// Waits until every app of this version has no instance left.
+    async fn drained(&self) {
+        for app in self.router.apps() {
+            app.handler.drained().await;
+        }
     }
 }
 
@@ -67,10 +97,10 @@ impl Version {
 pub struct Entered(Arc<Version>);
 
 impl std::ops::Deref for Entered {
-    type Target = ProxyHandler<App>;
+    type Target = Router<Served>;
 
-    fn deref(&self) -> &ProxyHandler<App> {
-        &self.0.handler
+    fn deref(&self) -> &Router<Served> {
+        &self.0.router
     }
 }
 
@@ -84,7 +114,7 @@ impl Drop for Entered {
 
 impl Versions {
     /// Serves `first`; reloads call `load`.
-    pub fn new(first: ProxyHandler<App>, load: Arc<Load>) -> Arc<Versions> {
+    pub fn new(first: Router<Served>, load: Arc<Load>) -> Arc<Versions> {
         Arc::new(Versions {
             current: ArcSwap::new(Version::new(first)),
             draining: Mutex::default(),
@@ -112,17 +142,23 @@ impl Versions {
         }
     }
 
-    /// Every version's gauges and totals added up, the dropped ones'
-    /// included, so that totals never go back.
-    pub fn stats(&self) -> Stats {
+    /// Each app's gauges and totals added up over versions, the dropped
+    /// ones' included, so that totals never go back.
+    pub fn stats(&self) -> AppStats {
         let draining = self.draining.lock().unwrap_or_else(|e| e.into_inner());
-        let gone = self.gone.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        draining
-            .iter()
-            .map(|version| version.handler.stats())
-            .fold(gone + self.current.load().handler.stats(), |sum, stats| {
-                sum + stats
-            })
+        let mut stats = self.gone.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for version in draining.iter().chain([&self.current.load_full()]) {
+            add_stats(&mut stats, version);
+        }
+        stats
+    }
+
+    /// Instances alive in every version.
+    pub fn live_instances(&self) -> usize {
+        self.stats()
+            .values()
+            .map(|(_, stats)| stats.live_instances)
+            .sum()
     }
 
     /// Loads the app again and, if it loads, serves new requests with it;
@@ -136,8 +172,8 @@ impl Versions {
         let started = Instant::now();
         let load = self.load.clone();
         let loaded = tokio::task::spawn_blocking(move || load()).await;
-        let handler = match loaded {
-            Ok(Ok(handler)) => handler,
+        let router = match loaded {
+            Ok(Ok(router)) => router,
             failed => {
                 let error = match failed {
                     Ok(Err(error)) => error,
@@ -156,10 +192,10 @@ impl Versions {
         let old = {
             let mut draining = self.draining.lock().unwrap_or_else(|e| e.into_inner());
             if self.closed.load(SeqCst) {
-                handler.shutdown();
+                router.apps().for_each(|app| app.handler.shutdown());
                 anyhow::bail!("the server started draining while the new version loaded");
             }
-            let old = self.current.swap(Version::new(handler));
+            let old = self.current.swap(Version::new(router));
             draining.push(old.clone());
             old
         };
@@ -180,12 +216,14 @@ impl Versions {
         if old.in_flight.load(SeqCst) > 0 {
             idle.await;
         }
-        old.handler.shutdown();
-        old.handler.drained().await;
+        old.shutdown();
+        old.drained().await;
         let mut draining = self.draining.lock().unwrap_or_else(|e| e.into_inner());
         draining.retain(|version| !Arc::ptr_eq(version, &old));
-        let mut gone = self.gone.lock().unwrap_or_else(|e| e.into_inner());
-        *gone = gone.clone() + old.handler.stats();
+        add_stats(
+            &mut self.gone.lock().unwrap_or_else(|e| e.into_inner()),
+            &old,
+        );
         tracing::debug!("the previous version has drained");
     }
 
@@ -193,23 +231,33 @@ impl Versions {
     pub fn shutdown(&self) {
         let draining = self.draining.lock().unwrap_or_else(|e| e.into_inner());
         self.closed.store(true, SeqCst);
-        self.current.load().handler.shutdown();
+        self.current.load().shutdown();
         for version in draining.iter() {
-            version.handler.shutdown();
+            version.shutdown();
         }
     }
 
     /// Waits until every version's instances have ended (after
     /// [`Self::shutdown`]).
     pub async fn drained(&self) {
-        self.current.load_full().handler.drained().await;
+        self.current.load_full().drained().await;
         let draining = self
             .draining
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         for version in draining {
-            version.handler.drained().await;
+            version.drained().await;
         }
+    }
+}
+
+/// Adds the stats of `version`'s apps to `sum`, by app name.
+fn add_stats(sum: &mut AppStats, version: &Version) {
+    for app in version.router.apps() {
+        let (_, stats) = sum
+            .entry(app.name.clone())
+            .or_insert_with(|| (app.labels.clone(), Stats::default()));
+        *stats = std::mem::take(stats) + app.handler.stats();
     }
 }
