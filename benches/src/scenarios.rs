@@ -63,13 +63,13 @@ pub fn all() -> Vec<Scenario> {
             },
         )
     };
-    // One single-threaded wasmhive process per core on one port
-    // (`--reuse-port`), as `settings` otherwise.
+    // One single-threaded wasmhive worker process per core on one port
+    // (`--workers N`), as `settings` otherwise.
     let per_core = |name, settings: Settings| {
         (
             name,
             Settings {
-                processes: crate::servers::cores(),
+                workers: crate::servers::cores(),
                 ..settings
             },
         )

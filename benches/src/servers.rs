@@ -59,11 +59,10 @@ pub struct Settings {
     /// Serve the component precompiled by the server's own `compile`
     /// command (see [`precompile`]), with `--allow-precompiled`.
     pub precompiled: bool,
-    /// wasmhive only: run this many `wasmhive serve` processes on one port
-    /// (`--reuse-port`), each with a single-threaded runtime, as one would
-    /// one per core; below 2, one process with the default runtime.
-    /// `wasmtime serve` cannot share a port and runs as one process.
-    pub processes: usize,
+    /// wasmhive only: `--workers N`, N single-threaded worker processes on
+    /// one port under a supervisor; below 2, one process with the default
+    /// runtime. `wasmtime serve` has no equivalent and runs as one process.
+    pub workers: usize,
 }
 
 /// Precompiles `component` with `kind`'s own `compile` command (a `.cwasm`
@@ -104,12 +103,13 @@ pub fn precompile(
     Ok(output)
 }
 
-/// A server, as one process or several on one port, killed when dropped.
+/// A server process (and its workers, if it has some), killed when
+/// dropped.
 pub struct Running {
-    children: Vec<Child>,
+    child: Child,
     /// Where it listens.
     pub addr: SocketAddr,
-    /// From spawn to its (first process's) `Serving HTTP on` line.
+    /// From spawn to its `Serving HTTP on` line.
     pub ready_after: Duration,
 }
 
@@ -122,26 +122,27 @@ impl Running {
         settings: &Settings,
     ) -> anyhow::Result<Running> {
         let spawned = Instant::now();
-        let first = command(kind, binaries, component, settings, "127.0.0.1:0")?;
-        let (child, addr) = listening(first, kind)?;
-        let ready_after = spawned.elapsed();
-        let mut running = Running {
-            children: vec![child],
+        let command = command(kind, binaries, component, settings, "127.0.0.1:0")?;
+        let (child, addr) = listening(command, kind)?;
+        Ok(Running {
+            child,
             addr,
-            ready_after,
-        };
-        if kind == ServerKind::Wasmhive {
-            for _ in 1..settings.processes {
-                let more = command(kind, binaries, component, settings, &addr.to_string())?;
-                running.children.push(listening(more, kind)?.0);
-            }
-        }
-        Ok(running)
+            ready_after: spawned.elapsed(),
+        })
     }
 
-    /// The process ids.
+    /// The process ids: the server's, then its workers' if it has some.
     pub fn pids(&self) -> Vec<u32> {
-        self.children.iter().map(Child::id).collect()
+        let pid = self.child.id();
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        std::iter::once(pid)
+            .chain(
+                children
+                    .split_whitespace()
+                    .filter_map(|child| child.parse().ok()),
+            )
+            .collect()
     }
 
     /// Resident memory, in bytes, of all its processes.
@@ -164,10 +165,9 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        for child in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        // Workers end with their supervisor (their parent-death signal).
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -195,8 +195,8 @@ fn command(
             if settings.precompiled {
                 c.arg("--allow-precompiled");
             }
-            if settings.processes > 1 {
-                c.arg("--reuse-port").env("TOKIO_WORKER_THREADS", "1");
+            if settings.workers > 1 {
+                c.arg("--workers").arg(settings.workers.to_string());
             }
             c.args(&settings.wasmhive_extra).arg(component);
             c.env("RUST_LOG", "warn");

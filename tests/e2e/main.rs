@@ -19,6 +19,7 @@ mod real_apps;
 mod reload;
 mod serving;
 mod tls;
+mod workers;
 
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
@@ -207,6 +208,11 @@ impl Server {
             .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or_else(|| panic!("{field} in /proc/PID/status"));
         kib * 1024
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Sends `signal` (e.g. `"TERM"`) to the server.

@@ -37,46 +37,58 @@ pub struct Admin {
     pub draining: Arc<AtomicBool>,
 }
 
-impl Admin {
-    /// Serves admin requests on `listener` until the process exits.
-    pub async fn serve(self, listener: TcpListener) {
-        let admin = Arc::new(self);
-        let places = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-        let mut http = hyper::server::conn::http1::Builder::new();
-        http.timer(TokioTimer::new())
-            .header_read_timeout(HEADER_TIMEOUT)
-            .keep_alive(false);
-        loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    tracing::warn!(%error, "admin endpoint: accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            // Over the cap: closed at once (dropping it), not queued.
-            let Ok(place) = places.clone().try_acquire_owned() else {
-                continue;
-            };
-            let admin = admin.clone();
-            let connection = http.serve_connection(
-                TokioIo::new(stream),
-                hyper::service::service_fn(move |request| {
-                    let admin = admin.clone();
-                    async move { Ok::<_, Infallible>(admin.answer(&request).await) }
-                }),
-            );
-            tokio::spawn(async move {
-                let _ = connection.await;
-                drop(place);
-            });
-        }
-    }
+/// What an admin endpoint answers: the server's own ([`Admin`]), or a
+/// supervisor's over its workers'.
+pub trait Answer: Send + Sync + 'static {
+    /// The response to `method path`.
+    fn answer(&self, method: &Method, path: &str) -> impl Future<Output = Response> + Send;
+}
 
-    async fn answer<B>(&self, request: &http::Request<B>) -> http::Response<Full<Bytes>> {
-        if request.uri().path() == "/reload" {
-            if request.method() != Method::POST {
+/// An admin response: short text, or metrics.
+pub type Response = http::Response<Full<Bytes>>;
+
+/// Serves `answer` on `listener` until the process exits.
+pub async fn serve(answer: Arc<impl Answer>, listener: TcpListener) {
+    let places = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .keep_alive(false);
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                tracing::warn!(%error, "admin endpoint: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // Over the cap: closed at once (dropping it), not queued.
+        let Ok(place) = places.clone().try_acquire_owned() else {
+            continue;
+        };
+        let answer = answer.clone();
+        let connection = http.serve_connection(
+            TokioIo::new(stream),
+            hyper::service::service_fn(move |request| {
+                let answer = answer.clone();
+                async move {
+                    let response = answer.answer(request.method(), request.uri().path()).await;
+                    Ok::<_, Infallible>(response)
+                }
+            }),
+        );
+        tokio::spawn(async move {
+            let _ = connection.await;
+            drop(place);
+        });
+    }
+}
+
+impl Answer for Admin {
+    async fn answer(&self, method: &Method, path: &str) -> Response {
+        if path == "/reload" {
+            if method != Method::POST {
                 return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n".into());
             }
             // The operator asked: the reason goes back to them whole.
@@ -88,21 +100,16 @@ impl Admin {
                 ),
             };
         }
-        if request.method() != Method::GET && request.method() != Method::HEAD {
+        if method != Method::GET && method != Method::HEAD {
             return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into());
         }
-        match request.uri().path() {
+        match path {
             "/metrics" => {
                 crate::telemetry::record_process();
                 for (labels, stats) in self.versions.stats().values() {
                     crate::telemetry::record_stats(stats, labels);
                 }
-                let mut response = text(StatusCode::OK, self.metrics.render());
-                response.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    header::HeaderValue::from_static("text/plain; version=0.0.4"),
-                );
-                response
+                prometheus(self.metrics.render())
             }
             "/healthz" => text(StatusCode::OK, "ok\n".into()),
             "/readyz" if self.draining.load(Ordering::Relaxed) => {
@@ -117,7 +124,18 @@ impl Admin {
     }
 }
 
-fn text(status: StatusCode, body: String) -> http::Response<Full<Bytes>> {
+/// Metrics in Prometheus text format.
+pub fn prometheus(metrics: String) -> Response {
+    let mut response = text(StatusCode::OK, metrics);
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
+}
+
+/// A response of `status` with `body`.
+pub fn text(status: StatusCode, body: String) -> Response {
     let mut response = http::Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     response

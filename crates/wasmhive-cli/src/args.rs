@@ -28,6 +28,9 @@ pub enum Command {
 
 /// `wasmhive serve`.
 #[derive(Args, Clone, Debug)]
+// A flag given twice takes its last value: the supervisor of --workers
+// appends what it changes to the command line it was given.
+#[command(args_override_self = true)]
 pub struct ServeArgs {
     /// The component to serve: a `.wasm` component exporting
     /// `wasi:http/incoming-handler@0.2` or `wasi:http/handler@0.3`, or a
@@ -52,6 +55,14 @@ pub struct ServeArgs {
     /// Run one per core, or start a new version before draining the old.
     #[arg(long)]
     pub reuse_port: bool,
+
+    /// Serve with this many single-threaded worker processes sharing the
+    /// port (SO_REUSEPORT), under this one as supervisor: it restarts a
+    /// worker that dies, passes signals on, and sums their metrics on
+    /// --admin-addr. --max-instances, --max-total-memory, --max-connections
+    /// and --queue-len are divided among the workers.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub workers: u32,
 
     /// Serve HTTPS with this certificate chain (PEM, the server's own
     /// certificate first), with the key of --tls-key; ALPN offers HTTP/2

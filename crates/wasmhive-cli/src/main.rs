@@ -7,7 +7,9 @@
 //! connections and requests ([`clients`]), request bodies limited in size and
 //! pace ([`request_body`]), TLS ([`tls`]), reloads without downtime
 //! ([`versions`]), the admin endpoint of [`admin`] and the metrics and logs
-//! of [`telemetry`]; `compile` precompiles a component.
+//! of [`telemetry`]; with `--workers N`, the [`supervisor`] runs N such
+//! servers as processes sharing the port. `compile` precompiles a
+//! component.
 
 mod admin;
 mod args;
@@ -16,6 +18,7 @@ mod manifest;
 mod request_body;
 mod router;
 mod serve;
+mod supervisor;
 mod telemetry;
 mod tls;
 mod versions;
@@ -30,11 +33,16 @@ use crate::args::{Cli, Command, CompileArgs};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Serve(args) if args.workers > 1 => supervisor::run(*args),
         Command::Serve(args) => serve::run(*args),
         Command::Compile(args) => compile(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // A worker said why it stopped; its supervisor exits as it did.
+        Err(error) if error.downcast_ref::<ExitWith>().is_some() => {
+            ExitCode::from(error.downcast_ref::<ExitWith>().map_or(1, |code| code.0))
+        }
         Err(error) => {
             telemetry::announce_error(&error);
             if error.downcast_ref::<UsageError>().is_some() {
@@ -59,6 +67,18 @@ impl std::fmt::Display for UsageError {
 }
 
 impl std::error::Error for UsageError {}
+
+/// Exit with this code, the reason having been written already.
+#[derive(Debug)]
+pub struct ExitWith(pub u8);
+
+impl std::fmt::Display for ExitWith {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit code {}", self.0)
+    }
+}
+
+impl std::error::Error for ExitWith {}
 
 /// `wasmhive compile`: precompiles a component for this host's engine.
 fn compile(args: CompileArgs) -> anyhow::Result<()> {

@@ -158,7 +158,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             metrics,
             draining: draining.clone(),
         };
-        tokio::spawn(admin.serve(admin_listener));
+        tokio::spawn(crate::admin::serve(Arc::new(admin), admin_listener));
     }
 
     let server = Arc::new(Server {

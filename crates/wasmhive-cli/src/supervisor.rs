@@ -1,0 +1,534 @@
+//! `--workers N`: N single-threaded `wasmhive serve` processes sharing the
+//! port with `SO_REUSEPORT`, under this process as their supervisor.
+//!
+//! Each worker is this binary run with the same command line and `--workers
+//! 1 --reuse-port`, the port made concrete, its share of the global limits
+//! (`--max-instances`, `--max-total-memory`, `--max-connections`,
+//! `--queue-len`, `--prewarm` and the per-client shares, divided among the
+//! workers) and one tokio thread: a connection, its requests and their
+//! instances stay on one thread, and a worker's memory decommits interrupt
+//! no other core.
+//!
+//! The supervisor reserves the port (bound, not listening, so it gets no
+//! connection) so that `--addr :0` gives every worker the same port;
+//! prints the address line once every worker listens; forwards the
+//! workers' log lines; passes SIGHUP on (reload) and SIGTERM/SIGINT
+//! (drain), exiting 0 once every worker has drained; restarts a worker that
+//! exits on its own, up to [`MAX_RESTARTS`] within [`RESTART_WINDOW`]
+//! (Akka's restart budget), then drains the others and exits 1. Its admin
+//! endpoint sums the workers' `/metrics` and passes `POST /reload` on.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use http_body_util::{BodyExt as _, Empty};
+use tokio::io::{AsyncBufReadExt as _, BufReader, Lines};
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::process::{ChildStderr, Command};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+
+use crate::admin::{self, Answer};
+use crate::args::ServeArgs;
+use crate::{ExitWith, telemetry};
+
+/// Restarts within [`RESTART_WINDOW`] after which the supervisor gives up.
+const MAX_RESTARTS: usize = 5;
+
+/// The window [`MAX_RESTARTS`] counts in.
+const RESTART_WINDOW: Duration = Duration::from_secs(60);
+
+/// How long a worker's admin endpoint has to answer the supervisor's.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs `args.workers` workers until they have drained after a signal.
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    telemetry::init_logging(args.log_format);
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(supervise(args))
+}
+
+async fn supervise(args: ServeArgs) -> anyhow::Result<()> {
+    let reserved = reserve(args.addr).with_context(|| format!("cannot listen on {}", args.addr))?;
+    let addr = reserved.local_addr()?;
+    let admin_listener = match args.admin_addr {
+        Some(admin) => Some(
+            TcpListener::bind(admin)
+                .await
+                .with_context(|| format!("cannot listen on {admin} (--admin-addr)"))?,
+        ),
+        None => None,
+    };
+    let count = args.workers as usize;
+    let (exits_tx, mut exits) = mpsc::unbounded_channel();
+    let workers = Arc::new(Workers {
+        command: worker_command(&args, addr)?,
+        admins: Mutex::new(vec![None; count]),
+        pids: Mutex::new(vec![None; count]),
+        draining: AtomicBool::new(false),
+        restarts: Mutex::default(),
+        restarted: AtomicU64::new(0),
+        exits: exits_tx,
+    });
+    let mut started = Vec::with_capacity(count);
+    for index in 0..count {
+        match workers.start(index).await {
+            Ok(lines) => started.push(lines),
+            Err(failed) => {
+                workers.signal_all(rustix::process::Signal::KILL);
+                for line in &failed.output {
+                    eprintln!("{line}");
+                }
+                // The worker said why (a bad flag or component: exit 2).
+                return Err(ExitWith(failed.status.code().unwrap_or(1) as u8).into());
+            }
+        }
+    }
+    // The address line first, as from one server; then the workers' lines.
+    telemetry::announce(&format!("Serving HTTP on http://{addr}/"));
+    for (index, lines) in started.into_iter().enumerate() {
+        tokio::spawn(workers.clone().forward(index, lines));
+    }
+    tracing::info!(workers = count, "supervising worker processes");
+    if let Some(listener) = admin_listener {
+        tracing::info!(
+            "admin endpoint on http://{}/ (/metrics, /healthz, /readyz, POST /reload)",
+            listener.local_addr()?
+        );
+        tokio::spawn(admin::serve(workers.clone(), listener));
+    }
+
+    let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut hangup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let mut alive = count;
+    let mut failure = None;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+            _ = hangup.recv() => workers.signal_all(rustix::process::Signal::HUP),
+            Some((index, status)) = exits.recv() => {
+                alive -= 1;
+                match workers.restart(index, status).await {
+                    Ok(()) => alive += 1,
+                    Err(error) => {
+                        failure = Some(error);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    // Drain: every worker drains; a second signal makes them exit at once.
+    workers.draining.store(true, Ordering::Relaxed);
+    tracing::info!("draining the workers (signal again to exit at once)");
+    workers.signal_all(rustix::process::Signal::TERM);
+    let mut clean = true;
+    while alive > 0 {
+        tokio::select! {
+            _ = terminate.recv() => workers.signal_all(rustix::process::Signal::TERM),
+            _ = interrupt.recv() => workers.signal_all(rustix::process::Signal::TERM),
+            Some((index, status)) = exits.recv() => {
+                alive -= 1;
+                workers.pids.lock().unwrap_or_else(|e| e.into_inner())[index] = None;
+                if !status.success() {
+                    tracing::warn!(worker = index, %status, "worker exited while draining");
+                    clean = false;
+                }
+            }
+        }
+    }
+    drop(reserved);
+    match failure {
+        Some(error) => Err(error),
+        None if clean => {
+            tracing::info!("every worker drained; exiting");
+            Ok(())
+        }
+        None => anyhow::bail!("a worker did not drain cleanly"),
+    }
+}
+
+/// Binds `addr` with `SO_REUSEPORT` without listening: the port is this
+/// process's to share, and no connection is queued to it.
+fn reserve(addr: SocketAddr) -> std::io::Result<TcpSocket> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    Ok(socket)
+}
+
+/// A worker's command line: the supervisor's own, with the flags it
+/// changes appended (a flag's last value wins).
+fn worker_command(args: &ServeArgs, addr: SocketAddr) -> anyhow::Result<WorkerCommand> {
+    let n = args.workers;
+    let share = |total: u32| total.div_ceil(n).to_string();
+    let mut argv: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let mut set = |flag: &str, value: String| argv.extend([flag.into(), value.into()]);
+    set("--workers", "1".into());
+    set("--addr", addr.to_string());
+    set("--max-instances", share(args.max_instances));
+    set("--max-connections", share(args.max_connections));
+    set(
+        "--queue-len",
+        args.queue_len.div_ceil(n as usize).to_string(),
+    );
+    set("--prewarm", args.prewarm.div_ceil(n as usize).to_string());
+    set(
+        "--max-total-memory",
+        (args.max_total_memory() / u64::from(n)).max(1).to_string(),
+    );
+    if let Some(per_client) = args.max_connections_per_client {
+        set("--max-connections-per-client", share(per_client));
+    }
+    if let Some(per_client) = args.max_requests_per_client {
+        set("--max-requests-per-client", share(per_client));
+    }
+    if args.admin_addr.is_some() {
+        set("--admin-addr", "127.0.0.1:0".into());
+    }
+    argv.push("--reuse-port".into());
+    Ok(WorkerCommand {
+        program: std::env::current_exe().context("cannot find this program's path")?,
+        argv,
+    })
+}
+
+struct WorkerCommand {
+    program: std::path::PathBuf,
+    argv: Vec<OsString>,
+}
+
+/// The workers, and what the admin endpoint reads of them.
+struct Workers {
+    command: WorkerCommand,
+    /// Each worker's admin address, once it has announced it.
+    admins: Mutex<Vec<Option<SocketAddr>>>,
+    /// Each running worker's process id.
+    pids: Mutex<Vec<Option<u32>>>,
+    draining: AtomicBool,
+    /// When workers exited on their own lately.
+    restarts: Mutex<VecDeque<Instant>>,
+    /// Restarts so far.
+    restarted: AtomicU64,
+    /// Where a worker's exit is reported: its index and status.
+    exits: mpsc::UnboundedSender<(usize, ExitStatus)>,
+}
+
+/// A worker that exited before it listened, with what it wrote.
+struct StartFailed {
+    status: ExitStatus,
+    output: Vec<String>,
+}
+
+impl Workers {
+    /// Starts worker `index` and waits until it listens; reports its exit
+    /// when it comes, and returns its log lines still to read.
+    async fn start(
+        self: &Arc<Self>,
+        index: usize,
+    ) -> Result<Lines<BufReader<ChildStderr>>, StartFailed> {
+        let mut command = Command::new(&self.command.program);
+        command
+            .args(&self.command.argv)
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            // Signals from a terminal (Ctrl-C) reach the supervisor alone,
+            // which passes them on once.
+            .process_group(0);
+        // SAFETY: between fork and exec the closure only makes one system
+        // call, which allocates nothing and takes no lock.
+        unsafe {
+            // A worker whose supervisor died (SIGKILL, say) drains and ends
+            // rather than serving on unsupervised.
+            command.pre_exec(|| {
+                rustix::process::set_parent_process_death_signal(Some(
+                    rustix::process::Signal::TERM,
+                ))
+                .map_err(std::io::Error::from)
+            });
+        }
+        if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+            command.env("TOKIO_WORKER_THREADS", "1");
+        }
+        let mut child = match command.spawn() {
+            Ok(child) => child,
+            Err(error) => {
+                return Err(StartFailed {
+                    status: std::os::unix::process::ExitStatusExt::from_raw(1 << 8),
+                    output: vec![format!("error: cannot start a worker: {error}")],
+                });
+            }
+        };
+        let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
+        let mut early = Vec::new();
+        loop {
+            match lines.next_line().await {
+                Ok(Some(line)) if line.contains("Serving HTTP") => break,
+                Ok(Some(line)) => early.push(line),
+                Ok(None) | Err(_) => {
+                    let status = child.wait().await.unwrap_or_default();
+                    return Err(StartFailed {
+                        status,
+                        output: early,
+                    });
+                }
+            }
+        }
+        for line in early {
+            eprintln!("{line}");
+        }
+        self.pids.lock().unwrap_or_else(|e| e.into_inner())[index] = child.id();
+        let exits = self.exits.clone();
+        tokio::spawn(async move {
+            let status = child.wait().await.unwrap_or_default();
+            let _ = exits.send((index, status));
+        });
+        Ok(lines)
+    }
+
+    /// Writes worker `index`'s log lines as this process's own, keeping
+    /// its admin address for the supervisor's endpoint instead.
+    async fn forward(self: Arc<Self>, index: usize, mut lines: Lines<BufReader<ChildStderr>>) {
+        const ADMIN: &str = "admin endpoint on http://";
+        while let Ok(Some(line)) = lines.next_line().await {
+            let admin = line.find(ADMIN).and_then(|at| {
+                let rest = &line[at + ADMIN.len()..];
+                rest[..rest.find('/')?].parse::<SocketAddr>().ok()
+            });
+            match admin {
+                Some(admin) => {
+                    self.admins.lock().unwrap_or_else(|e| e.into_inner())[index] = Some(admin)
+                }
+                None => eprintln!("{line}"),
+            }
+        }
+    }
+
+    /// Restarts worker `index`, which exited with `status`, unless the
+    /// restart budget is spent.
+    async fn restart(self: &Arc<Self>, index: usize, mut status: ExitStatus) -> anyhow::Result<()> {
+        self.pids.lock().unwrap_or_else(|e| e.into_inner())[index] = None;
+        self.admins.lock().unwrap_or_else(|e| e.into_inner())[index] = None;
+        loop {
+            let recent = {
+                let mut restarts = self.restarts.lock().unwrap_or_else(|e| e.into_inner());
+                let now = Instant::now();
+                restarts.retain(|at| now.duration_since(*at) < RESTART_WINDOW);
+                restarts.push_back(now);
+                restarts.len()
+            };
+            self.restarted.fetch_add(1, Ordering::Relaxed);
+            if recent > MAX_RESTARTS {
+                tracing::error!(worker = index, %status, "worker exited; giving up after {MAX_RESTARTS} restarts within {RESTART_WINDOW:?}");
+                anyhow::bail!(
+                    "worker {index} exited with {status}, {MAX_RESTARTS} restarts within {RESTART_WINDOW:?}"
+                );
+            }
+            tracing::warn!(worker = index, %status, "worker exited; restarting it");
+            // Backs off as restarts pile up: 0, 100, 200, ... ms.
+            tokio::time::sleep(Duration::from_millis(100) * (recent as u32 - 1)).await;
+            match self.start(index).await {
+                Ok(lines) => {
+                    tokio::spawn(self.clone().forward(index, lines));
+                    return Ok(());
+                }
+                Err(failed) => {
+                    for line in &failed.output {
+                        eprintln!("{line}");
+                    }
+                    status = failed.status;
+                }
+            }
+        }
+    }
+
+    /// Sends `signal` to every running worker.
+    fn signal_all(&self, signal: rustix::process::Signal) {
+        for pid in self
+            .pids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .flatten()
+        {
+            if let Some(pid) = rustix::process::Pid::from_raw(*pid as i32) {
+                let _ = rustix::process::kill_process(pid, signal);
+            }
+        }
+    }
+
+    /// `method path` on every worker's admin endpoint: each one's status
+    /// and body (or why it did not answer).
+    async fn ask_all(
+        &self,
+        method: &Method,
+        path: &str,
+    ) -> Vec<Result<(StatusCode, String), String>> {
+        let admins: Vec<_> = self
+            .admins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .flatten()
+            .copied()
+            .collect();
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<Empty<Bytes>>();
+        let mut answers = Vec::with_capacity(admins.len());
+        for admin in admins {
+            let request = http::Request::builder()
+                .method(method.clone())
+                .uri(format!("http://{admin}{path}"))
+                .body(Empty::new())
+                .expect("a valid request");
+            let asked = async {
+                let response = client.request(request).await.map_err(|e| e.to_string())?;
+                let status = response.status();
+                let body = response
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok((
+                    status,
+                    String::from_utf8_lossy(&body.to_bytes()).into_owned(),
+                ))
+            };
+            answers.push(
+                tokio::time::timeout(ADMIN_TIMEOUT, asked)
+                    .await
+                    .unwrap_or_else(|_| Err(format!("{admin} did not answer"))),
+            );
+        }
+        answers
+    }
+}
+
+impl Answer for Workers {
+    async fn answer(&self, method: &Method, path: &str) -> admin::Response {
+        match (path, method) {
+            ("/reload", &Method::POST) => {
+                let answers = self.ask_all(method, path).await;
+                let failed = answers.iter().find_map(|answer| match answer {
+                    Ok((StatusCode::OK, _)) => None,
+                    Ok((_, body)) => Some(body.clone()),
+                    Err(error) => Some(format!("{error}\n")),
+                });
+                match failed {
+                    None => admin::text(
+                        StatusCode::OK,
+                        format!("reloaded {} workers\n", answers.len()),
+                    ),
+                    Some(why) => admin::text(StatusCode::INTERNAL_SERVER_ERROR, why),
+                }
+            }
+            ("/reload", _) => admin::text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n".into()),
+            (_, &Method::GET | &Method::HEAD) => match path {
+                "/metrics" => {
+                    let texts: Vec<String> = self
+                        .ask_all(method, path)
+                        .await
+                        .into_iter()
+                        .filter_map(|answer| answer.ok().map(|(_, body)| body))
+                        .collect();
+                    let live = self
+                        .pids
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .iter()
+                        .flatten()
+                        .count();
+                    let restarts = self.restarted.load(Ordering::Relaxed);
+                    let own = format!(
+                        "# HELP wasmhive_workers Worker processes running.\n\
+                         # TYPE wasmhive_workers gauge\nwasmhive_workers {live}\n\
+                         # HELP wasmhive_worker_restarts_total Workers restarted after exiting on their own.\n\
+                         # TYPE wasmhive_worker_restarts_total counter\nwasmhive_worker_restarts_total {restarts}\n"
+                    );
+                    admin::prometheus(own + &sum_metrics(&texts))
+                }
+                "/healthz" => admin::text(StatusCode::OK, "ok\n".into()),
+                "/readyz" if self.draining.load(Ordering::Relaxed) => {
+                    admin::text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into())
+                }
+                "/readyz" => admin::text(StatusCode::OK, "ready\n".into()),
+                _ => admin::text(
+                    StatusCode::NOT_FOUND,
+                    "try /metrics, /healthz, /readyz or POST /reload\n".into(),
+                ),
+            },
+            _ => admin::text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into()),
+        }
+    }
+}
+
+/// Prometheus texts added up: each sample the sum of its series over the
+/// texts (counters, gauges and histogram buckets alike), comments once, in
+/// the order they first appear.
+fn sum_metrics(texts: &[String]) -> String {
+    let mut order: Vec<&str> = Vec::new();
+    let mut seen: HashSet<&str> = HashSet::new();
+    let mut sums: HashMap<&str, f64> = HashMap::new();
+    for text in texts {
+        for line in text.lines() {
+            if line.starts_with('#') {
+                if seen.insert(line) {
+                    order.push(line);
+                }
+                continue;
+            }
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            if seen.insert(series) {
+                order.push(series);
+            }
+            *sums.entry(series).or_default() += value;
+        }
+    }
+    let mut out = String::new();
+    for key in order {
+        match sums.get(key) {
+            Some(sum) => out.push_str(&format!("{key} {sum}\n")),
+            None => out.push_str(&format!("{key}\n")),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_of_workers_add_up_series_by_series() {
+        let a = "# TYPE x counter\nx{app=\"a\"} 2\nx{app=\"b\"} 1\nh_bucket{le=\"+Inf\"} 3\n";
+        let b = "# TYPE x counter\nx{app=\"a\"} 5\nh_bucket{le=\"+Inf\"} 4\ny 0.5\n";
+        assert_eq!(
+            sum_metrics(&[a.into(), b.into()]),
+            "# TYPE x counter\nx{app=\"a\"} 7\nx{app=\"b\"} 1\nh_bucket{le=\"+Inf\"} 7\ny 0.5\n"
+        );
+    }
+}
