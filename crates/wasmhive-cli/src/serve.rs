@@ -31,8 +31,8 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument as _;
 use wasmhive::{
-    AdaptiveConcurrency, App, Error, Limits, MemoryBudget, PoolLimits, ProxyHandler, Runtime,
-    RuntimeConfig,
+    AdaptiveConcurrency, App, Error, HandlerState, Limits, MemoryBudget, PoolLimits, ProxyHandler,
+    Runtime, RuntimeConfig,
 };
 
 use crate::UsageError;
@@ -139,10 +139,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let versions = Versions::new(serve_apps(loaded, labelled), {
         let args = args.clone();
         Arc::new(move || {
-            Ok(serve_apps(
-                load_apps(&args, &source, &budget, workers)?,
-                labelled,
-            ))
+            let loaded = load_apps(&args, &source, &budget, workers)?;
+            // A new version takes requests only once each of its apps has
+            // instantiated: one that cannot is refused here, not met by
+            // its first requests.
+            for app in &loaded {
+                let instantiated = tokio::runtime::Handle::current()
+                    .block_on(HandlerState::instantiate(&app.app, 0));
+                if let Err(error) = instantiated {
+                    anyhow::bail!("app `{}` does not instantiate: {error:#}", app.spec.name);
+                }
+            }
+            Ok(serve_apps(loaded, labelled))
         })
     });
     tokio::spawn(reload_on_hangup(versions.clone()));
