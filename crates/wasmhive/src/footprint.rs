@@ -1,12 +1,17 @@
 //! [`Footprint`]: what one instance of a component takes from the pooling
 //! allocator, measured from a loaded component or read straight from its
 //! binary (which spares loading it twice: once to measure it, once into
-//! the engine whose pool is sized for it).
+//! the engine whose pool is sized for it). A precompiled file has no
+//! binary to read, so what it measured is remembered in the compilation
+//! cache directory, keyed by the file's path, size and modification time.
 
+use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
 use wasmparser::{
     ComponentAlias, ComponentExternalKind, ComponentInstance, ComponentOuterAliasKind,
     ComponentTypeRef, Instance, Parser, Payload,
 };
+
 use wasmtime::component::Component;
 
 use crate::World;
@@ -100,6 +105,72 @@ impl Footprint {
 pub(crate) struct Measured {
     pub(crate) footprint: Footprint,
     pub(crate) world: World,
+}
+
+impl Measured {
+    /// What the precompiled file at `path` measured when it was last loaded
+    /// with the cache in `cache_dir`, if it has not changed since.
+    pub(crate) fn remembered(cache_dir: &Path, path: &Path) -> Option<Measured> {
+        let text = std::fs::read_to_string(remembered_at(cache_dir, path)?).ok()?;
+        let mut fields = text.split_whitespace();
+        let mut number = || fields.next()?.parse::<u64>().ok();
+        let footprint = Footprint {
+            memories: u32::try_from(number()?).ok()?,
+            tables: u32::try_from(number()?).ok()?,
+            initial_memory: number()?,
+            initial_table_elements: number()?,
+        };
+        let world = match number()? {
+            2 => World::P2,
+            3 => World::P3,
+            _ => return None,
+        };
+        Some(Measured { footprint, world })
+    }
+
+    /// Remembers what the precompiled file at `path` measured; a failure
+    /// only costs the next start a measurement.
+    pub(crate) fn remember(&self, cache_dir: &Path, path: &Path) {
+        let Some(at) = remembered_at(cache_dir, path) else {
+            return;
+        };
+        let Footprint {
+            memories,
+            tables,
+            initial_memory,
+            initial_table_elements,
+        } = self.footprint;
+        let world = match self.world {
+            World::P2 => 2,
+            World::P3 => 3,
+        };
+        let text =
+            format!("{memories} {tables} {initial_memory} {initial_table_elements} {world}\n");
+        // Written aside and renamed, so that a reader sees all or nothing.
+        let staged = at.with_extension(format!("{}.tmp", std::process::id()));
+        let stored = std::fs::create_dir_all(at.parent().unwrap_or(cache_dir))
+            .and_then(|()| std::fs::write(&staged, text))
+            .and_then(|()| std::fs::rename(&staged, &at));
+        if let Err(error) = stored {
+            tracing::debug!(%error, "cannot remember a precompiled component's footprint");
+        }
+    }
+}
+
+/// Where what the file at `path` measured is kept: named by its absolute
+/// path, size and modification time, and this crate's version.
+fn remembered_at(cache_dir: &Path, path: &Path) -> Option<PathBuf> {
+    use std::hash::{Hash as _, Hasher as _};
+    let path = path.canonicalize().ok()?;
+    let metadata = std::fs::metadata(&path).ok()?;
+    let modified = metadata.modified().ok()?.duration_since(UNIX_EPOCH).ok()?;
+    let mut key = std::collections::hash_map::DefaultHasher::new();
+    (path, metadata.len(), modified, env!("CARGO_PKG_VERSION")).hash(&mut key);
+    Some(
+        cache_dir
+            .join("wasmhive-footprints")
+            .join(format!("{:016x}", key.finish())),
+    )
 }
 
 /// What an instance of a core module, or of a component, takes: the
@@ -380,6 +451,30 @@ mod tests {
         assert_eq!(measured, loaded(&engine(), &bytes));
         assert_eq!(measured.footprint.memories, 4);
         assert_eq!(measured.footprint.tables, 2);
+    }
+
+    #[test]
+    fn a_precompiled_files_measure_is_remembered_until_the_file_changes() {
+        let dir = std::env::temp_dir().join(format!("wasmhive-footprints-{}", std::process::id()));
+        let (cache, file) = (dir.join("cache"), dir.join("app.cwasm"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(&file, b"compiled code").unwrap();
+        let measured = Measured {
+            footprint: Footprint {
+                memories: 3,
+                tables: 5,
+                initial_memory: 13 << 20,
+                initial_table_elements: 7000,
+            },
+            world: World::P2,
+        };
+        assert_eq!(Measured::remembered(&cache, &file), None);
+        measured.remember(&cache, &file);
+        assert_eq!(Measured::remembered(&cache, &file), Some(measured));
+        // Another file at the same path is measured anew.
+        std::fs::write(&file, b"other compiled code").unwrap();
+        assert_eq!(Measured::remembered(&cache, &file), None);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -232,13 +232,15 @@ impl Runtime {
             pooling: false,
             ..config.clone()
         };
-        // A `.wasm` says what it needs in its binary; otherwise a copy is
-        // loaded on an engine without a pool just to measure it.
-        let binary = match source {
-            Source::Wasm(bytes) => Measured::from_binary(bytes),
-            Source::Precompiled(_) => None,
+        // A `.wasm` says what it needs in its binary, and a precompiled file
+        // may have been measured before; otherwise a copy is loaded on an
+        // engine without a pool just to measure it.
+        let known = match (source, &config.cache_dir) {
+            (Source::Wasm(bytes), _) => Measured::from_binary(bytes),
+            (Source::Precompiled(path), Some(dir)) => Measured::remembered(dir, path),
+            (Source::Precompiled(_), None) => None,
         };
-        let (measured, mut probe) = match binary {
+        let (measured, mut probe) = match known {
             Some(measured) => (measured, None),
             None => {
                 let probe = Runtime::new(&on_demand)?;
@@ -247,6 +249,9 @@ impl Runtime {
                     footprint: Footprint::of(&component),
                     world: World::exported_by(&component, probe.engine()),
                 };
+                if let (Source::Precompiled(path), Some(dir)) = (source, &config.cache_dir) {
+                    measured.remember(dir, path);
+                }
                 (measured, Some((probe, component)))
             }
         };
