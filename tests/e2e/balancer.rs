@@ -60,13 +60,11 @@ fn nginx() -> PathBuf {
     binary
 }
 
-/// A port free right now on 127.0.0.1.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `N` distinct ports free right now on 127.0.0.1 (held together while
+/// chosen, so that none is picked twice).
+fn free_ports<const N: usize>() -> [u16; N] {
+    let held: [TcpListener; N] = std::array::from_fn(|_| TcpListener::bind("127.0.0.1:0").unwrap());
+    held.map(|listener| listener.local_addr().unwrap().port())
 }
 
 /// nginx in the foreground, balancing `listen` over `replicas`, retrying
@@ -153,9 +151,9 @@ fn replica(port: u16) -> Server {
 #[tokio::test]
 async fn a_replica_draining_and_another_killed_behind_nginx_fail_no_request() {
     let _alone = crate::HEAVY.lock().await;
-    let (port_a, port_b) = (free_port(), free_port());
+    let [port_a, port_b, port_nginx] = free_ports();
     let (a, b) = (replica(port_a), replica(port_b));
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let listen: SocketAddr = format!("127.0.0.1:{port_nginx}").parse().unwrap();
     let balancer = Balancer::start(listen, &[a.addr, b.addr]);
     let load = Bystander::start(listen, "/", 16);
     serves(&a, 50.0).await;

@@ -138,14 +138,22 @@ max-reuse = 1000
     );
     let (status, _, body) = get_at(&server, None, "/").await;
     assert_eq!((status, body.as_str()), (404, "no app serves this path\n"));
-    // The totals of the apps of the old version are kept.
+    // Once the old version has drained, the totals of its apps are kept.
     wait_until_metric(
         admin,
-        r#"wasmhive_requests_started_total{app="counter"}"#,
-        |started| started == 2.0,
+        r#"wasmhive_instances_live{app="counter"}"#,
+        |live| live == 0.0,
         Duration::from_secs(10),
     )
     .await;
+    let (_, _, metrics) = get(admin, "/metrics").await;
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"wasmhive_requests_started_total{app="counter"}"#
+        ),
+        2.0
+    );
     server.finish().await;
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -187,3 +187,30 @@ fn certificates_that_cannot_serve_are_refused_at_start_up() {
     assert!(stderr.contains("--tls-key"), "{stderr}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test]
+async fn a_client_that_never_starts_its_handshake_is_closed_by_the_header_timeout() {
+    use tokio::io::AsyncReadExt as _;
+    let dir = scratch("silent");
+    let (cert, key, root) = certificate(&dir, "server", |_| {});
+    let server = Server::start(&[
+        guests::HELLO_P2.path,
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--header-timeout",
+        "1s",
+    ]);
+    let mut silent = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), silent.read(&mut buf))
+        .await
+        .expect("closed within 10 s");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // Others are served meanwhile and after.
+    let (version, _) = get_over_tls(&server, &root, b"h2", "/").await;
+    assert_eq!(version, http::Version::HTTP_2);
+    server.finish().await;
+    std::fs::remove_dir_all(dir).unwrap();
+}

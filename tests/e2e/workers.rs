@@ -89,7 +89,10 @@ async fn workers_share_the_port_are_restarted_and_drain_with_their_supervisor() 
             .all(|status| *status == 200)
     );
 
-    // A reload reaches every worker.
+    // A reload reaches every worker, by signal and by the admin endpoint.
+    server.signal("HUP");
+    let reloads = "wasmhive_reloads_total{outcome=\"ok\"}";
+    wait_for_metric(admin, reloads, 2.0, Duration::from_secs(30)).await;
     let (status, _, body) = try_call(admin, "POST", "/reload", Bytes::new())
         .await
         .unwrap();
@@ -97,6 +100,7 @@ async fn workers_share_the_port_are_restarted_and_drain_with_their_supervisor() 
         (status, body.unwrap()),
         (200, Bytes::from("reloaded 2 workers\n"))
     );
+    wait_for_metric(admin, reloads, 4.0, Duration::from_secs(30)).await;
     let output = server.finish().await;
     assert!(output.contains("every worker drained"), "{output}");
     assert_eq!(output.matches("Serving HTTP on").count(), 1, "{output}");

@@ -59,8 +59,9 @@ pub struct ServeArgs {
     /// Serve with this many single-threaded worker processes sharing the
     /// port (SO_REUSEPORT), under this one as supervisor: it restarts a
     /// worker that dies, passes signals on, and sums their metrics on
-    /// --admin-addr. --max-instances, --max-total-memory, --max-connections
-    /// and --queue-len are divided among the workers.
+    /// --admin-addr. --max-instances, --max-total-memory, --max-connections,
+    /// --queue-len, --prewarm and the per-client shares are divided among
+    /// the workers.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub workers: u32,
 
@@ -198,8 +199,8 @@ pub struct ServeArgs {
     #[arg(long = "allow-outbound", value_name = "HOST[:PORT]")]
     pub allow_outbound: Vec<wasmhive::OutboundAuthority>,
 
-    /// Address of the admin endpoint (`/metrics`, `/healthz`, `/readyz`);
-    /// off unless given.
+    /// Address of the admin endpoint (`/metrics`, `/healthz`, `/readyz`,
+    /// `POST /reload`); off unless given.
     #[arg(long, value_parser = parse_addr)]
     pub admin_addr: Option<SocketAddr>,
 

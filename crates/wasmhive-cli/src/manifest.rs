@@ -16,8 +16,10 @@
 //! Per-app settings (each defaults to its command-line flag):
 //! `max-instances`, `max-concurrent-per-instance`, `max-reuse`, `prewarm`,
 //! `max-memory`, `request-timeout`, `idle-timeout`; `env` and
-//! `allow-outbound` add to the flags'. Everything else (listeners, client
-//! shares, queue, memory budget, timeouts of connections) is the server's.
+//! `allow-outbound` add to the flags'. Each app has its own pool and queue
+//! (of `--queue-len`); listeners, client shares, the memory budget and
+//! connection timeouts are the server's. With `--workers`, per-app limits
+//! apply in each worker.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -178,7 +180,10 @@ impl Entry {
         let route = match self.route.as_deref() {
             None | Some("/") => "/".to_string(),
             Some(route) if route.starts_with('/') && !route.contains(['?', '#', ' ']) => {
-                route.trim_end_matches('/').to_string()
+                match route.trim_end_matches('/') {
+                    "" => "/".to_string(),
+                    route => route.to_string(),
+                }
             }
             Some(route) => bail!("app `{name}`: route `{route}` must be a path starting with `/`"),
         };

@@ -27,6 +27,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument as _;
@@ -56,12 +57,19 @@ const MAX_HEAD_SIZE: usize = 64 * 1024;
 /// Runs the server until it has drained after a signal.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     telemetry::init_logging(args.log_format);
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("cannot start the async runtime")?
-        .block_on(serve(args))
+        .context("cannot start the async runtime")?;
+    let served = runtime.block_on(serve(args));
+    // A reload still compiling on a blocking thread does not hold the exit.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    served
 }
+
+/// How long a reloaded app's trial instantiation may take (its start-up
+/// code runs, which may loop).
+const RELOAD_INSTANTIATE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// File descriptors the server needs besides its client connections: the
 /// admin endpoint's, listeners, the component file, the runtime's own.
@@ -116,10 +124,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    // Before the address line: a signal from then on is obeyed, not fatal.
+    let mut shutdown = Shutdown::new()?;
+    let hangups = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     telemetry::announce(&match tls {
         None => format!("Serving HTTP on http://{}/", listener.local_addr()?),
         Some(_) => format!("Serving HTTPS on https://{}/", listener.local_addr()?),
     });
+    // Whatever RUST_LOG says, and before any guest runs: a supervisor reads
+    // it (`--workers`).
+    if let Some(admin) = &admin_listener {
+        telemetry::announce(&format!(
+            "admin endpoint on http://{}/ (/metrics, /healthz, /readyz, POST /reload)",
+            admin.local_addr()?
+        ));
+    }
     for app in &loaded {
         tracing::info!(
             app = %app.spec.name,
@@ -144,23 +163,29 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             // instantiated: one that cannot is refused here, not met by
             // its first requests.
             for app in &loaded {
-                let instantiated = tokio::runtime::Handle::current()
-                    .block_on(HandlerState::instantiate(&app.app, 0));
-                if let Err(error) = instantiated {
-                    anyhow::bail!("app `{}` does not instantiate: {error:#}", app.spec.name);
+                let instantiated =
+                    tokio::runtime::Handle::current().block_on(tokio::time::timeout(
+                        RELOAD_INSTANTIATE_TIMEOUT,
+                        HandlerState::instantiate(&app.app, 0),
+                    ));
+                match instantiated {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(error)) => {
+                        anyhow::bail!("app `{}` does not instantiate: {error:#}", app.spec.name)
+                    }
+                    Err(_) => anyhow::bail!(
+                        "app `{}` did not instantiate within {RELOAD_INSTANTIATE_TIMEOUT:?}",
+                        app.spec.name
+                    ),
                 }
             }
             Ok(serve_apps(loaded, labelled))
         })
     });
-    tokio::spawn(reload_on_hangup(versions.clone()));
+    tokio::spawn(reload_on_hangup(versions.clone(), hangups));
 
     let draining = Arc::new(AtomicBool::new(false));
     if let (Some(admin_listener), Some(metrics)) = (admin_listener, metrics) {
-        tracing::info!(
-            "admin endpoint on http://{}/ (/metrics, /healthz, /readyz, POST /reload)",
-            admin_listener.local_addr()?
-        );
         let admin = Admin {
             versions: versions.clone(),
             metrics,
@@ -188,14 +213,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.queue_len,
     );
     let graceful = GracefulShutdown::new();
-    let mut signal = std::pin::pin!(shutdown_signal());
     let connections = Connections::new(&args, server, tls);
     accept(
         &listener,
         &connections,
         &clients,
         (args.max_connections, &graceful),
-        signal.as_mut(),
+        std::pin::pin!(shutdown.recv()),
     )
     .await;
 
@@ -208,8 +232,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         deadline = %humantime::format_duration(args.drain_timeout),
         "draining in-flight requests (signal again to exit at once)"
     );
-    tokio::spawn(async {
-        shutdown_signal().await;
+    tokio::spawn(async move {
+        shutdown.recv().await;
         eprintln!("second signal: exiting without draining");
         std::process::exit(130);
     });
@@ -549,22 +573,34 @@ impl Connections {
 
 /// Reloads the app on every SIGHUP; a version that fails to load is
 /// refused and the current one keeps serving.
-async fn reload_on_hangup(versions: Arc<Versions>) {
-    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .expect("SIGHUP handler");
+async fn reload_on_hangup(versions: Arc<Versions>, mut hangups: Signal) {
     while hangups.recv().await.is_some() {
         // A failure is logged by `reload`.
         let _ = versions.reload().await;
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
+/// SIGTERM and SIGINT, which drain the server (and, the second time, end
+/// it at once).
+struct Shutdown {
+    terminate: Signal,
+    interrupt: Signal,
+}
+
+impl Shutdown {
+    fn new() -> anyhow::Result<Shutdown> {
+        Ok(Shutdown {
+            terminate: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            interrupt: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+        })
+    }
+
+    /// Resolves on the next SIGTERM or SIGINT.
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
     }
 }
 

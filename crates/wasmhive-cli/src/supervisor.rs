@@ -30,7 +30,7 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use http_body_util::{BodyExt as _, Empty};
-use tokio::io::{AsyncBufReadExt as _, BufReader, Lines};
+use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::process::{ChildStderr, Command};
 use tokio::signal::unix::{SignalKind, signal};
@@ -71,20 +71,25 @@ async fn supervise(args: ServeArgs) -> anyhow::Result<()> {
         None => None,
     };
     let count = args.workers as usize;
-    let (exits_tx, mut exits) = mpsc::unbounded_channel();
+    let (events_tx, mut events) = mpsc::unbounded_channel();
     let workers = Arc::new(Workers {
         command: worker_command(&args, addr)?,
+        admin: args.admin_addr.is_some(),
         admins: Mutex::new(vec![None; count]),
         pids: Mutex::new(vec![None; count]),
         draining: AtomicBool::new(false),
         restarts: Mutex::default(),
         restarted: AtomicU64::new(0),
-        exits: exits_tx,
+        events: events_tx,
     });
+    // Before the address line: a signal from then on is handled, not fatal.
+    let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut hangup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let mut started = Vec::with_capacity(count);
     for index in 0..count {
         match workers.start(index).await {
-            Ok(lines) => started.push(lines),
+            Ok(output) => started.push(output),
             Err(failed) => {
                 workers.signal_all(rustix::process::Signal::KILL);
                 for line in &failed.output {
@@ -96,22 +101,23 @@ async fn supervise(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     // The address line first, as from one server; then the workers' lines.
-    telemetry::announce(&format!("Serving HTTP on http://{addr}/"));
-    for (index, lines) in started.into_iter().enumerate() {
-        tokio::spawn(workers.clone().forward(index, lines));
-    }
-    tracing::info!(workers = count, "supervising worker processes");
+    telemetry::announce(&match args.tls_cert {
+        None => format!("Serving HTTP on http://{addr}/"),
+        Some(_) => format!("Serving HTTPS on https://{addr}/"),
+    });
     if let Some(listener) = admin_listener {
-        tracing::info!(
+        telemetry::announce(&format!(
             "admin endpoint on http://{}/ (/metrics, /healthz, /readyz, POST /reload)",
             listener.local_addr()?
-        );
+        ));
         tokio::spawn(admin::serve(workers.clone(), listener));
     }
+    tracing::info!(workers = count, "supervising worker processes");
+    for output in started {
+        tokio::spawn(output.forward());
+    }
 
-    let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let mut hangup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    // `alive` counts the workers running or being restarted.
     let mut alive = count;
     let mut failure = None;
     loop {
@@ -119,14 +125,16 @@ async fn supervise(args: ServeArgs) -> anyhow::Result<()> {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
             _ = hangup.recv() => workers.signal_all(rustix::process::Signal::HUP),
-            Some((index, status)) = exits.recv() => {
-                alive -= 1;
-                match workers.restart(index, status).await {
-                    Ok(()) => alive += 1,
-                    Err(error) => {
-                        failure = Some(error);
-                        break;
-                    }
+            Some(event) = events.recv() => match event {
+                Event::Exited(index, status) => {
+                    workers.exited(index);
+                    tokio::spawn(workers.clone().restart(index, status));
+                }
+                Event::Restarted(Ok(())) => {}
+                Event::Restarted(Err(error)) => {
+                    alive -= 1;
+                    failure = Some(error);
+                    break;
                 }
             }
         }
@@ -141,13 +149,18 @@ async fn supervise(args: ServeArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = terminate.recv() => workers.signal_all(rustix::process::Signal::TERM),
             _ = interrupt.recv() => workers.signal_all(rustix::process::Signal::TERM),
-            Some((index, status)) = exits.recv() => {
-                alive -= 1;
-                workers.pids.lock().unwrap_or_else(|e| e.into_inner())[index] = None;
-                if !status.success() {
-                    tracing::warn!(worker = index, %status, "worker exited while draining");
-                    clean = false;
+            Some(event) = events.recv() => match event {
+                Event::Exited(index, status) => {
+                    alive -= 1;
+                    workers.exited(index);
+                    if !status.success() {
+                        tracing::warn!(worker = index, %status, "worker exited while draining");
+                        clean = false;
+                    }
                 }
+                // A restart that ended as the drain began drains too.
+                Event::Restarted(Ok(())) => workers.signal_all(rustix::process::Signal::TERM),
+                Event::Restarted(Err(_)) => alive -= 1,
             }
         }
     }
@@ -160,6 +173,15 @@ async fn supervise(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => anyhow::bail!("a worker did not drain cleanly"),
     }
+}
+
+/// How a worker announces its admin endpoint.
+const ADMIN_LINE: &str = "admin endpoint on http://";
+
+/// The address in a worker's admin line.
+fn admin_addr(line: &str) -> Option<SocketAddr> {
+    let rest = &line[line.find(ADMIN_LINE)? + ADMIN_LINE.len()..];
+    rest[..rest.find('/')?].parse().ok()
 }
 
 /// Binds `addr` with `SO_REUSEPORT` without listening: the port is this
@@ -228,8 +250,19 @@ struct Workers {
     restarts: Mutex<VecDeque<Instant>>,
     /// Restarts so far.
     restarted: AtomicU64,
-    /// Where a worker's exit is reported: its index and status.
-    exits: mpsc::UnboundedSender<(usize, ExitStatus)>,
+    /// Whether workers have admin endpoints (the supervisor has one).
+    admin: bool,
+    /// Where workers' exits and restarts are reported.
+    events: mpsc::UnboundedSender<Event>,
+}
+
+/// What the supervisor hears of its workers.
+enum Event {
+    /// Worker `index` exited with this status.
+    Exited(usize, ExitStatus),
+    /// A worker was restarted, or could not be (the budget is spent, or
+    /// the server drains).
+    Restarted(anyhow::Result<()>),
 }
 
 /// A worker that exited before it listened, with what it wrote.
@@ -238,13 +271,48 @@ struct StartFailed {
     output: Vec<String>,
 }
 
+/// A started worker's log, still to forward: the lines it wrote while
+/// starting, then the rest.
+struct Output {
+    early: Vec<String>,
+    stderr: BufReader<ChildStderr>,
+}
+
+impl Output {
+    /// Writes the worker's log lines as this process's own, until it ends.
+    async fn forward(mut self) {
+        for line in std::mem::take(&mut self.early) {
+            eprintln!("{line}");
+        }
+        while let Some(line) = next_line(&mut self.stderr).await {
+            eprintln!("{line}");
+        }
+    }
+}
+
+/// The next line of `stderr`, without its newline; invalid UTF-8 (a
+/// guest's output) is replaced, not an error. `None` at the end.
+async fn next_line(stderr: &mut BufReader<ChildStderr>) -> Option<String> {
+    let mut line = Vec::new();
+    match stderr.read_until(b'\n', &mut line).await {
+        Ok(0) | Err(_) => None,
+        Ok(_) => {
+            if line.last() == Some(&b'\n') {
+                line.pop();
+            }
+            Some(String::from_utf8_lossy(&line).into_owned())
+        }
+    }
+}
+
+/// How long a worker has to listen (and announce its admin endpoint).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
 impl Workers {
-    /// Starts worker `index` and waits until it listens; reports its exit
-    /// when it comes, and returns its log lines still to read.
-    async fn start(
-        self: &Arc<Self>,
-        index: usize,
-    ) -> Result<Lines<BufReader<ChildStderr>>, StartFailed> {
+    /// Starts worker `index` and waits until it listens (and has said
+    /// where its admin endpoint is); reports its exit when it comes, and
+    /// returns its log still to forward.
+    async fn start(&self, index: usize) -> Result<Output, StartFailed> {
         let mut command = Command::new(&self.command.program);
         command
             .args(&self.command.argv)
@@ -268,66 +336,73 @@ impl Workers {
         if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
             command.env("TOKIO_WORKER_THREADS", "1");
         }
-        let mut child = match command.spawn() {
-            Ok(child) => child,
-            Err(error) => {
-                return Err(StartFailed {
-                    status: std::os::unix::process::ExitStatusExt::from_raw(1 << 8),
-                    output: vec![format!("error: cannot start a worker: {error}")],
-                });
-            }
-        };
-        let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
+        let mut child = command.spawn().map_err(|error| StartFailed {
+            status: std::os::unix::process::ExitStatusExt::from_raw(1 << 8),
+            output: vec![format!("error: cannot start a worker: {error}")],
+        })?;
+        let mut stderr = BufReader::new(child.stderr.take().expect("piped"));
+        // The address line, then (the next announced line, written before
+        // any guest runs) the admin endpoint's.
         let mut early = Vec::new();
-        loop {
-            match lines.next_line().await {
-                Ok(Some(line)) if line.contains("Serving HTTP") => break,
-                Ok(Some(line)) => early.push(line),
-                Ok(None) | Err(_) => {
-                    let status = child.wait().await.unwrap_or_default();
-                    return Err(StartFailed {
-                        status,
-                        output: early,
-                    });
+        let mut admin = None;
+        let listening = async {
+            let mut serving = false;
+            while let Some(line) = next_line(&mut stderr).await {
+                if !serving && line.contains("Serving HTTP") {
+                    serving = true;
+                } else if serving && line.contains(ADMIN_LINE) {
+                    admin = admin_addr(&line);
+                } else {
+                    early.push(line);
+                }
+                if serving && (admin.is_some() || !self.admin) {
+                    return true;
                 }
             }
+            false
+        };
+        let listening = tokio::time::timeout(START_TIMEOUT, listening).await;
+        if listening != Ok(true) {
+            if listening.is_err() {
+                early.push(format!(
+                    "error: the worker did not start within {START_TIMEOUT:?}"
+                ));
+                let _ = child.start_kill();
+            }
+            let status = child.wait().await.unwrap_or_default();
+            return Err(StartFailed {
+                status,
+                output: early,
+            });
         }
-        for line in early {
-            eprintln!("{line}");
-        }
+        self.admins.lock().unwrap_or_else(|e| e.into_inner())[index] = admin;
         self.pids.lock().unwrap_or_else(|e| e.into_inner())[index] = child.id();
-        let exits = self.exits.clone();
+        let events = self.events.clone();
         tokio::spawn(async move {
             let status = child.wait().await.unwrap_or_default();
-            let _ = exits.send((index, status));
+            let _ = events.send(Event::Exited(index, status));
         });
-        Ok(lines)
+        Ok(Output { early, stderr })
     }
 
-    /// Writes worker `index`'s log lines as this process's own, keeping
-    /// its admin address for the supervisor's endpoint instead.
-    async fn forward(self: Arc<Self>, index: usize, mut lines: Lines<BufReader<ChildStderr>>) {
-        const ADMIN: &str = "admin endpoint on http://";
-        while let Ok(Some(line)) = lines.next_line().await {
-            let admin = line.find(ADMIN).and_then(|at| {
-                let rest = &line[at + ADMIN.len()..];
-                rest[..rest.find('/')?].parse::<SocketAddr>().ok()
-            });
-            match admin {
-                Some(admin) => {
-                    self.admins.lock().unwrap_or_else(|e| e.into_inner())[index] = Some(admin)
-                }
-                None => eprintln!("{line}"),
-            }
-        }
+    /// Forgets worker `index`, which has exited.
+    fn exited(&self, index: usize) {
+        self.pids.lock().unwrap_or_else(|e| e.into_inner())[index] = None;
+        self.admins.lock().unwrap_or_else(|e| e.into_inner())[index] = None;
     }
 
     /// Restarts worker `index`, which exited with `status`, unless the
-    /// restart budget is spent.
-    async fn restart(self: &Arc<Self>, index: usize, mut status: ExitStatus) -> anyhow::Result<()> {
-        self.pids.lock().unwrap_or_else(|e| e.into_inner())[index] = None;
-        self.admins.lock().unwrap_or_else(|e| e.into_inner())[index] = None;
+    /// restart budget is spent or the server drains; reports how it went.
+    async fn restart(self: Arc<Self>, index: usize, status: ExitStatus) {
+        let restarted = self.try_restart(index, status).await;
+        let _ = self.events.send(Event::Restarted(restarted));
+    }
+
+    async fn try_restart(&self, index: usize, mut status: ExitStatus) -> anyhow::Result<()> {
         loop {
+            if self.draining.load(Ordering::Relaxed) {
+                anyhow::bail!("draining");
+            }
             let recent = {
                 let mut restarts = self.restarts.lock().unwrap_or_else(|e| e.into_inner());
                 let now = Instant::now();
@@ -335,19 +410,19 @@ impl Workers {
                 restarts.push_back(now);
                 restarts.len()
             };
-            self.restarted.fetch_add(1, Ordering::Relaxed);
             if recent > MAX_RESTARTS {
                 tracing::error!(worker = index, %status, "worker exited; giving up after {MAX_RESTARTS} restarts within {RESTART_WINDOW:?}");
                 anyhow::bail!(
                     "worker {index} exited with {status}, {MAX_RESTARTS} restarts within {RESTART_WINDOW:?}"
                 );
             }
+            self.restarted.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(worker = index, %status, "worker exited; restarting it");
             // Backs off as restarts pile up: 0, 100, 200, ... ms.
             tokio::time::sleep(Duration::from_millis(100) * (recent as u32 - 1)).await;
             match self.start(index).await {
-                Ok(lines) => {
-                    tokio::spawn(self.clone().forward(index, lines));
+                Ok(output) => {
+                    tokio::spawn(output.forward());
                     return Ok(());
                 }
                 Err(failed) => {
