@@ -150,20 +150,30 @@ fn help_and_readme_list_the_same_flags() {
 async fn compiled_components_load_without_compiling() {
     let dir = std::env::temp_dir().join(format!("wasmhive-compile-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let cwasm = dir.join("hello.cwasm");
+    let (cwasm, cache) = (dir.join("hello.cwasm"), dir.join("cache"));
     let (code, stderr) = run(&[
         "compile",
         guests::HELLO_P3.path,
         "-o",
         cwasm.to_str().unwrap(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
     ]);
     assert_eq!(code, Some(0), "{stderr}");
+    // What an instance takes is noted for `serve`, which need not measure.
+    let notes = std::fs::read_dir(cache.join("wasmhive-footprints")).unwrap();
+    assert_eq!(notes.count(), 1);
     // Native code is not loaded without the opt-in.
     fails_with(
         &["serve", "--addr", ":0", cwasm.to_str().unwrap()],
         "load it only with --allow-precompiled",
     );
-    let server = Server::start(&[cwasm.to_str().unwrap(), "--allow-precompiled"]);
+    let server = Server::start(&[
+        cwasm.to_str().unwrap(),
+        "--allow-precompiled",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ]);
     assert_eq!(get(server.addr, "/").await.2, "Hello, wasmhive!\n");
     server.finish().await;
 

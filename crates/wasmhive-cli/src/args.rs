@@ -247,11 +247,7 @@ impl ServeArgs {
         if self.no_cache {
             return None;
         }
-        // The platform's cache directory: $XDG_CACHE_HOME or ~/.cache on
-        // Linux.
-        self.cache_dir
-            .clone()
-            .or_else(|| dirs::cache_dir().map(|base| base.join("wasmhive")))
+        self.cache_dir.clone().or_else(default_cache_dir)
     }
 }
 
@@ -264,6 +260,26 @@ pub struct CompileArgs {
     /// `.cwasm` extension].
     #[arg(short, long)]
     pub output: Option<PathBuf>,
+
+    /// The compilation cache directory `serve` will use: what an instance
+    /// of the component takes is noted there, so that `serve` loads the
+    /// output once [default: $XDG_CACHE_HOME/wasmhive or
+    /// $HOME/.cache/wasmhive].
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl CompileArgs {
+    /// Where to note the component's footprint.
+    pub fn cache_dir(&self) -> Option<PathBuf> {
+        self.cache_dir.clone().or_else(default_cache_dir)
+    }
+}
+
+/// The platform's cache directory for wasmhive: $XDG_CACHE_HOME or
+/// ~/.cache on Linux.
+fn default_cache_dir() -> Option<PathBuf> {
+    dirs::cache_dir().map(|base| base.join("wasmhive"))
 }
 
 /// How log lines are written.

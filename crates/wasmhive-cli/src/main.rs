@@ -97,8 +97,12 @@ fn compile(args: CompileArgs) -> anyhow::Result<()> {
         .map_err(UsageError)?;
     let output = args
         .output
+        .clone()
         .unwrap_or_else(|| args.component.with_extension("cwasm"));
     std::fs::write(&output, compiled).with_context(|| format!("writing {}", output.display()))?;
+    if let Some(cache_dir) = args.cache_dir() {
+        wasmhive::Runtime::remember_precompiled(&cache_dir, &wasm, &output);
+    }
     eprintln!(
         "Compiled {} to {}",
         args.component.display(),

@@ -448,6 +448,17 @@ impl Runtime {
             .precompile_component(wasm)
             .map_err(|e| LoadError::Invalid(format!("{e:#}")))
     }
+
+    /// Notes in `cache_dir` what an instance of `wasm` takes, for the file
+    /// `cwasm` just written from [`Self::precompile`]: a runtime that loads
+    /// `cwasm` with that cache directory ([`RuntimeConfig::cache_dir`]) then
+    /// loads it once, instead of loading a copy first to measure it. A hint:
+    /// if it cannot be stored, or `cwasm` changes, loading measures.
+    pub fn remember_precompiled(cache_dir: &Path, wasm: &[u8], cwasm: &Path) {
+        if let Some(measured) = Measured::from_binary(wasm) {
+            measured.remember(cache_dir, cwasm);
+        }
+    }
 }
 
 /// Where a component comes from.
