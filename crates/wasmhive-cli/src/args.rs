@@ -59,9 +59,9 @@ pub struct ServeArgs {
     /// Serve with this many single-threaded worker processes sharing the
     /// port (SO_REUSEPORT), under this one as supervisor: it restarts a
     /// worker that dies, passes signals on, and sums their metrics on
-    /// --admin-addr. --max-instances, --max-total-memory, --max-connections,
-    /// --queue-len, --prewarm and the per-client shares are divided among
-    /// the workers.
+    /// --admin-addr. The global limits (instances, total memory,
+    /// connections, queue length, prewarmed instances, per-client shares)
+    /// are divided among the workers.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub workers: u32,
 
