@@ -17,6 +17,9 @@ async fn trap_panic_and_oom_fail_with_trap_errors_and_serving_continues() {
                 );
             };
             assert!(!trap.reason().is_empty());
+            // One prefix, not wasmtime's and ours stacked.
+            let message = format!("{trap:#}");
+            assert!(message.matches("wasm trap").count() <= 1, "{message}");
             let ok = handler.handle(2, get("/")).await.expect("still serving");
             assert_eq!(read_body(ok).await, "ok\n", "{} after {path}", guest.name);
         }
