@@ -202,7 +202,13 @@ fn reserve(addr: SocketAddr) -> std::io::Result<TcpSocket> {
 fn worker_command(args: &ServeArgs, addr: SocketAddr) -> anyhow::Result<WorkerCommand> {
     let n = args.workers;
     let share = |total: u32| total.div_ceil(n).to_string();
-    let mut argv: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let given: Vec<OsString> = std::env::args_os().skip(1).collect();
+    // What follows a `--` is positional: the changed flags go before it.
+    let split = given
+        .iter()
+        .position(|arg| arg == "--")
+        .unwrap_or(given.len());
+    let (mut argv, positional) = (given[..split].to_vec(), given[split..].to_vec());
     let mut set = |flag: &str, value: String| argv.extend([flag.into(), value.into()]);
     set("--workers", "1".into());
     set("--addr", addr.to_string());
@@ -227,6 +233,7 @@ fn worker_command(args: &ServeArgs, addr: SocketAddr) -> anyhow::Result<WorkerCo
         set("--admin-addr", "127.0.0.1:0".into());
     }
     argv.push("--reuse-port".into());
+    argv.extend(positional);
     Ok(WorkerCommand {
         program: std::env::current_exe().context("cannot find this program's path")?,
         argv,
