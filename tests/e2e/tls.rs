@@ -214,3 +214,59 @@ async fn a_client_that_never_starts_its_handshake_is_closed_by_the_header_timeou
     server.finish().await;
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Whether a TLS handshake with `server` succeeds for a client that trusts
+/// only `root`.
+async fn trusted(server: &Server, root: &CertificateDer<'static>) -> bool {
+    let mut roots = RootCertStore::empty();
+    roots.add(root.clone()).unwrap();
+    let config = ClientConfig::builder_with_provider(Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let name = ServerName::IpAddress(server.addr.ip().into());
+    TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .is_ok()
+}
+
+#[tokio::test]
+async fn a_reload_takes_a_renewed_certificate_and_refuses_a_broken_one() {
+    let dir = scratch("renew");
+    let (cert, key, old_root) = certificate(&dir, "server", |_| {});
+    let server = Server::start(&[
+        guests::HELLO_P2.path,
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--admin-addr",
+        "127.0.0.1:0",
+    ]);
+    let admin = server.admin_addr().await;
+    assert!(trusted(&server, &old_root).await);
+    // Renewed in place (another key, another certificate), then reloaded.
+    let (renewed, renewed_key, new_root) = certificate(&dir, "renewed", |_| {});
+    std::fs::rename(renewed, &cert).unwrap();
+    std::fs::rename(renewed_key, &key).unwrap();
+    let reload = || crate::try_call(admin, "POST", "/reload", Bytes::new());
+    assert_eq!(reload().await.unwrap().0, 200);
+    assert!(trusted(&server, &new_root).await, "the renewed certificate");
+    assert!(!trusted(&server, &old_root).await, "not the old one");
+    // A broken pair is refused; the current certificate stays.
+    std::fs::write(&key, "not a key\n").unwrap();
+    let (status, _, body) = reload().await.unwrap();
+    assert_eq!(status, 500);
+    let body = String::from_utf8_lossy(&body.unwrap()).into_owned();
+    assert!(body.contains("cannot read a private key"), "{body}");
+    assert!(trusted(&server, &new_root).await);
+    let (version, _) = get_over_tls(&server, &new_root, b"http/1.1", "/").await;
+    assert_eq!(version, http::Version::HTTP_11);
+    server.finish().await;
+    std::fs::remove_dir_all(dir).unwrap();
+}

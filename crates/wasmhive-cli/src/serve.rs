@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::uri::Scheme;
 use http::{HeaderValue, StatusCode, header};
@@ -94,9 +95,9 @@ fn check_fd_limit(max_connections: u32) -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     check_fd_limit(args.max_connections).map_err(UsageError)?;
-    let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key).map_err(UsageError)?),
-        _ => None,
+    let tls = match tls_acceptor(&args).map_err(UsageError)? {
+        Some(acceptor) => Some(Arc::new(ArcSwap::from_pointee(acceptor))),
+        None => None,
     };
     let source = Source::of(&args);
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
@@ -157,8 +158,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let labelled = matches!(source, Source::Manifest(_));
     let versions = Versions::new(serve_apps(loaded, labelled), {
         let args = args.clone();
+        let tls = tls.clone();
         Arc::new(move || {
             let loaded = load_apps(&args, &source, &budget, workers)?;
+            // The certificate and key are read again too (a renewal).
+            let acceptor = tls_acceptor(&args)?;
             // A new version takes requests only once each of its apps has
             // instantiated: one that cannot is refused here, not met by
             // its first requests.
@@ -178,6 +182,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                         app.spec.name
                     ),
                 }
+            }
+            if let (Some(tls), Some(acceptor)) = (&tls, acceptor) {
+                tls.store(Arc::new(acceptor));
             }
             Ok(serve_apps(loaded, labelled))
         })
@@ -249,6 +256,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ),
     }
     Ok(())
+}
+
+/// The TLS acceptor of `--tls-cert` and `--tls-key`, if given.
+fn tls_acceptor(args: &ServeArgs) -> anyhow::Result<Option<TlsAcceptor>> {
+    match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => crate::tls::acceptor(cert, key).map(Some),
+        _ => Ok(None),
+    }
 }
 
 /// An app loaded, not serving yet, and how loading it went (logged once
@@ -458,7 +473,8 @@ async fn accept(
 struct Connections {
     builder: auto::Builder<TokioExecutor>,
     server: Arc<Server>,
-    tls: Option<TlsAcceptor>,
+    /// The acceptor for new connections; a reload may replace it.
+    tls: Option<Arc<ArcSwap<TlsAcceptor>>>,
     open: metrics::Gauge,
     /// `--header-timeout`: how long a connection may be idle, and how long
     /// a TLS handshake may take.
@@ -468,7 +484,11 @@ struct Connections {
 }
 
 impl Connections {
-    fn new(args: &ServeArgs, server: Arc<Server>, tls: Option<TlsAcceptor>) -> Connections {
+    fn new(
+        args: &ServeArgs,
+        server: Arc<Server>,
+        tls: Option<Arc<ArcSwap<TlsAcceptor>>>,
+    ) -> Connections {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -499,16 +519,19 @@ impl Connections {
         self.open.increment(1.0);
         match &self.tls {
             None => self.serve_http(TokioIo::new(stream), client, watcher).await,
-            Some(tls) => match tokio::time::timeout(self.idle_timeout, tls.accept(stream)).await {
-                Ok(Ok(stream)) => self.serve_http(TokioIo::new(stream), client, watcher).await,
-                Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
-                Err(_) => {
-                    metrics::counter!("wasmhive_connections_timed_out_total").increment(1);
-                    tracing::debug!(
-                        "connection closed: no TLS handshake within the header timeout"
-                    );
+            Some(tls) => {
+                match tokio::time::timeout(self.idle_timeout, tls.load_full().accept(stream)).await
+                {
+                    Ok(Ok(stream)) => self.serve_http(TokioIo::new(stream), client, watcher).await,
+                    Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
+                    Err(_) => {
+                        metrics::counter!("wasmhive_connections_timed_out_total").increment(1);
+                        tracing::debug!(
+                            "connection closed: no TLS handshake within the header timeout"
+                        );
+                    }
                 }
-            },
+            }
         }
         self.open.decrement(1.0);
     }

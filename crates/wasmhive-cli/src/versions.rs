@@ -4,8 +4,9 @@
 //! A reload reads the manifest (or the component of the command line)
 //! again, loads every app (the compilation cache makes an unchanged
 //! component cheap) and instantiates each once, then puts each into a new
-//! handler with a pool of its own, and swaps them in together: requests that arrive from then on go to the new
-//! version.
+//! handler with a pool of its own, and swaps them in together: requests
+//! that arrive from then on go to the new version. (`serve`'s loader also
+//! reads the TLS certificate and key again and swaps them in.)
 //! The old version stops taking requests; once every request that reached
 //! it has its response head it is shut down, and it is dropped when its
 //! last instance has ended (bodies still streaming finish first). A
