@@ -95,10 +95,9 @@ fn check_fd_limit(max_connections: u32) -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     check_fd_limit(args.max_connections).map_err(UsageError)?;
-    let tls = match tls_acceptor(&args).map_err(UsageError)? {
-        Some(acceptor) => Some(Arc::new(ArcSwap::from_pointee(acceptor))),
-        None => None,
-    };
+    let tls = tls_acceptor(&args)
+        .map_err(UsageError)?
+        .map(|acceptor| Arc::new(ArcSwap::from_pointee(acceptor)));
     let source = Source::of(&args);
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
     let budget = MemoryBudget::new(usize::try_from(args.max_total_memory()).unwrap_or(usize::MAX));
