@@ -58,13 +58,12 @@ impl App {
         let pre = linker
             .instantiate_pre(component)
             .map_err(|e| LoadError::UnsupportedImport(format!("{e:#}")))?;
-        let pre = match ServicePre::new(pre.clone()) {
-            Ok(pre) => Pre::P3(pre),
-            Err(_) => Pre::P2(ProxyPre::new(pre).map_err(|_| LoadError::NoHandler)?),
-        };
-        let world = match pre {
-            Pre::P2(_) => World::P2,
-            Pre::P3(_) => World::P3,
+        // The same rule as the runtime's sizing: p3 if it exports the p3
+        // handler, else p2; either must then type-check.
+        let world = World::exported_by(component, runtime.engine());
+        let pre = match world {
+            World::P3 => Pre::P3(ServicePre::new(pre).map_err(|_| LoadError::NoHandler)?),
+            World::P2 => Pre::P2(ProxyPre::new(pre).map_err(|_| LoadError::NoHandler)?),
         };
         Ok(App {
             runtime: runtime.clone(),
