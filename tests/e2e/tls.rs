@@ -43,14 +43,8 @@ fn certificate(
     (cert_path, key_path, cert.der().clone())
 }
 
-/// One `GET path` over TLS to `server`, trusting `root` and offering only
-/// `alpn`: the response's HTTP version and its echo headers.
-async fn get_over_tls(
-    server: &Server,
-    root: &CertificateDer<'static>,
-    alpn: &[u8],
-    path: &str,
-) -> (http::Version, http::HeaderMap) {
+/// A TLS client that trusts only `root` and offers `alpn`, if any.
+fn connector(root: &CertificateDer<'static>, alpn: Option<&[u8]>) -> TlsConnector {
     let mut roots = RootCertStore::empty();
     roots.add(root.clone()).unwrap();
     let mut config = ClientConfig::builder_with_provider(Arc::new(
@@ -60,10 +54,21 @@ async fn get_over_tls(
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
-    config.alpn_protocols = vec![alpn.to_vec()];
+    config.alpn_protocols = alpn.into_iter().map(<[u8]>::to_vec).collect();
+    TlsConnector::from(Arc::new(config))
+}
+
+/// One `GET path` over TLS to `server`, trusting `root` and offering only
+/// `alpn`: the response's HTTP version and its echo headers.
+async fn get_over_tls(
+    server: &Server,
+    root: &CertificateDer<'static>,
+    alpn: &[u8],
+    path: &str,
+) -> (http::Version, http::HeaderMap) {
     let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     let name = ServerName::IpAddress(server.addr.ip().into());
-    let tls = TlsConnector::from(Arc::new(config))
+    let tls = connector(root, Some(alpn))
         .connect(name, tcp)
         .await
         .expect("TLS handshake");
@@ -218,21 +223,9 @@ async fn a_client_that_never_starts_its_handshake_is_closed_by_the_header_timeou
 /// Whether a TLS handshake with `server` succeeds for a client that trusts
 /// only `root`.
 async fn trusted(server: &Server, root: &CertificateDer<'static>) -> bool {
-    let mut roots = RootCertStore::empty();
-    roots.add(root.clone()).unwrap();
-    let config = ClientConfig::builder_with_provider(Arc::new(
-        tokio_rustls::rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
     let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     let name = ServerName::IpAddress(server.addr.ip().into());
-    TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .is_ok()
+    connector(root, None).connect(name, tcp).await.is_ok()
 }
 
 #[tokio::test]

@@ -116,28 +116,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let listener = listen(args.addr, args.reuse_port)
         .with_context(|| format!("cannot listen on {}", args.addr))?;
-    let admin_listener = match args.admin_addr {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr} (--admin-addr)"))?,
-        ),
-        None => None,
-    };
+    let admin_listener = crate::admin::bind(args.admin_addr).await?;
     // Before the address line: a signal from then on is obeyed, not fatal.
     let mut shutdown = Shutdown::new()?;
     let hangups = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
-    telemetry::announce(&match tls {
-        None => format!("Serving HTTP on http://{}/", listener.local_addr()?),
-        Some(_) => format!("Serving HTTPS on https://{}/", listener.local_addr()?),
-    });
+    telemetry::announce_address(listener.local_addr()?, tls.is_some());
     // Whatever RUST_LOG says, and before any guest runs: a supervisor reads
     // it (`--workers`).
     if let Some(admin) = &admin_listener {
-        telemetry::announce(&format!(
-            "admin endpoint on http://{}/ (/metrics, /healthz, /readyz, POST /reload)",
-            admin.local_addr()?
-        ));
+        crate::admin::announce(admin)?;
     }
     for app in &loaded {
         tracing::info!(
@@ -285,9 +272,10 @@ fn load_apps(
     budget: &MemoryBudget,
     workers: usize,
 ) -> anyhow::Result<Vec<Loaded>> {
-    let specs = source.read(args)?;
-    let named = specs.len() > 1 || matches!(source, Source::Manifest(_));
-    specs
+    // A manifest's apps are named in errors; the command line's is not.
+    let named = matches!(source, Source::Manifest(_));
+    source
+        .read(args)?
         .into_iter()
         .map(|spec| {
             let name = spec.name.clone();
@@ -409,6 +397,12 @@ fn serve_apps(loaded: Vec<Loaded>, labelled: bool) -> Router<Served> {
 /// Listens on `addr`, sharing its port with other processes that do so too
 /// if `reuse_port`.
 fn listen(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    bind(addr, reuse_port)?.listen(LISTEN_BACKLOG)
+}
+
+/// A socket bound to `addr`, not listening yet; with `reuse_port`, other
+/// sockets that set it too may bind the same port.
+pub fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpSocket> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
@@ -418,7 +412,7 @@ fn listen(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.set_reuseport(reuse_port)?;
     socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
+    Ok(socket)
 }
 
 /// Connections the kernel holds ready for `accept`.

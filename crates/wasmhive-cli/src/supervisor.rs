@@ -31,12 +31,11 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use http_body_util::{BodyExt as _, Empty};
 use tokio::io::{AsyncBufReadExt as _, BufReader};
-use tokio::net::{TcpListener, TcpSocket};
 use tokio::process::{ChildStderr, Command};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
-use crate::admin::{self, Answer};
+use crate::admin::{self, Reports};
 use crate::args::ServeArgs;
 use crate::{ExitWith, telemetry};
 
@@ -60,16 +59,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn supervise(args: ServeArgs) -> anyhow::Result<()> {
-    let reserved = reserve(args.addr).with_context(|| format!("cannot listen on {}", args.addr))?;
+    // Bound, not listening: the port is this process's to share, and no
+    // connection is queued to it.
+    let reserved = crate::serve::bind(args.addr, true)
+        .with_context(|| format!("cannot listen on {}", args.addr))?;
     let addr = reserved.local_addr()?;
-    let admin_listener = match args.admin_addr {
-        Some(admin) => Some(
-            TcpListener::bind(admin)
-                .await
-                .with_context(|| format!("cannot listen on {admin} (--admin-addr)"))?,
-        ),
-        None => None,
-    };
+    let admin_listener = admin::bind(args.admin_addr).await?;
     let count = args.workers as usize;
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let workers = Arc::new(Workers {
@@ -101,15 +96,9 @@ async fn supervise(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     // The address line first, as from one server; then the workers' lines.
-    telemetry::announce(&match args.tls_cert {
-        None => format!("Serving HTTP on http://{addr}/"),
-        Some(_) => format!("Serving HTTPS on https://{addr}/"),
-    });
+    telemetry::announce_address(addr, args.tls_cert.is_some());
     if let Some(listener) = admin_listener {
-        telemetry::announce(&format!(
-            "admin endpoint on http://{}/ (/metrics, /healthz, /readyz, POST /reload)",
-            listener.local_addr()?
-        ));
+        admin::announce(&listener)?;
         tokio::spawn(admin::serve(workers.clone(), listener));
     }
     tracing::info!(workers = count, "supervising worker processes");
@@ -175,26 +164,10 @@ async fn supervise(args: ServeArgs) -> anyhow::Result<()> {
     }
 }
 
-/// How a worker announces its admin endpoint.
-const ADMIN_LINE: &str = "admin endpoint on http://";
-
 /// The address in a worker's admin line.
 fn admin_addr(line: &str) -> Option<SocketAddr> {
-    let rest = &line[line.find(ADMIN_LINE)? + ADMIN_LINE.len()..];
+    let rest = &line[line.find(admin::ANNOUNCED)? + admin::ANNOUNCED.len()..];
     rest[..rest.find('/')?].parse().ok()
-}
-
-/// Binds `addr` with `SO_REUSEPORT` without listening: the port is this
-/// process's to share, and no connection is queued to it.
-fn reserve(addr: SocketAddr) -> std::io::Result<TcpSocket> {
-    let socket = match addr {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
-    socket.bind(addr)?;
-    Ok(socket)
 }
 
 /// A worker's command line: the supervisor's own, with the flags it
@@ -355,9 +328,9 @@ impl Workers {
         let listening = async {
             let mut serving = false;
             while let Some(line) = next_line(&mut stderr).await {
-                if !serving && line.contains("Serving HTTP") {
+                if !serving && line.contains(telemetry::SERVING) {
                     serving = true;
-                } else if serving && line.contains(ADMIN_LINE) {
+                } else if serving && line.contains(admin::ANNOUNCED) {
                     admin = admin_addr(&line);
                 } else {
                     early.push(line);
@@ -505,60 +478,47 @@ impl Workers {
     }
 }
 
-impl Answer for Workers {
-    async fn answer(&self, method: &Method, path: &str) -> admin::Response {
-        match (path, method) {
-            ("/reload", &Method::POST) => {
-                let answers = self.ask_all(method, path).await;
-                let failed = answers.iter().find_map(|answer| match answer {
-                    Ok((StatusCode::OK, _)) => None,
-                    Ok((_, body)) => Some(body.clone()),
-                    Err(error) => Some(format!("{error}\n")),
-                });
-                match failed {
-                    None => admin::text(
-                        StatusCode::OK,
-                        format!("reloaded {} workers\n", answers.len()),
-                    ),
-                    Some(why) => admin::text(StatusCode::INTERNAL_SERVER_ERROR, why),
-                }
-            }
-            ("/reload", _) => admin::text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n".into()),
-            (_, &Method::GET | &Method::HEAD) => match path {
-                "/metrics" => {
-                    let texts: Vec<String> = self
-                        .ask_all(method, path)
-                        .await
-                        .into_iter()
-                        .filter_map(|answer| answer.ok().map(|(_, body)| body))
-                        .collect();
-                    let live = self
-                        .pids
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .iter()
-                        .flatten()
-                        .count();
-                    let restarts = self.restarted.load(Ordering::Relaxed);
-                    let own = format!(
-                        "# HELP wasmhive_workers Worker processes running.\n\
-                         # TYPE wasmhive_workers gauge\nwasmhive_workers {live}\n\
-                         # HELP wasmhive_worker_restarts_total Workers restarted after exiting on their own.\n\
-                         # TYPE wasmhive_worker_restarts_total counter\nwasmhive_worker_restarts_total {restarts}\n"
-                    );
-                    admin::prometheus(own + &sum_metrics(&texts))
-                }
-                "/healthz" => admin::text(StatusCode::OK, "ok\n".into()),
-                "/readyz" if self.draining.load(Ordering::Relaxed) => {
-                    admin::text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into())
-                }
-                "/readyz" => admin::text(StatusCode::OK, "ready\n".into()),
-                _ => admin::text(
-                    StatusCode::NOT_FOUND,
-                    "try /metrics, /healthz, /readyz or POST /reload\n".into(),
-                ),
-            },
-            _ => admin::text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into()),
+impl Reports for Workers {
+    fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// The workers' metrics summed, after the supervisor's own.
+    async fn metrics(&self) -> String {
+        let texts: Vec<String> = self
+            .ask_all(&Method::GET, "/metrics")
+            .await
+            .into_iter()
+            .filter_map(|answer| answer.ok().map(|(_, body)| body))
+            .collect();
+        let live = self
+            .pids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .flatten()
+            .count();
+        let restarts = self.restarted.load(Ordering::Relaxed);
+        let own = format!(
+            "# HELP wasmhive_workers Worker processes running.\n\
+             # TYPE wasmhive_workers gauge\nwasmhive_workers {live}\n\
+             # HELP wasmhive_worker_restarts_total Workers restarted after exiting on their own.\n\
+             # TYPE wasmhive_worker_restarts_total counter\nwasmhive_worker_restarts_total {restarts}\n"
+        );
+        own + &sum_metrics(&texts)
+    }
+
+    /// Every worker reloads; the first refusal is the answer.
+    async fn reload(&self) -> Result<String, String> {
+        let answers = self.ask_all(&Method::POST, "/reload").await;
+        let failed = answers.iter().find_map(|answer| match answer {
+            Ok((StatusCode::OK, _)) => None,
+            Ok((_, body)) => Some(body.clone()),
+            Err(error) => Some(format!("{error}\n")),
+        });
+        match failed {
+            None => Ok(format!("reloaded {} workers\n", answers.len())),
+            Some(why) => Err(why),
         }
     }
 }

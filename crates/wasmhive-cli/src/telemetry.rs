@@ -22,6 +22,18 @@ pub fn announce(line: &str) {
     write_line("INFO", line, line);
 }
 
+/// How the address line starts (`Serving HTTP on http://` or `Serving
+/// HTTPS on https://`); tests and a supervisor look for it.
+pub const SERVING: &str = "Serving HTTP";
+
+/// Writes the address line: the first a server writes, once it listens.
+pub fn announce_address(addr: std::net::SocketAddr, tls: bool) {
+    announce(&match tls {
+        false => format!("{SERVING} on http://{addr}/"),
+        true => format!("{SERVING}S on https://{addr}/"),
+    });
+}
+
 /// Writes the error a command ends with, as [`announce`] does.
 pub fn announce_error(error: &anyhow::Error) {
     let message = format!("{error:#}");
