@@ -41,7 +41,9 @@
 //!    overloaded (a standing, growing queue: CoDel) it is served newest first
 //!    and shed with [`Overloaded`] as soon as it could not start within
 //!    `queue_target` (enough newer requests wait ahead of it), or once it
-//!    has waited that long.
+//!    has waited that long. Now and then an overload is probed (nothing
+//!    shed for two intervals), so that clients resending as soon as they
+//!    are shed are not taken for an endless overload.
 //!    Dropping the `handle` future also takes it out of the queue: it never
 //!    reaches a guest.
 //! 3. The worker starts the request as a guest task in its store

@@ -33,6 +33,10 @@
 //! within the target, and sheds the older ones at once, so admitted
 //! requests stay fast and the surplus gets its `503` within a few
 //! milliseconds, until requests no longer join faster than they leave.
+//! Clients that send again as soon as they are shed also join faster than
+//! they leave, so an overload is probed now and then: for two intervals
+//! nothing is shed, and if the queue no longer grows fast (a fixed set of
+//! clients, taking turns once they are all queued) the overload ends.
 //! Otherwise it is FIFO, and a burst may wait up to
 //! [`PoolLimits::max_queue_wait`]. The growth condition is what tells
 //! overload (requests arrive faster than they are served) from many clients
@@ -504,7 +508,7 @@ impl<J: Sheddable> State<J> {
             job,
             since: now,
         });
-        if !self.codel.overloaded {
+        if !self.codel.shedding() {
             return Admission::Queued(ticket, limits.max_queue_wait);
         }
         // Newest first: with `depth` newer jobs ahead of it, the oldest
@@ -554,7 +558,7 @@ impl<J: Sheddable> State<J> {
     /// target while overloaded, the longest queue wait otherwise (its caller
     /// times out by then anyway, unless a worker handed it back).
     fn shed_stale(&mut self, now: Instant, max_wait: Duration) {
-        let max_wait = if self.codel.overloaded {
+        let max_wait = if self.codel.shedding() {
             self.codel.target
         } else {
             max_wait
@@ -581,6 +585,18 @@ impl<J: Sheddable> State<J> {
 /// queue to count as growing.
 const GROWTH_MARGIN: u32 = 16;
 
+/// Intervals of overload before the first probe; the gap grows fourfold
+/// after each probe that finds the overload still there, up to
+/// [`PROBE_MAX_INTERVALS`]: clients still ramping up (connections the
+/// server has yet to accept) can make a probe find growth, so the early
+/// probes come soon after another, and a lasting overload, which each
+/// probe costs a few late `503`s, is probed rarely.
+const PROBE_FIRST_INTERVALS: u32 = 2;
+
+/// The longest gap between probes, in intervals (10 s at the default
+/// interval).
+const PROBE_MAX_INTERVALS: u32 = 400;
+
 /// The overload detector of a CoDel queue. As in CoDel, an interval starts
 /// when the sampled wait first rises above the target, and any sample at
 /// or below it ends the interval: a burst drains before then, a standing
@@ -591,6 +607,20 @@ const GROWTH_MARGIN: u32 = 16;
 /// interval; clients taking turns keep the two about equal.) It stays so
 /// while jobs join faster than they leave for a worker, shed ones counting
 /// as having joined, not as having left.
+///
+/// That last rule cannot tell an open stream of new requests from a fixed
+/// set of clients that each send again as soon as they are shed: both join
+/// faster than they leave. So an overload is *probed* now and then (first
+/// after [`PROBE_FIRST_INTERVALS`] intervals, then at growing gaps): for
+/// two intervals nothing is shed (the queue stays newest first). During the
+/// first, clients that were shed come back; the second counts again with
+/// the rule that began the overload, and also asks that at least half as
+/// many jobs join as during the first. A fixed set of clients now only
+/// takes turns, or its last stragglers come back (fewer and fewer), the
+/// overload ends and the queue is FIFO again; new requests still pour in
+/// at the same rate, faster than they leave, and shedding resumes with
+/// what waited past the target. A probe so costs an open overload a few late `503`s, and saves
+/// a closed loop from being shed for good after one misjudged ramp-up.
 struct Codel {
     target: Duration,
     interval: Duration,
@@ -609,6 +639,23 @@ struct Codel {
     /// many as workers took within the target at the last interval's rate.
     /// An older one would wait past the target and is shed at once.
     depth: usize,
+    /// While overloaded: the current probe, if one runs.
+    probe: Option<Probe>,
+    /// While overloaded and not probing: when the next probe starts.
+    next_probe: Option<Instant>,
+    /// The gap before the next probe, in intervals.
+    probe_gap: u32,
+}
+
+/// The two intervals of a probe.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Probe {
+    /// Shed clients come back; the counts are only kept for the next.
+    Settling,
+    /// The counts tell whether the queue still grows fast, and whether as
+    /// fast as it did while `settling` (jobs joined then): new requests
+    /// keep coming at the same rate, clients that came back do not.
+    Counting { settling: u32 },
 }
 
 impl Codel {
@@ -622,7 +669,21 @@ impl Codel {
             grew: false,
             overloaded: false,
             depth: limits.max_running,
+            probe: None,
+            next_probe: None,
+            probe_gap: PROBE_FIRST_INTERVALS,
         }
+    }
+
+    /// Overloaded and not probing: the queue keeps only the newest
+    /// [`Self::depth`] jobs and sheds what waited past the target.
+    fn shedding(&self) -> bool {
+        self.overloaded && self.probe.is_none()
+    }
+
+    /// More than twice as many jobs joined as left, plus a margin.
+    fn growing_fast(&self) -> bool {
+        self.joined > 2 * self.left + GROWTH_MARGIN
     }
 
     /// Samples the wait `delay` at `now`, ending the interval if it is
@@ -640,34 +701,91 @@ impl Codel {
         if now < end {
             return;
         }
+        match self.probe {
+            Some(Probe::Settling) => {
+                self.probe = Some(Probe::Counting {
+                    settling: self.joined,
+                });
+                self.start_interval(now);
+            }
+            Some(Probe::Counting { settling }) => {
+                let holds = self.growing_fast() && 2 * self.joined > settling;
+                self.end_probe(holds, end, now);
+            }
+            None => self.end_interval(end, now, may_enter),
+        }
+    }
+
+    /// The end of an interval outside a probe: overload begins, holds or
+    /// ends, and a probe starts if one is due.
+    fn end_interval(&mut self, end: Instant, now: Instant, may_enter: bool) {
         let growing = if self.overloaded {
             self.joined > self.left
         } else {
-            self.joined > 2 * self.left + GROWTH_MARGIN
+            self.growing_fast()
         };
         let overloaded = growing && (self.overloaded || self.grew && may_enter);
         if overloaded != self.overloaded {
-            tracing::info!(
-                overloaded,
-                joined = self.joined,
-                left = self.left,
-                "request queue overload {}",
-                if overloaded {
-                    "began: newest first, shedding"
-                } else {
-                    "ended"
-                }
-            );
+            self.log_transition(overloaded);
+            self.probe_gap = PROBE_FIRST_INTERVALS;
+            self.next_probe = overloaded.then(|| now + self.interval * self.probe_gap);
         }
-        let per_target = u128::from(self.left) * self.target.as_nanos()
-            / now
-                .saturating_duration_since(end - self.interval)
-                .as_nanos()
-                .max(1);
-        self.depth = usize::try_from(per_target).unwrap_or(usize::MAX).max(1);
+        self.set_depth(end, now);
         self.grew = growing && !self.overloaded;
         self.overloaded = overloaded;
+        if overloaded && self.next_probe.is_some_and(|at| now >= at) {
+            tracing::debug!("request queue overload: probing, not shedding, for two intervals");
+            self.probe = Some(Probe::Settling);
+            self.next_probe = None;
+        }
         self.start_interval(now);
+    }
+
+    /// The end of a probe: the overload holds if the queue still `grew`
+    /// fast, and the next probe waits four times as long; otherwise it
+    /// ends.
+    fn end_probe(&mut self, grew: bool, end: Instant, now: Instant) {
+        self.probe = None;
+        self.set_depth(end, now);
+        tracing::debug!(
+            holds = grew,
+            joined = self.joined,
+            left = self.left,
+            "request queue overload probed"
+        );
+        if grew {
+            self.probe_gap = (self.probe_gap * 4).min(PROBE_MAX_INTERVALS);
+            self.next_probe = Some(now + self.interval * self.probe_gap);
+        } else {
+            self.log_transition(false);
+            self.overloaded = false;
+            self.grew = false;
+            self.next_probe = None;
+            self.probe_gap = PROBE_FIRST_INTERVALS;
+        }
+        self.start_interval(now);
+    }
+
+    fn log_transition(&self, overloaded: bool) {
+        tracing::info!(
+            overloaded,
+            joined = self.joined,
+            left = self.left,
+            "request queue overload {}",
+            if overloaded {
+                "began: newest first, shedding"
+            } else {
+                "ended"
+            }
+        );
+    }
+
+    /// As many jobs as workers took within the target at the rate of the
+    /// interval that ended at `end` (or early, at `now`).
+    fn set_depth(&mut self, end: Instant, now: Instant) {
+        let elapsed = now.saturating_duration_since(end - self.interval);
+        let per_target = u128::from(self.left) * self.target.as_nanos() / elapsed.as_nanos().max(1);
+        self.depth = usize::try_from(per_target).unwrap_or(usize::MAX).max(1);
     }
 
     fn start_interval(&mut self, now: Instant) {

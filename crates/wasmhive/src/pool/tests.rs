@@ -304,6 +304,177 @@ fn clients_ramping_up_within_an_interval_are_queued_not_shed() {
     assert!(take_shed().is_empty());
 }
 
+/// One worker finishing one job per millisecond on a simulated clock, and
+/// callers that give up on a queued job when its patience runs out, as the
+/// dispatcher's do.
+struct Clocked {
+    pool: Pool<u64>,
+    mailbox: Mailbox<u64>,
+    inbox: mpsc::UnboundedReceiver<u64>,
+    at: Instant,
+    running: Option<u64>,
+    /// Queued jobs and when their callers give up on them.
+    patience: HashMap<u64, (Ticket, Instant)>,
+}
+
+impl Clocked {
+    fn new() -> Self {
+        let pool = Pool::new(PoolLimits {
+            max_running: 1,
+            ..limits(1, 1000)
+        });
+        let (mailbox, inbox) = mpsc::unbounded_channel();
+        let at = now();
+        assert!(matches!(pool.admit(0, at), Admission::Start(1, 0)));
+        Clocked {
+            pool,
+            mailbox,
+            inbox,
+            at,
+            running: Some(0),
+            patience: HashMap::new(),
+        }
+    }
+
+    /// Admits `job` now; `false` if it was refused at once.
+    fn send(&mut self, job: u64) -> bool {
+        match self.pool.admit(job, self.at) {
+            Admission::Queued(ticket, patience) => {
+                self.patience.insert(job, (ticket, self.at + patience));
+                true
+            }
+            Admission::Handed => true,
+            Admission::Overloaded(_) => false,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// One millisecond later: the running job is done and the worker takes
+    /// the next. Returns the job served (if any) and the jobs that failed
+    /// as overloaded: shed by the pool or given up on by their callers.
+    fn tick(&mut self) -> (Option<u64>, Vec<u64>) {
+        self.at += MS;
+        let mut failed = take_shed();
+        let at = self.at;
+        let expired: Vec<u64> = self
+            .patience
+            .iter()
+            .filter(|(_, (_, until))| *until < at)
+            .map(|(job, _)| *job)
+            .collect();
+        for job in expired {
+            let (ticket, _) = self.patience.remove(&job).unwrap();
+            failed.extend(self.pool.cancel(ticket));
+        }
+        let served = self.running.take();
+        self.running = self
+            .pool
+            .advertise(1, &self.mailbox, self.at)
+            .or_else(|| self.inbox.try_recv().ok());
+        if let Some(job) = self.running {
+            self.patience.remove(&job);
+        }
+        failed.extend(take_shed());
+        for job in &failed {
+            self.patience.remove(job);
+        }
+        (served, failed)
+    }
+
+    fn overloaded(&self) -> bool {
+        self.pool.lock().codel.overloaded
+    }
+}
+
+#[test]
+fn a_closed_loop_taken_for_an_overload_is_queued_again_after_a_probe() {
+    let mut sim = Clocked::new();
+    let interval = sim.pool.limits().queue_interval;
+    let ramp_ms = 4 * interval.as_millis() as u64;
+    // 400 clients ramp up over four intervals: a queue growing fast for
+    // long enough to be taken for an overload. Each sends again a
+    // millisecond after it is served or refused.
+    let (mut joined, mut again) = (1, Vec::new());
+    let mut seen_overload = false;
+    let mut shed_at = Vec::new();
+    let mut served_late = HashMap::<u64, u32>::new();
+    for ms in 1..=3000u64 {
+        let ramped = (400 * ms / ramp_ms).min(400);
+        for client in std::mem::take(&mut again).into_iter().chain(joined..ramped) {
+            if !sim.send(client) {
+                shed_at.push(ms);
+                again.push(client);
+            }
+        }
+        joined = joined.max(ramped);
+        let (served, failed) = sim.tick();
+        shed_at.extend(failed.iter().map(|_| ms));
+        again.extend(failed);
+        again.extend(served);
+        if ms > 2000
+            && let Some(client) = served
+        {
+            *served_late.entry(client).or_default() += 1;
+        }
+        seen_overload |= sim.overloaded();
+    }
+    assert!(seen_overload, "the ramp-up was never taken for an overload");
+    let last_shed = *shed_at.last().unwrap();
+    assert!(
+        last_shed < 20 * interval.as_millis() as u64,
+        "still shedding at {last_shed} ms"
+    );
+    assert!(!sim.overloaded());
+    // FIFO again: every client got its turns.
+    assert_eq!(served_late.len(), 400);
+    assert!(served_late.values().all(|&turns| turns >= 2));
+}
+
+#[test]
+fn an_open_overload_stays_shedding_through_its_probes() {
+    let mut sim = Clocked::new();
+    // Four new requests a millisecond for a worker that serves one.
+    let mut admitted_at = HashMap::new();
+    let mut began = None;
+    let mut next = 1;
+    let mut late = 0;
+    for ms in 1..=3000u64 {
+        for _ in 0..4 {
+            admitted_at.insert(next, sim.at);
+            sim.send(next);
+            next += 1;
+        }
+        let (_, failed) = sim.tick();
+        if let Some(began) = began {
+            assert!(sim.overloaded(), "overload ended at {ms} ms");
+            // Past the onset, what a worker takes has barely waited...
+            if let Some(job) = sim.running {
+                assert!(sim.at - admitted_at[&job] <= 2 * MS);
+            }
+            // ...and few are told late (by the probes) that they are shed.
+            let target = sim.pool.limits().queue_target;
+            if ms > began + 100 {
+                late += failed
+                    .iter()
+                    .filter(|job| sim.at - admitted_at[job] > 2 * target)
+                    .count();
+            }
+        } else if sim.overloaded() {
+            began = Some(ms);
+        }
+    }
+    assert!(began.is_some(), "never overloaded");
+    let codel = &sim.pool.lock().codel;
+    assert!(
+        codel.probe_gap > 2 * PROBE_FIRST_INTERVALS,
+        "probes: gap {}",
+        codel.probe_gap
+    );
+    // 3 s x 3 surplus requests a millisecond are shed; those queued during
+    // a probe (six of them in 3 s, at doubling gaps) are shed late.
+    assert!(late < 9000 / 15, "{late} shed late");
+}
+
 #[test]
 fn a_full_pool_is_capacity_the_job_waits_for_an_exit() {
     let pool = Pool::new(limits(4, 8));
