@@ -88,6 +88,10 @@ async fn workers_share_the_port_are_restarted_and_drain_with_their_supervisor() 
             .iter()
             .all(|status| *status == 200)
     );
+    // The killed worker's counts (as last scraped: all of its requests)
+    // are kept: the sum does not go back.
+    let (_, _, metrics) = get(admin, "/metrics").await;
+    assert_eq!(metric(&metrics, "wasmhive_requests_started_total"), 280.0);
 
     // A reload reaches every worker, by signal and by the admin endpoint.
     server.signal("HUP");

@@ -16,7 +16,8 @@
 //! (drain), exiting 0 once every worker has drained; restarts a worker that
 //! exits on its own, up to [`MAX_RESTARTS`] within [`RESTART_WINDOW`]
 //! (Akka's restart budget), then drains the others and exits 1. Its admin
-//! endpoint sums the workers' `/metrics` and passes `POST /reload` on.
+//! endpoint sums the workers' `/metrics` (carrying an exited worker's
+//! counters over as last scraped) and passes `POST /reload` on.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsString;
@@ -75,6 +76,8 @@ async fn supervise(args: ServeArgs) -> anyhow::Result<()> {
         draining: AtomicBool::new(false),
         restarts: Mutex::default(),
         restarted: AtomicU64::new(0),
+        scraped: Mutex::new(vec![None; count]),
+        retired: Mutex::default(),
         events: events_tx,
     });
     // Before the address line: a signal from then on is handled, not fatal.
@@ -230,6 +233,12 @@ struct Workers {
     restarts: Mutex<VecDeque<Instant>>,
     /// Restarts so far.
     restarted: AtomicU64,
+    /// Each running worker's metrics as last scraped.
+    scraped: Mutex<Vec<Option<String>>>,
+    /// What exited workers had counted by their last scrape (counters and
+    /// histograms, summed): added to the live workers' so that the summed
+    /// counters never go back when a worker is restarted.
+    retired: Mutex<String>,
     /// Whether workers have admin endpoints (the supervisor has one).
     admin: bool,
     /// Where workers' exits and restarts are reported.
@@ -365,10 +374,15 @@ impl Workers {
         Ok(Output { early, stderr })
     }
 
-    /// Forgets worker `index`, which has exited.
+    /// Forgets worker `index`, which has exited, but for its counters.
     fn exited(&self, index: usize) {
         self.pids.lock().unwrap_or_else(|e| e.into_inner())[index] = None;
         self.admins.lock().unwrap_or_else(|e| e.into_inner())[index] = None;
+        let last = self.scraped.lock().unwrap_or_else(|e| e.into_inner())[index].take();
+        if let Some(last) = last {
+            let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+            *retired = sum_metrics(&[std::mem::take(&mut *retired), cumulative(&last)]);
+        }
     }
 
     /// Restarts worker `index`, which exited with `status`, unless the
@@ -430,26 +444,26 @@ impl Workers {
         }
     }
 
-    /// `method path` on every worker's admin endpoint: each one's status
-    /// and body (or why it did not answer).
+    /// `method path` on every worker's admin endpoint: each one's index and
+    /// address, and status and body (or why it did not answer).
     async fn ask_all(
         &self,
         method: &Method,
         path: &str,
-    ) -> Vec<Result<(StatusCode, String), String>> {
+    ) -> Vec<(usize, SocketAddr, Result<(StatusCode, String), String>)> {
         let admins: Vec<_> = self
             .admins
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .flatten()
-            .copied()
+            .enumerate()
+            .filter_map(|(index, admin)| Some((index, (*admin)?)))
             .collect();
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build_http::<Empty<Bytes>>();
         let mut answers = Vec::with_capacity(admins.len());
-        for admin in admins {
+        for (index, admin) in admins {
             let request = http::Request::builder()
                 .method(method.clone())
                 .uri(format!("http://{admin}{path}"))
@@ -468,11 +482,13 @@ impl Workers {
                     String::from_utf8_lossy(&body.to_bytes()).into_owned(),
                 ))
             };
-            answers.push(
+            answers.push((
+                index,
+                admin,
                 tokio::time::timeout(ADMIN_TIMEOUT, asked)
                     .await
                     .unwrap_or_else(|_| Err(format!("{admin} did not answer"))),
-            );
+            ));
         }
         answers
     }
@@ -483,14 +499,27 @@ impl Reports for Workers {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// The workers' metrics summed, after the supervisor's own.
+    /// The workers' metrics summed, after the supervisor's own; counters
+    /// include what exited workers had counted by their last scrape.
     async fn metrics(&self) -> String {
-        let texts: Vec<String> = self
-            .ask_all(&Method::GET, "/metrics")
-            .await
-            .into_iter()
-            .filter_map(|answer| answer.ok().map(|(_, body)| body))
-            .collect();
+        let mut texts = Vec::new();
+        for (index, admin, answer) in self.ask_all(&Method::GET, "/metrics").await {
+            if let Ok((_, body)) = answer {
+                let mut scraped = self.scraped.lock().unwrap_or_else(|e| e.into_inner());
+                // A worker that exited meanwhile has been retired already
+                // (and its successor has an admin address of its own).
+                if self.admins.lock().unwrap_or_else(|e| e.into_inner())[index] == Some(admin) {
+                    scraped[index] = Some(body.clone());
+                }
+                texts.push(body);
+            }
+        }
+        texts.push(
+            self.retired
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        );
         let live = self
             .pids
             .lock()
@@ -511,7 +540,7 @@ impl Reports for Workers {
     /// Every worker reloads; the first refusal is the answer.
     async fn reload(&self) -> Result<String, String> {
         let answers = self.ask_all(&Method::POST, "/reload").await;
-        let failed = answers.iter().find_map(|answer| match answer {
+        let failed = answers.iter().find_map(|(_, _, answer)| match answer {
             Ok((StatusCode::OK, _)) => None,
             Ok((_, body)) => Some(body.clone()),
             Err(error) => Some(format!("{error}\n")),
@@ -560,6 +589,33 @@ fn sum_metrics(texts: &[String]) -> String {
     out
 }
 
+/// The samples of a Prometheus text's counters and histograms, which only
+/// ever grow while a process lives (gauges are dropped).
+fn cumulative(text: &str) -> String {
+    let families: HashSet<&str> = text
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.strip_prefix("# TYPE ")?.split(' ');
+            let family = words.next()?;
+            matches!(words.next()?, "counter" | "histogram").then_some(family)
+        })
+        .collect();
+    let mut kept = String::new();
+    for line in text.lines().filter(|line| !line.starts_with('#')) {
+        let name = line.split(['{', ' ']).next().unwrap_or_default();
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .filter(|family| families.contains(family))
+            .unwrap_or(name);
+        if families.contains(family) {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    kept
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -571,6 +627,17 @@ mod tests {
         assert_eq!(
             sum_metrics(&[a.into(), b.into()]),
             "# TYPE x counter\nx{app=\"a\"} 7\nx{app=\"b\"} 1\nh_bucket{le=\"+Inf\"} 7\ny 0.5\n"
+        );
+    }
+
+    #[test]
+    fn an_exited_worker_leaves_its_counters_and_histograms_not_its_gauges() {
+        let text = "# TYPE x counter\nx{app=\"a\"} 2\n# TYPE g gauge\ng 3\n\
+                    # TYPE h histogram\nh_bucket{le=\"+Inf\"} 4\nh_sum 0.5\nh_count 4\n\
+                    # TYPE g_count gauge\ng_count 1\n";
+        assert_eq!(
+            cumulative(text),
+            "x{app=\"a\"} 2\nh_bucket{le=\"+Inf\"} 4\nh_sum 0.5\nh_count 4\n"
         );
     }
 }
