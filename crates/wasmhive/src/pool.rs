@@ -35,8 +35,9 @@
 //! milliseconds, until requests no longer join faster than they leave.
 //! Clients that send again as soon as they are shed also join faster than
 //! they leave, so an overload is probed now and then: for two intervals
-//! nothing is shed, and if the queue no longer grows fast (a fixed set of
-//! clients, taking turns once they are all queued) the overload ends.
+//! nothing is shed, and if the queue then no longer grows fast, or grows
+//! ever more slowly (a fixed set of clients, taking turns once they are all
+//! queued), the overload ends.
 //! Otherwise it is FIFO, and a burst may wait up to
 //! [`PoolLimits::max_queue_wait`]. The growth condition is what tells
 //! overload (requests arrive faster than they are served) from many clients
@@ -619,8 +620,9 @@ const PROBE_MAX_INTERVALS: u32 = 400;
 /// takes turns, or its last stragglers come back (fewer and fewer), the
 /// overload ends and the queue is FIFO again; new requests still pour in
 /// at the same rate, faster than they leave, and shedding resumes with
-/// what waited past the target. A probe so costs an open overload a few late `503`s, and saves
-/// a closed loop from being shed for good after one misjudged ramp-up.
+/// what waited past the target. A probe so costs an open overload a few
+/// late `503`s, and saves a closed loop from being shed for good after one
+/// misjudged ramp-up.
 struct Codel {
     target: Duration,
     interval: Duration,
@@ -741,19 +743,18 @@ impl Codel {
         self.start_interval(now);
     }
 
-    /// The end of a probe: the overload holds if the queue still `grew`
-    /// fast, and the next probe waits four times as long; otherwise it
-    /// ends.
-    fn end_probe(&mut self, grew: bool, end: Instant, now: Instant) {
+    /// The end of a probe: if the overload `holds`, the next probe waits
+    /// four times as long; otherwise the overload ends.
+    fn end_probe(&mut self, holds: bool, end: Instant, now: Instant) {
         self.probe = None;
         self.set_depth(end, now);
         tracing::debug!(
-            holds = grew,
+            holds,
             joined = self.joined,
             left = self.left,
             "request queue overload probed"
         );
-        if grew {
+        if holds {
             self.probe_gap = (self.probe_gap * 4).min(PROBE_MAX_INTERVALS);
             self.next_probe = Some(now + self.interval * self.probe_gap);
         } else {
@@ -781,7 +782,7 @@ impl Codel {
     }
 
     /// As many jobs as workers took within the target at the rate of the
-    /// interval that ended at `end` (or early, at `now`).
+    /// interval due to end at `end`, which ended at `now`.
     fn set_depth(&mut self, end: Instant, now: Instant) {
         let elapsed = now.saturating_duration_since(end - self.interval);
         let per_target = u128::from(self.left) * self.target.as_nanos() / elapsed.as_nanos().max(1);

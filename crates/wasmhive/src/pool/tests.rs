@@ -471,7 +471,7 @@ fn an_open_overload_stays_shedding_through_its_probes() {
         codel.probe_gap
     );
     // 3 s x 3 surplus requests a millisecond are shed; those queued during
-    // a probe (six of them in 3 s, at doubling gaps) are shed late.
+    // a probe (at 50 ms, 250 ms and 1 s after the onset) are shed late.
     assert!(late < 9000 / 15, "{late} shed late");
 }
 
