@@ -5,11 +5,12 @@
 //! binary to read, so what it measured is remembered in the compilation
 //! cache directory, keyed by the file's path, size and modification time.
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 use wasmparser::{
-    ComponentAlias, ComponentExternalKind, ComponentInstance, ComponentOuterAliasKind,
-    ComponentTypeRef, Instance, Parser, Payload,
+    ComponentAlias, ComponentExport, ComponentExternalKind, ComponentInstance,
+    ComponentOuterAliasKind, ComponentTypeRef, Instance, Parser, Payload,
 };
 
 use wasmtime::component::Component;
@@ -206,6 +207,168 @@ struct Scope {
     total: Needs,
 }
 
+/// [`Measured::from_binary`] between two payloads of the binary. Each
+/// method takes in one section; `None` means the binary cannot be measured.
+struct Reader {
+    /// The components being read, innermost last.
+    scopes: Vec<Scope>,
+    /// The core module being read, if any.
+    module: Option<Needs>,
+    world: World,
+}
+
+impl Reader {
+    /// Takes in one payload: breaks with the measure once the outermost
+    /// component ends.
+    fn read(&mut self, payload: Payload<'_>) -> Option<ControlFlow<Measured>> {
+        match payload {
+            Payload::Version { encoding, .. } => match encoding {
+                wasmparser::Encoding::Component => self.scopes.push(Scope::default()),
+                wasmparser::Encoding::Module if self.module.is_some() => {}
+                // A core module alone is not a component.
+                wasmparser::Encoding::Module => return None,
+            },
+            Payload::ModuleSection { .. } => self.module = Some(Needs::default()),
+            Payload::MemorySection(reader) => {
+                let module = self.module.as_mut()?;
+                for memory in reader {
+                    module.add(Needs {
+                        memories: 1,
+                        initial_pages: memory.ok()?.initial,
+                        ..Needs::default()
+                    });
+                }
+            }
+            Payload::TableSection(reader) => {
+                let module = self.module.as_mut()?;
+                for table in reader {
+                    module.add(Needs {
+                        tables: 1,
+                        initial_table_elements: table.ok()?.ty.initial,
+                        ..Needs::default()
+                    });
+                }
+            }
+            Payload::End(_) => return self.end(),
+            Payload::InstanceSection(reader) => {
+                let scope = self.scopes.last_mut()?;
+                for instance in reader {
+                    if let Instance::Instantiate { module_index, .. } = instance.ok()? {
+                        let needs = (*scope.modules.get(module_index as usize)?)?;
+                        scope.total.add(needs);
+                    }
+                }
+            }
+            Payload::ComponentInstanceSection(reader) => {
+                let scope = self.scopes.last_mut()?;
+                for instance in reader {
+                    if let ComponentInstance::Instantiate {
+                        component_index, ..
+                    } = instance.ok()?
+                    {
+                        let needs = (*scope.components.get(component_index as usize)?)?;
+                        scope.total.add(needs);
+                    }
+                }
+            }
+            // What comes from outside can only be measured once loaded.
+            Payload::ComponentImportSection(reader) => {
+                let scope = self.scopes.last_mut()?;
+                for import in reader {
+                    match import.ok()?.ty {
+                        ComponentTypeRef::Module(_) => scope.modules.push(None),
+                        ComponentTypeRef::Component(_) => scope.components.push(None),
+                        _ => {}
+                    }
+                }
+            }
+            Payload::ComponentAliasSection(reader) => {
+                for alias in reader {
+                    self.alias(alias.ok()?)?;
+                }
+            }
+            Payload::ComponentExportSection(reader) => {
+                for export in reader {
+                    self.export(export.ok()?)?;
+                }
+            }
+            _ => {}
+        }
+        Some(ControlFlow::Continue(()))
+    }
+
+    /// The end of a core module, or of a component: what it needs joins
+    /// its parent's index space, or is the answer for the outermost one.
+    fn end(&mut self) -> Option<ControlFlow<Measured>> {
+        if let Some(done) = self.module.take() {
+            self.scopes.last_mut()?.modules.push(Some(done));
+            return Some(ControlFlow::Continue(()));
+        }
+        let done = self.scopes.pop()?;
+        match self.scopes.last_mut() {
+            Some(parent) => parent.components.push(Some(done.total)),
+            None => return Some(ControlFlow::Break(Measured::of(done.total, self.world))),
+        }
+        Some(ControlFlow::Continue(()))
+    }
+
+    /// An alias is a new index in its sort's space: one of an instance's
+    /// exports (unknown here), or an enclosing component's module or
+    /// component (known).
+    fn alias(&mut self, alias: ComponentAlias<'_>) -> Option<()> {
+        match alias {
+            ComponentAlias::InstanceExport { kind, .. } => {
+                let scope = self.scopes.last_mut()?;
+                match kind {
+                    ComponentExternalKind::Module => scope.modules.push(None),
+                    ComponentExternalKind::Component => scope.components.push(None),
+                    _ => {}
+                }
+            }
+            ComponentAlias::Outer { kind, count, index } => {
+                let outer = self.scopes.len().checked_sub(1 + count as usize)?;
+                let (outer, index) = (&self.scopes[outer], index as usize);
+                match kind {
+                    ComponentOuterAliasKind::CoreModule => {
+                        let needs = *outer.modules.get(index)?;
+                        self.scopes.last_mut()?.modules.push(needs);
+                    }
+                    ComponentOuterAliasKind::Component => {
+                        let needs = *outer.components.get(index)?;
+                        self.scopes.last_mut()?.components.push(needs);
+                    }
+                    _ => {}
+                }
+            }
+            ComponentAlias::CoreInstanceExport { .. } => {}
+        }
+        Some(())
+    }
+
+    /// An export is a new index in its sort's space too; the outermost
+    /// component's exports also tell its world.
+    fn export(&mut self, export: ComponentExport<'_>) -> Option<()> {
+        let outermost = self.scopes.len() == 1;
+        let scope = self.scopes.last_mut()?;
+        let index = export.index as usize;
+        match export.kind {
+            ComponentExternalKind::Module => {
+                let needs = *scope.modules.get(index)?;
+                scope.modules.push(needs);
+            }
+            ComponentExternalKind::Component => {
+                let needs = *scope.components.get(index)?;
+                scope.components.push(needs);
+            }
+            _ => {}
+        }
+        if outermost && export.name.name.starts_with(World::P3_EXPORT) {
+            self.world = World::P3;
+        }
+        Some(())
+    }
+}
+
 impl Measured {
     /// Reads the footprint and world of the component in `bytes` without
     /// compiling it, as [`Footprint::of`] would measure them once loaded:
@@ -214,135 +377,14 @@ impl Measured {
     /// tell (a module or component imported from outside) and for a binary
     /// that does not parse (loading reports why).
     pub(crate) fn from_binary(bytes: &[u8]) -> Option<Measured> {
-        // The components being read, innermost last, and the core module
-        // being read, if any.
-        let mut scopes: Vec<Scope> = Vec::new();
-        let mut module: Option<Needs> = None;
-        let mut world = World::P2;
+        let mut reader = Reader {
+            scopes: Vec::new(),
+            module: None,
+            world: World::P2,
+        };
         for payload in Parser::new(0).parse_all(bytes) {
-            match payload.ok()? {
-                Payload::Version { encoding, .. } => match encoding {
-                    wasmparser::Encoding::Component => scopes.push(Scope::default()),
-                    wasmparser::Encoding::Module if module.is_some() => {}
-                    wasmparser::Encoding::Module => return None,
-                },
-                Payload::ModuleSection { .. } => module = Some(Needs::default()),
-                Payload::MemorySection(reader) => {
-                    let module = module.as_mut()?;
-                    for memory in reader {
-                        module.add(Needs {
-                            memories: 1,
-                            initial_pages: memory.ok()?.initial,
-                            ..Needs::default()
-                        });
-                    }
-                }
-                Payload::TableSection(reader) => {
-                    let module = module.as_mut()?;
-                    for table in reader {
-                        module.add(Needs {
-                            tables: 1,
-                            initial_table_elements: table.ok()?.ty.initial,
-                            ..Needs::default()
-                        });
-                    }
-                }
-                Payload::End(_) => {
-                    if let Some(done) = module.take() {
-                        scopes.last_mut()?.modules.push(Some(done));
-                    } else {
-                        let done = scopes.pop()?;
-                        match scopes.last_mut() {
-                            Some(parent) => parent.components.push(Some(done.total)),
-                            None => return Some(Measured::of(done.total, world)),
-                        }
-                    }
-                }
-                Payload::InstanceSection(reader) => {
-                    let scope = scopes.last_mut()?;
-                    for instance in reader {
-                        if let Instance::Instantiate { module_index, .. } = instance.ok()? {
-                            let needs = (*scope.modules.get(module_index as usize)?)?;
-                            scope.total.add(needs);
-                        }
-                    }
-                }
-                Payload::ComponentInstanceSection(reader) => {
-                    let scope = scopes.last_mut()?;
-                    for instance in reader {
-                        if let ComponentInstance::Instantiate {
-                            component_index, ..
-                        } = instance.ok()?
-                        {
-                            let needs = (*scope.components.get(component_index as usize)?)?;
-                            scope.total.add(needs);
-                        }
-                    }
-                }
-                Payload::ComponentImportSection(reader) => {
-                    let scope = scopes.last_mut()?;
-                    for import in reader {
-                        match import.ok()?.ty {
-                            ComponentTypeRef::Module(_) => scope.modules.push(None),
-                            ComponentTypeRef::Component(_) => scope.components.push(None),
-                            _ => {}
-                        }
-                    }
-                }
-                Payload::ComponentAliasSection(reader) => {
-                    for alias in reader {
-                        match alias.ok()? {
-                            ComponentAlias::InstanceExport { kind, .. } => {
-                                let scope = scopes.last_mut()?;
-                                match kind {
-                                    ComponentExternalKind::Module => scope.modules.push(None),
-                                    ComponentExternalKind::Component => scope.components.push(None),
-                                    _ => {}
-                                }
-                            }
-                            ComponentAlias::Outer { kind, count, index } => {
-                                let outer = scopes.len().checked_sub(1 + count as usize)?;
-                                let (outer, index) = (&scopes[outer], index as usize);
-                                match kind {
-                                    ComponentOuterAliasKind::CoreModule => {
-                                        let needs = *outer.modules.get(index)?;
-                                        scopes.last_mut()?.modules.push(needs);
-                                    }
-                                    ComponentOuterAliasKind::Component => {
-                                        let needs = *outer.components.get(index)?;
-                                        scopes.last_mut()?.components.push(needs);
-                                    }
-                                    _ => {}
-                                }
-                            }
-                            ComponentAlias::CoreInstanceExport { .. } => {}
-                        }
-                    }
-                }
-                // An export is a new index in its sort's space too.
-                Payload::ComponentExportSection(reader) => {
-                    let outermost = scopes.len() == 1;
-                    let scope = scopes.last_mut()?;
-                    for export in reader {
-                        let export = export.ok()?;
-                        let index = export.index as usize;
-                        match export.kind {
-                            ComponentExternalKind::Module => {
-                                let needs = *scope.modules.get(index)?;
-                                scope.modules.push(needs);
-                            }
-                            ComponentExternalKind::Component => {
-                                let needs = *scope.components.get(index)?;
-                                scope.components.push(needs);
-                            }
-                            _ => {}
-                        }
-                        if outermost && export.name.name.starts_with(World::P3_EXPORT) {
-                            world = World::P3;
-                        }
-                    }
-                }
-                _ => {}
+            if let ControlFlow::Break(measured) = reader.read(payload.ok()?)? {
+                return Some(measured);
             }
         }
         None
