@@ -98,10 +98,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let tls = tls_acceptor(&args)
         .map_err(UsageError)?
         .map(|acceptor| Arc::new(ArcSwap::from_pointee(acceptor)));
-    let source = Source::of(&args);
-    let workers = tokio::runtime::Handle::current().metrics().num_workers();
-    let budget = MemoryBudget::new(usize::try_from(args.max_total_memory()).unwrap_or(usize::MAX));
-    let loaded = load_apps(&args, &source, &budget, workers).map_err(UsageError)?;
+    let loader = Arc::new(Loader {
+        args: args.clone(),
+        source: Source::of(&args),
+        budget: MemoryBudget::new(usize::try_from(args.max_total_memory()).unwrap_or(usize::MAX)),
+        workers: tokio::runtime::Handle::current().metrics().num_workers(),
+    });
+    let loaded = loader.load().map_err(UsageError)?;
     // What every app's instances take at once: the per-client request
     // share's default is half of it.
     let capacity: usize = loaded
@@ -126,54 +129,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(admin) = &admin_listener {
         crate::admin::announce(admin)?;
     }
-    for app in &loaded {
-        tracing::info!(
-            app = %app.spec.name,
-            component = %app.component,
-            world = ?app.app.world(),
-            took = ?app.took,
-            from_cache = app.from_cache,
-            route = %app.spec.route,
-            host = app.spec.host.as_deref().unwrap_or("*"),
-            "component loaded"
-        );
-        tracing::debug!(app = %app.spec.name, limits = ?app.app.limits(), "instance limits");
-    }
+    announce_loaded(&loaded);
     // Served after the address line: prewarming starts with it, and what
     // it logs must not come first.
-    let labelled = matches!(source, Source::Manifest(_));
-    let versions = Versions::new(serve_apps(loaded, labelled), {
-        let args = args.clone();
+    let versions = Versions::new(loader.serve(loaded), {
         let tls = tls.clone();
-        Arc::new(move || {
-            let loaded = load_apps(&args, &source, &budget, workers)?;
-            // The certificate and key are read again too (a renewal).
-            let acceptor = tls_acceptor(&args)?;
-            // A new version takes requests only once each of its apps has
-            // instantiated: one that cannot is refused here, not met by
-            // its first requests.
-            for app in &loaded {
-                let instantiated =
-                    tokio::runtime::Handle::current().block_on(tokio::time::timeout(
-                        RELOAD_INSTANTIATE_TIMEOUT,
-                        HandlerState::instantiate(&app.app, 0),
-                    ));
-                match instantiated {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(error)) => {
-                        anyhow::bail!("app `{}` does not instantiate: {error:#}", app.spec.name)
-                    }
-                    Err(_) => anyhow::bail!(
-                        "app `{}` did not instantiate within {RELOAD_INSTANTIATE_TIMEOUT:?}",
-                        app.spec.name
-                    ),
-                }
-            }
-            if let (Some(tls), Some(acceptor)) = (&tls, acceptor) {
-                tls.store(Arc::new(acceptor));
-            }
-            Ok(serve_apps(loaded, labelled))
-        })
+        Arc::new(move || loader.reload(tls.as_deref()))
     });
     tokio::spawn(reload_on_hangup(versions.clone(), hangups));
 
@@ -216,13 +177,24 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     )
     .await;
 
-    // Drain: stop accepting, answer new requests on open connections with
-    // 503, let in-flight ones finish, close idle connections.
     draining.store(true, Ordering::Relaxed);
     drop(listener);
+    drain(&versions, graceful, shutdown, args.drain_timeout).await;
+    Ok(())
+}
+
+/// Drains after the first signal: new requests on open connections are
+/// answered 503, in-flight ones finish, idle connections close, all within
+/// `deadline`; a second signal exits at once.
+async fn drain(
+    versions: &Versions,
+    graceful: GracefulShutdown,
+    mut shutdown: Shutdown,
+    deadline: Duration,
+) {
     versions.shutdown();
     tracing::info!(
-        deadline = %humantime::format_duration(args.drain_timeout),
+        deadline = %humantime::format_duration(deadline),
         "draining in-flight requests (signal again to exit at once)"
     );
     tokio::spawn(async move {
@@ -234,14 +206,82 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         graceful.shutdown().await;
         versions.drained().await;
     };
-    match tokio::time::timeout(args.drain_timeout, drained).await {
+    match tokio::time::timeout(deadline, drained).await {
         Ok(()) => tracing::info!("drained; exiting"),
         Err(_) => tracing::warn!(
             live_instances = versions.live_instances(),
             "drain deadline passed; exiting with requests still in flight"
         ),
     }
-    Ok(())
+}
+
+/// Logs how loading each app went, once the address line is out.
+fn announce_loaded(loaded: &[Loaded]) {
+    for app in loaded {
+        tracing::info!(
+            app = %app.spec.name,
+            component = %app.component,
+            world = ?app.app.world(),
+            took = ?app.took,
+            from_cache = app.from_cache,
+            route = %app.spec.route,
+            host = app.spec.host.as_deref().unwrap_or("*"),
+            "component loaded"
+        );
+        tracing::debug!(app = %app.spec.name, limits = ?app.app.limits(), "instance limits");
+    }
+}
+
+/// What loading the apps needs, at start-up and on every reload.
+struct Loader {
+    args: ServeArgs,
+    source: Source,
+    /// Shared by every app of every version.
+    budget: MemoryBudget,
+    /// The runtime's worker threads.
+    workers: usize,
+}
+
+impl Loader {
+    fn load(&self) -> anyhow::Result<Vec<Loaded>> {
+        load_apps(&self.args, &self.source, &self.budget, self.workers)
+    }
+
+    /// The router serving `loaded`; a manifest's apps are labelled with
+    /// their names in the metrics.
+    fn serve(&self, loaded: Vec<Loaded>) -> Router<Served> {
+        serve_apps(loaded, matches!(self.source, Source::Manifest(_)))
+    }
+
+    /// A new version of every app, for a reload (SIGHUP, the admin
+    /// endpoint). It takes requests only once each of its apps has
+    /// instantiated: one that cannot is refused here, not met by its first
+    /// requests. The TLS certificate and key are read again too (a
+    /// renewal) and stored in `tls` once the apps are in.
+    fn reload(&self, tls: Option<&ArcSwap<TlsAcceptor>>) -> anyhow::Result<Router<Served>> {
+        let loaded = self.load()?;
+        let acceptor = tls_acceptor(&self.args)?;
+        for app in &loaded {
+            let instantiated = tokio::runtime::Handle::current().block_on(tokio::time::timeout(
+                RELOAD_INSTANTIATE_TIMEOUT,
+                HandlerState::instantiate(&app.app, 0),
+            ));
+            match instantiated {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => {
+                    anyhow::bail!("app `{}` does not instantiate: {error:#}", app.spec.name)
+                }
+                Err(_) => anyhow::bail!(
+                    "app `{}` did not instantiate within {RELOAD_INSTANTIATE_TIMEOUT:?}",
+                    app.spec.name
+                ),
+            }
+        }
+        if let (Some(tls), Some(acceptor)) = (tls, acceptor) {
+            tls.store(Arc::new(acceptor));
+        }
+        Ok(self.serve(loaded))
+    }
 }
 
 /// The TLS acceptor of `--tls-cert` and `--tls-key`, if given.
