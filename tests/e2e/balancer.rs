@@ -76,7 +76,7 @@ struct Balancer {
 }
 
 impl Balancer {
-    fn start(listen: SocketAddr, replicas: &[SocketAddr]) -> Balancer {
+    async fn start(listen: SocketAddr, replicas: &[SocketAddr]) -> Balancer {
         let dir = std::env::temp_dir().join(format!("wasmhive-nginx-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("tmp")).unwrap();
         let servers: String = replicas
@@ -108,9 +108,9 @@ impl Balancer {
         let balancer = Balancer { child, dir };
         // Ready once it accepts.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(listen).is_err() {
+        while tokio::net::TcpStream::connect(listen).await.is_err() {
             assert!(Instant::now() < deadline, "nginx: {}", balancer.log());
-            std::thread::sleep(Duration::from_millis(10));
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         balancer
     }
@@ -154,7 +154,7 @@ async fn a_replica_draining_and_another_killed_behind_nginx_fail_no_request() {
     let [port_a, port_b, port_nginx] = free_ports();
     let (a, b) = (replica(port_a), replica(port_b));
     let listen: SocketAddr = format!("127.0.0.1:{port_nginx}").parse().unwrap();
-    let balancer = Balancer::start(listen, &[a.addr, b.addr]);
+    let balancer = Balancer::start(listen, &[a.addr, b.addr]).await;
     let load = Bystander::start(listen, "/", 16);
     serves(&a, 50.0).await;
     serves(&b, 50.0).await;
@@ -165,7 +165,7 @@ async fn a_replica_draining_and_another_killed_behind_nginx_fail_no_request() {
     serves(&a, 50.0).await;
 
     // B dies without warning; A takes everything.
-    let status = b.kill();
+    let status = b.kill().await;
     assert!(!status.success(), "{status}");
     let before = {
         let (_, _, metrics) = crate::get(a.admin_addr().await, "/metrics").await;

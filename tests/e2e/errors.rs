@@ -96,7 +96,7 @@ async fn guest_output_is_labelled_unless_told_not_to() {
     assert!(!line.contains("[stderr instance="), "{line}");
     // Unprefixed, the guest's panic message cannot be told from the
     // server's: check the exit alone.
-    let status = bare.stop_without_output_check();
+    let status = bare.stop_without_output_check().await;
     assert!(status.success(), "{status}");
     server.finish().await;
 }

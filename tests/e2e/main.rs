@@ -114,17 +114,7 @@ impl Server {
     /// and checks that it exited 0 without a panic; returns its stderr.
     pub async fn finish(mut self) -> String {
         self.signal("TERM");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the server did not exit after SIGTERM"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
+        let status = self.wait_exit(Duration::from_secs(60)).await;
         self.checked_output(status)
     }
 
@@ -228,9 +218,9 @@ impl Server {
     /// Stops the server with SIGTERM and returns how it exited, without
     /// looking for panics in its output: for a test whose guest writes
     /// unprefixed output that may say `panicked`.
-    pub fn stop_without_output_check(mut self) -> ExitStatus {
+    pub async fn stop_without_output_check(mut self) -> ExitStatus {
         self.signal("TERM");
-        let status = self.wait_exit(Duration::from_secs(60));
+        let status = self.wait_exit(Duration::from_secs(60)).await;
         if let Some(reader) = self.reader.take() {
             reader.join().unwrap();
         }
@@ -239,9 +229,9 @@ impl Server {
 
     /// Kills the server with SIGKILL, as a crash or the OOM killer would,
     /// and returns how it exited (its output is not checked).
-    pub fn kill(mut self) -> ExitStatus {
+    pub async fn kill(mut self) -> ExitStatus {
         self.signal("KILL");
-        let status = self.wait_exit(Duration::from_secs(60));
+        let status = self.wait_exit(Duration::from_secs(60)).await;
         if let Some(reader) = self.reader.take() {
             reader.join().unwrap();
         }
@@ -249,15 +239,40 @@ impl Server {
     }
 
     /// Waits up to `timeout` for the server to exit.
-    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "server still running");
-            std::thread::sleep(Duration::from_millis(20));
+            assert!(
+                Instant::now() < deadline,
+                "the server is still running after {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Waits, blocking, for the server to exit; kills it if it is still
+    /// running after `timeout` (and panics then). For `Drop`, which cannot
+    /// await.
+    fn wait_exit_blocking(&mut self, timeout: Duration) -> ExitStatus {
+        let pid = self.child.id().to_string();
+        let (exited, watch) = std::sync::mpsc::channel::<()>();
+        let watchdog = std::thread::spawn(move || {
+            let hung = watch.recv_timeout(timeout).is_err();
+            if hung {
+                let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            }
+            hung
+        });
+        let status = self.child.wait().unwrap();
+        let _ = exited.send(());
+        assert!(
+            !watchdog.join().unwrap(),
+            "the server was still running after {timeout:?}: killed"
+        );
+        status
     }
 }
 
@@ -274,7 +289,7 @@ impl Drop for Server {
             Ok(Some(status)) => status,
             _ => {
                 self.signal("TERM");
-                self.wait_exit(Duration::from_secs(60))
+                self.wait_exit_blocking(Duration::from_secs(60))
             }
         };
         self.checked_output(status);

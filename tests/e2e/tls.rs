@@ -22,6 +22,18 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
+/// `wasmhive serve ARGS` (the component first) over TLS with `cert` and
+/// `key`.
+fn serve_tls(cert: &Path, key: &Path, args: &[&str]) -> Server {
+    let tls = [
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ];
+    Server::start(&[args, &tls].concat())
+}
+
 /// A self-signed certificate for `127.0.0.1` and its key, written as PEM
 /// to `dir/NAME.crt` and `dir/NAME.key`; `params` may change the defaults
 /// (validity, say).
@@ -112,13 +124,7 @@ async fn https_offers_http2_and_http1_by_alpn_and_guests_see_https() {
     let dir = scratch("serve");
     let (cert, key, root) = certificate(&dir, "server", |_| {});
     for guest in [guests::ECHO_P2, guests::ECHO_P3] {
-        let server = Server::start(&[
-            guest.path,
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-        ]);
+        let server = serve_tls(&cert, &key, &[guest.path]);
         assert!(
             server.stderr.lock().unwrap()[0].contains("Serving HTTPS on https://"),
             "{:?}",
@@ -198,15 +204,11 @@ async fn a_client_that_never_starts_its_handshake_is_closed_by_the_header_timeou
     use tokio::io::AsyncReadExt as _;
     let dir = scratch("silent");
     let (cert, key, root) = certificate(&dir, "server", |_| {});
-    let server = Server::start(&[
-        guests::HELLO_P2.path,
-        "--tls-cert",
-        cert.to_str().unwrap(),
-        "--tls-key",
-        key.to_str().unwrap(),
-        "--header-timeout",
-        "1s",
-    ]);
+    let server = serve_tls(
+        &cert,
+        &key,
+        &[guests::HELLO_P2.path, "--header-timeout", "1s"],
+    );
     let mut silent = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     let mut buf = [0u8; 16];
     let read = tokio::time::timeout(std::time::Duration::from_secs(10), silent.read(&mut buf))
@@ -232,15 +234,11 @@ async fn trusted(server: &Server, root: &CertificateDer<'static>) -> bool {
 async fn a_reload_takes_a_renewed_certificate_and_refuses_a_broken_one() {
     let dir = scratch("renew");
     let (cert, key, old_root) = certificate(&dir, "server", |_| {});
-    let server = Server::start(&[
-        guests::HELLO_P2.path,
-        "--tls-cert",
-        cert.to_str().unwrap(),
-        "--tls-key",
-        key.to_str().unwrap(),
-        "--admin-addr",
-        "127.0.0.1:0",
-    ]);
+    let server = serve_tls(
+        &cert,
+        &key,
+        &[guests::HELLO_P2.path, "--admin-addr", "127.0.0.1:0"],
+    );
     let admin = server.admin_addr().await;
     assert!(trusted(&server, &old_root).await);
     // Renewed in place (another key, another certificate), then reloaded.
