@@ -111,7 +111,15 @@
 //!   whichever ended the instance. A request the guest saw is never
 //!   replayed.
 //!
-//! The scheduling core (`pool.rs`) has no wasmtime in it and is tested on
+//! # Where things are
+//!
+//! `handler.rs` holds [`ProxyHandler`] (admission, the answer's way back to
+//! the caller); `policy.rs` the traits that decide instances
+//! ([`HandlerState`], [`WorkerState`]), and `app.rs` with `limits.rs` their
+//! implementation for the common case ([`App`], [`Limits`]); `error.rs` the
+//! typed errors; `metrics.rs` what is reported ([`Recorder`],
+//! [`InstanceReport`], [`Stats`]); `adaptive.rs` the adaptive in-flight
+//! limit. The scheduling core (`pool.rs`) has no wasmtime in it and is tested on
 //! its own with randomized runs; `dispatch.rs` the dispatcher (pool,
 //! circuit, prewarming, instantiation); `worker.rs` one instance's event
 //! loop (`serve`), the driver that polls level two outside it (`drive`),
