@@ -4,7 +4,6 @@
 //! body back, streamed; anything else is `404`.
 
 use wasip3::http::types::{ErrorCode, Request, Response};
-use wasip3::wit_future;
 use wasmhive_guest_components::{next_count, p3, path};
 
 wasip3::http::service::export!(Demo);
@@ -29,16 +28,7 @@ impl wasip3::exports::http::handler::Guest for Demo {
                     .into_bytes(),
                 )
             }
-            ("POST", _) => {
-                let (done_tx, done_rx) = wit_future::new(|| Ok(()));
-                let (input, _trailers) = Request::consume_body(request, done_rx);
-                let (response, output) = p3::streaming_response(200, Vec::new());
-                wasip3::spawn_local(async move {
-                    p3::pipe(input, output).await;
-                    drop(done_tx);
-                });
-                Ok(response)
-            }
+            ("POST", _) => p3::echo(request),
             _ => p3::respond(404, format!("no route for {method} {path_with_query}\n").into_bytes()),
         }
     }

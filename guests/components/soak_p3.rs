@@ -4,7 +4,6 @@
 //! before responding; anything else is `404`.
 
 use wasip3::http::types::{ErrorCode, Request, Response};
-use wasip3::wit_future;
 use wasmhive_guest_components::{next_count, p3, path};
 
 wasip3::http::service::export!(Soak);
@@ -18,16 +17,7 @@ impl wasip3::exports::http::handler::Guest for Soak {
             "/hello" => p3::respond(200, b"hello\n".to_vec()),
             "/count" => p3::respond(200, count.to_string().into_bytes()),
             "/trap" => std::process::abort(),
-            "/echo" => {
-                let (done_tx, done_rx) = wit_future::new(|| Ok(()));
-                let (input, _trailers) = Request::consume_body(request, done_rx);
-                let (response, output) = p3::streaming_response(200, Vec::new());
-                wasip3::spawn_local(async move {
-                    p3::pipe(input, output).await;
-                    drop(done_tx);
-                });
-                Ok(response)
-            }
+            "/echo" => p3::echo(request),
             _ => p3::respond(404, b"not found\n".to_vec()),
         }
     }

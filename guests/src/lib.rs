@@ -239,6 +239,18 @@ pub mod p3 {
         }
     }
 
+    /// A `200` whose body is `request`'s, streamed back as it arrives.
+    pub fn echo(request: Request) -> Result<Response, ErrorCode> {
+        let (done_tx, done_rx) = wit_future::new(|| Ok(()));
+        let (input, _trailers) = Request::consume_body(request, done_rx);
+        let (response, output) = streaming_response(200, Vec::new());
+        wasip3::spawn_local(async move {
+            pipe(input, output).await;
+            drop(done_tx);
+        });
+        Ok(response)
+    }
+
     /// A complete `text/plain` response with `status` and `body`, written by a
     /// task that outlives the handler call.
     pub fn respond(status: u16, body: Vec<u8>) -> Result<Response, ErrorCode> {
