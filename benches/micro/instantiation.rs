@@ -4,9 +4,10 @@
 //!   and instantiate the guest in it, the cost a request pays on its
 //!   critical path when no instance is ready;
 //! - `handle/{hello-p2,hello-p3}/{fresh,prewarm}`: one request through
-//!   [`ProxyHandler::handle`] with the default limits (a p2 instance serves
-//!   one request), reading the whole body, with no instance prepared ahead
-//!   and with 4 prewarmed instances refilled in the background;
+//!   [`ProxyHandler::handle`] on an instance of its own (`max_reuse` 1, for
+//!   p3 too, whose default reuses), reading the whole body, with no
+//!   instance prepared ahead and with 4 prewarmed instances refilled in the
+//!   background;
 //! - `handle/hello-p3/reused`: the same with a warm p3 instance reused, so
 //!   the figure is the dispatch overhead plus one guest call.
 //!
@@ -66,8 +67,13 @@ fn handle(c: &mut Criterion) {
     for guest in [guests::HELLO_P2, guests::HELLO_P3] {
         for prewarm in [0, 4] {
             let _guard = tokio.enter();
+            let app = app(&runtime, guest);
+            let once = Limits {
+                max_reuse: 1,
+                ..app.limits().clone()
+            };
             let handler = ProxyHandler::new(
-                app(&runtime, guest),
+                app.with_limits(once),
                 PoolLimits {
                     prewarm,
                     ..PoolLimits::default()

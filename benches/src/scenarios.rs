@@ -195,7 +195,7 @@ pub fn all() -> Vec<Scenario> {
                 Settings {
                     concurrency: Some(1),
                     idle_timeout_secs: Some(300),
-                    wasmhive_extra: vec!["--max-instances".into(), "1200".into()],
+                    max_instances: Some(1200),
                     ..Settings::default()
                 },
             )],

@@ -54,6 +54,11 @@ pub struct Settings {
     pub concurrency: Option<u32>,
     /// Idle timeout, in seconds.
     pub idle_timeout_secs: Option<u32>,
+    /// Instances alive at once: wasmhive's `--max-instances` (which sizes
+    /// its pool from the component), and for `wasmtime serve` a pooling
+    /// allocator with room for as many, with the allowance per instance of
+    /// [`WASMTIME_POOL_PER_INSTANCE`].
+    pub max_instances: Option<u32>,
     /// Extra `wasmhive serve` flags with no wasmtime equivalent.
     pub wasmhive_extra: Vec<String>,
     /// Serve the component precompiled by the server's own `compile`
@@ -64,6 +69,15 @@ pub struct Settings {
     /// runtime. `wasmtime serve` has no equivalent and runs as one process.
     pub workers: usize,
 }
+
+/// What `wasmtime serve`'s pool is given per instance when
+/// [`Settings::max_instances`] is set: core instances, memories, tables
+/// (a std guest with the WASI adapter has two or three of each).
+const WASMTIME_POOL_PER_INSTANCE: [(&str, u32); 3] = [
+    ("pooling-total-core-instances", 8),
+    ("pooling-total-memories", 4),
+    ("pooling-total-tables", 4),
+];
 
 /// Precompiles `component` with `kind`'s own `compile` command (a `.cwasm`
 /// is specific to the wasmtime version that made it) into the system's
@@ -198,6 +212,9 @@ fn command(
             if settings.workers > 1 {
                 c.arg("--workers").arg(settings.workers.to_string());
             }
+            if let Some(n) = settings.max_instances {
+                c.arg("--max-instances").arg(n.to_string());
+            }
             c.args(&settings.wasmhive_extra).arg(component);
             c.env("RUST_LOG", "warn");
             c
@@ -217,6 +234,14 @@ fn command(
             }
             if let Some(s) = settings.idle_timeout_secs {
                 c.arg("--idle-instance-timeout").arg(format!("{s}s"));
+            }
+            if let Some(n) = settings.max_instances {
+                c.arg("-O")
+                    .arg(format!("pooling-total-component-instances={n}"));
+                c.arg("-O").arg(format!("pooling-total-stacks={n}"));
+                for (option, per_instance) in WASMTIME_POOL_PER_INSTANCE {
+                    c.arg("-O").arg(format!("{option}={}", n * per_instance));
+                }
             }
             if settings.precompiled {
                 c.arg("--allow-precompiled");
