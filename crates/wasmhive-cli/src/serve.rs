@@ -346,6 +346,7 @@ fn load_app(spec: AppSpec, budget: &MemoryBudget, workers: usize) -> anyhow::Res
         max_memory: usize::try_from(args.max_memory).unwrap_or(usize::MAX),
         max_concurrency: args.max_concurrent_per_instance.map(|n| n as usize),
         cache_dir: args.cache_dir(),
+        memory_budget: Some(budget.limit()),
         ..RuntimeConfig::default()
     };
     let loading = Instant::now();

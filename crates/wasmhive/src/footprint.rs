@@ -73,9 +73,20 @@ impl Footprint {
         usize::try_from(self.initial_memory.min(32 << 20)).unwrap_or(32 << 20)
     }
 
-    pub(crate) fn decommit_batch(&self) -> usize {
+    ///
+    /// Under a memory `budget` the batch also stays small enough that the
+    /// memories waiting in it, each up to `max_memory` bytes, hold at most
+    /// an eighth of the budget: an instance's memory leaves the budget when
+    /// the instance ends, not when its pages go back to the system, and 16
+    /// ended instances that had grown to 128 MiB would hold 2 GiB resident
+    /// that no budget counts.
+    pub(crate) fn decommit_batch(&self, max_memory: usize, budget: Option<usize>) -> usize {
         let per_instance = self.initial_memory.max(1);
-        (Self::DECOMMIT_BATCH_BYTES / per_instance).clamp(1, 16) as usize
+        let batch = (Self::DECOMMIT_BATCH_BYTES / per_instance).clamp(1, 16) as usize;
+        match budget {
+            Some(budget) => batch.min(budget / 8 / max_memory.max(1)).max(1),
+            None => batch,
+        }
     }
 
     /// Core instances one component instance may have: only counted by the
@@ -529,5 +540,25 @@ mod tests {
             assert_eq!(Measured::from_binary(&bytes), None, "{text}");
         }
         assert_eq!(Measured::from_binary(b"\0asm not really"), None);
+    }
+
+    #[test]
+    fn a_memory_budget_bounds_what_waits_to_be_decommitted() {
+        let small = Footprint {
+            initial_memory: 64 << 10,
+            ..Footprint::default()
+        };
+        let max_memory = 128 << 20;
+        assert_eq!(small.decommit_batch(max_memory, None), 16);
+        // An eighth of 2 GiB is two 128 MiB memories.
+        assert_eq!(small.decommit_batch(max_memory, Some(2 << 30)), 2);
+        assert_eq!(small.decommit_batch(max_memory, Some(64 << 30)), 16);
+        assert_eq!(small.decommit_batch(max_memory, Some(64 << 20)), 1);
+        // A large initial memory batches little whatever the budget.
+        let python = Footprint {
+            initial_memory: 13 << 20,
+            ..Footprint::default()
+        };
+        assert_eq!(python.decommit_batch(max_memory, Some(64 << 30)), 1);
     }
 }

@@ -51,6 +51,13 @@ pub struct RuntimeConfig {
     /// Shorter ticks cut off sooner and cost a wake-up per tick. Default:
     /// 1 ms.
     pub epoch_tick: Duration,
+    /// What all instances' linear memories may take together (the
+    /// [`MemoryBudget`](crate::MemoryBudget) they share), if bounded. The
+    /// memory of an ended instance stays resident, outside any budget, until
+    /// the pool decommits a batch of them; with a budget, batches are kept
+    /// small enough that what waits in one (at most `max_memory` per
+    /// instance) is no more than an eighth of it. Default: none.
+    pub memory_budget: Option<usize>,
     /// A directory where compiled code is kept between runs, keyed by the
     /// component's bytes, the wasmtime version and the engine settings: a
     /// component compiled once loads in milliseconds afterwards. If the
@@ -69,6 +76,7 @@ impl Default for RuntimeConfig {
             max_memory: 128 << 20,
             epoch_tick: Duration::from_millis(1),
             cache_dir: None,
+            memory_budget: None,
         }
     }
 }
@@ -545,7 +553,7 @@ fn engine_config(config: &RuntimeConfig, pooling: bool, cache: Option<&Cache>) -
             // Reserved, but committed only as used.
             .total_stacks(stacks)
             .max_memory_size(config.max_memory);
-        pool.decommit_batch_size(footprint.decommit_batch());
+        pool.decommit_batch_size(footprint.decommit_batch(config.max_memory, config.memory_budget));
         let resident = footprint.keep_resident();
         pool.linear_memory_keep_resident(resident)
             .table_keep_resident(resident.min(1 << 20))
