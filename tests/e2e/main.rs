@@ -260,7 +260,12 @@ impl Server {
         let pid = self.child.id().to_string();
         let (exited, watch) = std::sync::mpsc::channel::<()>();
         let watchdog = std::thread::spawn(move || {
-            let hung = watch.recv_timeout(timeout).is_err();
+            // Only a timeout is a hang: a dropped sender means `wait`
+            // failed, which panics on its own.
+            let hung = matches!(
+                watch.recv_timeout(timeout),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+            );
             if hung {
                 let _ = Command::new("kill").args(["-KILL", &pid]).status();
             }

@@ -98,12 +98,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let tls = tls_acceptor(&args)
         .map_err(UsageError)?
         .map(|acceptor| Arc::new(ArcSwap::from_pointee(acceptor)));
-    let loader = Arc::new(Loader {
+    let loader = Loader {
         args: args.clone(),
         source: Source::of(&args),
         budget: MemoryBudget::new(usize::try_from(args.max_total_memory()).unwrap_or(usize::MAX)),
         workers: tokio::runtime::Handle::current().metrics().num_workers(),
-    });
+    };
     let loaded = loader.load().map_err(UsageError)?;
     // What every app's instances take at once: the per-client request
     // share's default is half of it.
