@@ -150,15 +150,7 @@ impl<S: HandlerState> ProxyHandler<S> {
         {
             place.done(admitted.elapsed());
         }
-        let response = record.finish(dispatcher, accepted, answer)?;
-        // The guest writes the body after the head (p3: a task after the
-        // call returned; p2: after setting the outparam), in the instance's
-        // task, which the head's delivery did not stop. Letting it run
-        // first means the caller (hyper) usually finds the first frame, or
-        // the whole body, ready with the head, and sends them in one write
-        // instead of two: fewer syscalls and packets per request.
-        tokio::task::yield_now().await;
-        Ok(response)
+        record.finish(dispatcher, accepted, answer)
     }
 
     /// Live gauges and running totals.

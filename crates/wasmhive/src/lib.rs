@@ -52,10 +52,7 @@
 //!    [`WorkerState::on_request_start`] for the request's deadline.
 //! 4. The response head goes back to `handle` as soon as the guest produces
 //!    it (for p2, when the outparam is set); the body then streams from the
-//!    guest as the caller reads it. `handle` yields once before returning
-//!    the head, so that the instance's task, which writes the body after
-//!    the head, usually has its first frame ready when the caller (hyper)
-//!    first polls the body: head and body go out in one write.
+//!    guest as the caller reads it.
 //! 5. Failures come back typed: [`ExpirationError`] when the deadline passes,
 //!    [`TrapOrPanicError`] when the instance traps before responding (a trap
 //!    after the head aborts the body instead), [`InstantiationError`] with
