@@ -243,14 +243,57 @@ struct Loader {
 }
 
 impl Loader {
-    fn load(&self) -> anyhow::Result<Vec<Loaded>> {
-        load_apps(&self.args, &self.source, &self.budget, self.workers)
+    /// Whether the apps come from a manifest: then they are named in
+    /// errors and labelled with their names in the metrics; the command
+    /// line's one app is neither.
+    fn is_manifest(&self) -> bool {
+        matches!(self.source, Source::Manifest(_))
     }
 
-    /// The router serving `loaded`; a manifest's apps are labelled with
-    /// their names in the metrics.
+    /// Every app of the source, loaded with its settings; the apps share
+    /// the memory budget. Fails on the first app that does not load.
+    fn load(&self) -> anyhow::Result<Vec<Loaded>> {
+        self.source
+            .read(&self.args)?
+            .into_iter()
+            .map(|spec| {
+                let name = spec.name.clone();
+                let loaded = load_app(spec, &self.budget, self.workers);
+                if self.is_manifest() {
+                    loaded.with_context(|| format!("app `{name}`"))
+                } else {
+                    loaded
+                }
+            })
+            .collect()
+    }
+
+    /// Starts serving `loaded`: each app gets its pool (and starts
+    /// prewarming) and its place in the routes.
     fn serve(&self, loaded: Vec<Loaded>) -> Router<Served> {
-        serve_apps(loaded, matches!(self.source, Source::Manifest(_)))
+        Router::new(
+            loaded
+                .into_iter()
+                .map(|loaded| {
+                    let labels = match self.is_manifest() {
+                        true => vec![metrics::Label::new("app", loaded.spec.name.clone())],
+                        false => Vec::new(),
+                    };
+                    let recorder = Arc::new(telemetry::MetricsRecorder {
+                        labels: labels.clone(),
+                    });
+                    Route {
+                        route: loaded.spec.route,
+                        host: loaded.spec.host,
+                        app: Served {
+                            name: loaded.spec.name,
+                            handler: ProxyHandler::with_recorder(loaded.app, loaded.pool, recorder),
+                            labels,
+                        },
+                    }
+                })
+                .collect(),
+        )
     }
 
     /// A new version of every app, for a reload (SIGHUP, the admin
@@ -302,31 +345,6 @@ struct Loaded {
     component: String,
     took: Duration,
     from_cache: bool,
-}
-
-/// Every app of `source`, loaded with its settings; the apps share the
-/// memory `budget`. Fails on the first app that does not load.
-fn load_apps(
-    args: &ServeArgs,
-    source: &Source,
-    budget: &MemoryBudget,
-    workers: usize,
-) -> anyhow::Result<Vec<Loaded>> {
-    // A manifest's apps are named in errors; the command line's is not.
-    let named = matches!(source, Source::Manifest(_));
-    source
-        .read(args)?
-        .into_iter()
-        .map(|spec| {
-            let name = spec.name.clone();
-            let loaded = load_app(spec, budget, workers);
-            if named {
-                loaded.with_context(|| format!("app `{name}`"))
-            } else {
-                loaded
-            }
-        })
-        .collect()
 }
 
 /// One app's component with the limits, environment and outbound
@@ -404,35 +422,6 @@ fn load_app(spec: AppSpec, budget: &MemoryBudget, workers: usize) -> anyhow::Res
         took,
         from_cache,
     })
-}
-
-/// Starts serving `loaded`: each app gets its pool (and starts prewarming)
-/// and its place in the routes; with `labelled`, its metrics carry its
-/// name as the `app` label.
-fn serve_apps(loaded: Vec<Loaded>, labelled: bool) -> Router<Served> {
-    Router::new(
-        loaded
-            .into_iter()
-            .map(|loaded| {
-                let labels = match labelled {
-                    true => vec![metrics::Label::new("app", loaded.spec.name.clone())],
-                    false => Vec::new(),
-                };
-                let recorder = Arc::new(telemetry::MetricsRecorder {
-                    labels: labels.clone(),
-                });
-                Route {
-                    route: loaded.spec.route,
-                    host: loaded.spec.host,
-                    app: Served {
-                        name: loaded.spec.name,
-                        handler: ProxyHandler::with_recorder(loaded.app, loaded.pool, recorder),
-                        labels,
-                    },
-                }
-            })
-            .collect(),
-    )
 }
 
 /// Listens on `addr`, sharing its port with other processes that do so too
