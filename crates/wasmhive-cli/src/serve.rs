@@ -767,7 +767,7 @@ impl Server {
                 // other work, though, so not while requests queue for an
                 // instance: then the thread has better things to run, and
                 // the head would wait behind them.
-                if !response.body().is_end_stream() && handler.stats().queued_requests == 0 {
+                if !response.body().is_end_stream() && handler.queued_requests() == 0 {
                     tokio::task::yield_now().await;
                 }
                 response

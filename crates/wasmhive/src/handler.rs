@@ -172,6 +172,13 @@ impl<S: HandlerState> ProxyHandler<S> {
         }
     }
 
+    /// Requests waiting in the queue right now: [`Stats::queued_requests`]
+    /// alone, without the rest of [`Self::stats`]'s snapshot, for a caller
+    /// on the request path.
+    pub fn queued_requests(&self) -> usize {
+        self.dispatcher.pool.occupancy().queued
+    }
+
     /// Stops admitting requests: new ones fail with [`Error::ShuttingDown`].
     /// Queued and running requests go on; each instance exits once its
     /// requests are done. Idempotent.
