@@ -727,14 +727,11 @@ impl Codel {
             self.growing_fast()
         };
         let overloaded = growing && (self.overloaded || self.grew && may_enter);
-        if overloaded != self.overloaded {
-            self.log_transition(overloaded);
-            self.probe_gap = PROBE_FIRST_INTERVALS;
-            self.next_probe = overloaded.then(|| now + self.interval * self.probe_gap);
-        }
         self.set_depth(end, now);
         self.grew = growing && !self.overloaded;
-        self.overloaded = overloaded;
+        if overloaded != self.overloaded {
+            self.transition(overloaded, now);
+        }
         if overloaded && self.next_probe.is_some_and(|at| now >= at) {
             tracing::debug!("request queue overload: probing, not shedding, for two intervals");
             self.probe = Some(Probe::Settling);
@@ -758,16 +755,18 @@ impl Codel {
             self.probe_gap = (self.probe_gap * 4).min(PROBE_MAX_INTERVALS);
             self.next_probe = Some(now + self.interval * self.probe_gap);
         } else {
-            self.log_transition(false);
-            self.overloaded = false;
             self.grew = false;
-            self.next_probe = None;
-            self.probe_gap = PROBE_FIRST_INTERVALS;
+            self.transition(false, now);
         }
         self.start_interval(now);
     }
 
-    fn log_transition(&self, overloaded: bool) {
+    /// Overload begins or ends at `now`; either way the probes start again
+    /// from the shortest gap.
+    fn transition(&mut self, overloaded: bool, now: Instant) {
+        self.overloaded = overloaded;
+        self.probe_gap = PROBE_FIRST_INTERVALS;
+        self.next_probe = overloaded.then(|| now + self.interval * self.probe_gap);
         tracing::info!(
             overloaded,
             joined = self.joined,
