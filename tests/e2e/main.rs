@@ -218,19 +218,20 @@ impl Server {
     /// Stops the server with SIGTERM and returns how it exited, without
     /// looking for panics in its output: for a test whose guest writes
     /// unprefixed output that may say `panicked`.
-    pub async fn stop_without_output_check(mut self) -> ExitStatus {
-        self.signal("TERM");
-        let status = self.wait_exit(Duration::from_secs(60)).await;
-        if let Some(reader) = self.reader.take() {
-            reader.join().unwrap();
-        }
-        status
+    pub async fn stop_without_output_check(self) -> ExitStatus {
+        self.stopped_by("TERM").await
     }
 
     /// Kills the server with SIGKILL, as a crash or the OOM killer would,
     /// and returns how it exited (its output is not checked).
-    pub async fn kill(mut self) -> ExitStatus {
-        self.signal("KILL");
+    pub async fn kill(self) -> ExitStatus {
+        self.stopped_by("KILL").await
+    }
+
+    /// Sends `signal` and returns how the server exited, once its output
+    /// is all read (and not checked).
+    async fn stopped_by(mut self, signal: &str) -> ExitStatus {
+        self.signal(signal);
         let status = self.wait_exit(Duration::from_secs(60)).await;
         if let Some(reader) = self.reader.take() {
             reader.join().unwrap();
