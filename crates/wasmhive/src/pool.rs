@@ -29,15 +29,18 @@
 //! each saw more than twice as many requests join the queue as leave it for
 //! a worker, plus a margin of 16 (a growing queue), the queue is
 //! overloaded: it then serves the newest request first (it still has a
-//! client willing to wait), keeps only as many requests as the workers take
-//! within the target, and sheds the older ones at once, so admitted
+//! client willing to wait; a free worker takes it however long it waited,
+//! so a guest slower than the target never idles), keeps only as many
+//! requests as the workers take within the target, and sheds the older
+//! ones at once, so admitted
 //! requests stay fast and the surplus gets its `503` within a few
 //! milliseconds, until requests no longer join faster than they leave.
 //! Clients that send again as soon as they are shed also join faster than
 //! they leave, so an overload is probed now and then: for two intervals
 //! nothing is shed, and if the queue then no longer grows fast, or grows
 //! ever more slowly (a fixed set of clients, taking turns once they are all
-//! queued), the overload ends.
+//! queued), the overload ends; a probe that finds the queue still growing
+//! as fast ends at once, to hold back as few requests as it can.
 //! Otherwise it is FIFO, and a burst may wait up to
 //! [`PoolLimits::max_queue_wait`]. The growth condition is what tells
 //! overload (requests arrive faster than they are served) from many clients
@@ -88,7 +91,11 @@ pub struct PoolLimits {
     /// The queue's target sojourn time. When waits stay above it and the
     /// queue grows fast for two [`Self::queue_interval`]s in a row, the
     /// queue counts as overloaded: it serves newest first and sheds
-    /// requests that would wait longer than this. Default: 5 ms.
+    /// requests that would wait longer than this (a free worker still
+    /// takes the newest request, however long it waited). Lower than
+    /// CoDel's classic 5 ms: on a saturated machine, every millisecond a
+    /// request waits adds to a service time the CPU contention already
+    /// stretches. Default: 2 ms.
     pub queue_target: Duration,
     /// See [`Self::queue_target`]. Clients arriving together within one
     /// interval are queued, not shed. Default: 25 ms.
@@ -130,7 +137,7 @@ impl Default for PoolLimits {
             max_running: std::thread::available_parallelism().map_or(1, usize::from),
             max_queue_len: 1024,
             max_queue_wait: Duration::from_secs(2),
-            queue_target: Duration::from_millis(5),
+            queue_target: Duration::from_millis(2),
             queue_interval: Duration::from_millis(25),
             prewarm: 0,
             instantiation_retries: 2,
@@ -532,8 +539,8 @@ impl<J: Sheddable> State<J> {
         self.queue.push_front(Queued { ticket, job, since });
     }
 
-    /// The next job to start: the oldest, or, while overloaded, the newest
-    /// after shedding those that waited too long.
+    /// The next job to start, shedding those that waited too long: the
+    /// oldest, or, while overloaded, the newest.
     fn next_job(&mut self, now: Instant, limits: &PoolLimits) -> Option<J> {
         let oldest = self.queue.front()?.since;
         // Waiting for memory or pool slots is not overload: shedding
@@ -541,10 +548,15 @@ impl<J: Sheddable> State<J> {
         let may_enter = !self.at_capacity;
         self.codel
             .observe(now.saturating_duration_since(oldest), now, may_enter);
-        self.shed_stale(now, limits.max_queue_wait);
         let queued = if self.codel.overloaded {
-            self.queue.pop_back()
+            // A worker is free now: the newest job starts at once, however
+            // long it waited. Were it shed with the stale ones, a guest
+            // slower than the target would find them all stale and idle.
+            let newest = self.queue.pop_back();
+            self.shed_stale(now, limits.max_queue_wait);
+            newest
         } else {
+            self.shed_stale(now, limits.max_queue_wait);
             self.queue.pop_front()
         }?;
         if self.queue.is_empty() {
@@ -620,9 +632,10 @@ const PROBE_MAX_INTERVALS: u32 = 400;
 /// takes turns, or its last stragglers come back (fewer and fewer), the
 /// overload ends and the queue is FIFO again; new requests still pour in
 /// at the same rate, faster than they leave, and shedding resumes with
-/// what waited past the target. A probe so costs an open overload a few
-/// late `503`s, and saves a closed loop from being shed for good after one
-/// misjudged ramp-up.
+/// what waited past the target; it resumes as soon as the second interval's
+/// counts so far already say so, not at its end. A probe so costs an open
+/// overload a few late `503`s, and saves a closed loop from being shed for
+/// good after one misjudged ramp-up.
 struct Codel {
     target: Duration,
     interval: Duration,
@@ -701,6 +714,13 @@ impl Codel {
             return;
         };
         if now < end {
+            // A probe that already sees the overload hold ends at once: the
+            // newcomers it holds would only be shed later.
+            if let Some(Probe::Counting { settling }) = self.probe
+                && self.probe_holds(settling)
+            {
+                self.end_probe(true, end, now);
+            }
             return;
         }
         match self.probe {
@@ -711,11 +731,17 @@ impl Codel {
                 self.start_interval(now);
             }
             Some(Probe::Counting { settling }) => {
-                let holds = self.growing_fast() && 2 * self.joined > settling;
+                let holds = self.probe_holds(settling);
                 self.end_probe(holds, end, now);
             }
             None => self.end_interval(end, now, may_enter),
         }
+    }
+
+    /// Whether a probe's counting interval so far finds the queue still
+    /// growing fast, and as fast as while `settling` jobs joined.
+    fn probe_holds(&self, settling: u32) -> bool {
+        self.growing_fast() && 2 * self.joined > settling
     }
 
     /// The end of an interval outside a probe: overload begins, holds or

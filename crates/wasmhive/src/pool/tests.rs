@@ -476,6 +476,46 @@ fn an_open_overload_stays_shedding_through_its_probes() {
 }
 
 #[test]
+fn an_overloaded_queue_keeps_a_guest_slower_than_its_target_busy() {
+    // A guest taking 18 ms, eighteen times the target, and a request every
+    // 5 ms: when the worker is free, the newest job has mostly waited past
+    // the target. It must start all the same, or the worker idles until the
+    // next request arrives.
+    let pool = Pool::new(PoolLimits {
+        max_running: 1,
+        queue_target: MS,
+        queue_interval: 500 * MS,
+        ..limits(1, 1000)
+    });
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let t0 = now();
+    assert!(matches!(pool.admit(0, t0), Admission::Start(1, 0)));
+    let mut busy_until = Some(t0 + 18 * MS);
+    let (mut next, mut served, mut overloaded_at) = (1, 0, None);
+    for ms in 1..=10_000u32 {
+        let at = t0 + ms * MS;
+        if busy_until.is_some_and(|until| at >= until) {
+            served += u32::from(overloaded_at.is_some());
+            busy_until = pool.advertise(1, &tx, at).map(|_| at + 18 * MS);
+        }
+        if ms % 5 == 0 {
+            if let Admission::Handed = pool.admit(next, at) {
+                rx.try_recv().expect("the handed job");
+                busy_until = Some(at + 18 * MS);
+            }
+            next += 1;
+        }
+        if overloaded_at.is_none() && pool.lock().codel.overloaded {
+            overloaded_at = Some(ms);
+        }
+    }
+    let began = overloaded_at.expect("never overloaded");
+    assert!(!take_shed().is_empty());
+    let busy = (10_000 - began) / 18;
+    assert!(served + 1 >= busy, "served {served} in the time of {busy}");
+}
+
+#[test]
 fn a_full_pool_is_capacity_the_job_waits_for_an_exit() {
     let pool = Pool::new(limits(4, 8));
     assert!(matches!(pool.admit(1, now()), Admission::Start(1, 1)));
