@@ -213,6 +213,16 @@ pub async fn closed_loop(
 /// How long an open-loop request may wait for its answer.
 pub const ANSWER_DEADLINE: Duration = Duration::from_secs(10);
 
+/// What an open loop measured: over the whole run, and over the requests
+/// due once the server had had time to settle into the load.
+pub struct OpenLoop {
+    pub all: Measured,
+    /// Answers (statuses and latencies only) to requests due at or after
+    /// the `settle` time given to [`open_loop`]: without the onset of the
+    /// overload.
+    pub settled: Measured,
+}
+
 /// Offers `rate` requests per second for `duration`, each on a connection
 /// of its own pool, with at most `max_outstanding` in flight (more are
 /// counted as not sent). Latency counts from when a request was due; no
@@ -221,10 +231,12 @@ pub async fn open_loop(
     target: &Target,
     rate: f64,
     duration: Duration,
+    settle: Duration,
     max_outstanding: usize,
     server: &[u32],
-) -> Measured {
-    with_cpu(server, async {
+) -> OpenLoop {
+    let settled = Arc::new(std::sync::Mutex::new(Measured::new()));
+    let all = with_cpu(server, async {
         let results = Arc::new(std::sync::Mutex::new(Measured::new()));
         let outstanding = Arc::new(Semaphore::new(max_outstanding));
         let idle: Arc<std::sync::Mutex<Vec<Sender>>> = Arc::default();
@@ -239,6 +251,7 @@ pub async fn open_loop(
                 continue;
             };
             let (target, results, idle) = (target.clone(), results.clone(), idle.clone());
+            let settled = (due >= start + settle).then(|| settled.clone());
             tasks.push(tokio::spawn(async move {
                 let attempt = async {
                     let pooled = idle.lock().unwrap().pop();
@@ -257,7 +270,11 @@ pub async fn open_loop(
                     .await
                     .ok()
                     .flatten();
-                results.lock().unwrap().record(status, due.elapsed());
+                let latency = due.elapsed();
+                results.lock().unwrap().record(status, latency);
+                if let Some(settled) = settled {
+                    settled.lock().unwrap().record(status, latency);
+                }
                 drop(permit);
             }));
         }
@@ -266,7 +283,9 @@ pub async fn open_loop(
         }
         results.lock().unwrap().clone()
     })
-    .await
+    .await;
+    let settled = settled.lock().unwrap().clone();
+    OpenLoop { all, settled }
 }
 
 /// Sends `GET path` until it gets a 200, for up to `timeout`; returns the

@@ -320,8 +320,18 @@ pub async fn run_one(
             // Let the instances the capacity run left behind settle.
             tokio::time::sleep(Duration::from_millis(200)).await;
             let offered = 4.0 * capacity.ok_rate().max(10.0);
-            let m =
-                load::open_loop(&target, offered, options.duration, 16_384, &running.pids()).await;
+            // The onset of an overload (the queue telling it from clients
+            // taking turns) is reported apart: the first fifth of the run.
+            let settle = options.duration / 5;
+            let load::OpenLoop { all: m, settled } = load::open_loop(
+                &target,
+                offered,
+                options.duration,
+                settle,
+                16_384,
+                &running.pids(),
+            )
+            .await;
             let answered: u64 = m.statuses.values().sum();
             figures.insert("unloaded_p99_ms".into(), unloaded.ok_ms(99.0));
             figures.insert("capacity_rps".into(), capacity.ok_rate());
@@ -335,6 +345,11 @@ pub async fn run_one(
             figures.insert(
                 "shed_p99_ms".into(),
                 m.shed.value_at_percentile(99.0) as f64 / 1000.0,
+            );
+            figures.insert("settled_admitted_p99_ms".into(), settled.ok_ms(99.0));
+            figures.insert(
+                "settled_shed_p99_ms".into(),
+                settled.shed.value_at_percentile(99.0) as f64 / 1000.0,
             );
             figures.insert("client_cpu".into(), m.client_cpu);
             figures.insert("not_sent".into(), m.not_sent as f64);

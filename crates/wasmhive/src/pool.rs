@@ -606,6 +606,11 @@ const GROWTH_MARGIN: u32 = 16;
 /// probe costs a few late `503`s, is probed rarely.
 const PROBE_FIRST_INTERVALS: u32 = 2;
 
+/// A probe's first part, while shed clients come back, lasts this share of
+/// an interval: a client sends again within a round trip of its `503`, and
+/// every request it holds would be shed late in an open overload.
+const PROBE_SETTLING_SHARE: u32 = 4;
+
 /// The longest gap between probes, in intervals (10 s at the default
 /// interval).
 const PROBE_MAX_INTERVALS: u32 = 400;
@@ -726,7 +731,7 @@ impl Codel {
         match self.probe {
             Some(Probe::Settling) => {
                 self.probe = Some(Probe::Counting {
-                    settling: self.joined,
+                    settling: self.joined * PROBE_SETTLING_SHARE,
                 });
                 self.start_interval(now);
             }
@@ -764,6 +769,9 @@ impl Codel {
             self.next_probe = None;
         }
         self.start_interval(now);
+        if self.probe == Some(Probe::Settling) {
+            self.interval_end = Some(now + self.interval / PROBE_SETTLING_SHARE);
+        }
     }
 
     /// The end of a probe: if the overload `holds`, the next probe waits
