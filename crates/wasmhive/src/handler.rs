@@ -118,13 +118,10 @@ impl<S: HandlerState> ProxyHandler<S> {
                 dispatcher.spawn_worker(id, Some(job));
                 None
             }
-            Admission::Queued(ticket, patience) => Some((
-                QueueSlot {
-                    pool: &dispatcher.pool,
-                    ticket,
-                },
-                patience,
-            )),
+            Admission::Queued(ticket) => Some(QueueSlot {
+                pool: &dispatcher.pool,
+                ticket,
+            }),
             Admission::Overloaded(_) => return record.fail(dispatcher, self.overloaded().into()),
             Admission::Closed(_) => return record.fail(dispatcher, ShuttingDown.into()),
         };
@@ -132,14 +129,17 @@ impl<S: HandlerState> ProxyHandler<S> {
 
         let reply = match queued {
             None => (&mut rx).await,
-            Some((slot, patience)) => match tokio::time::timeout(patience, &mut rx).await {
-                Ok(reply) => reply,
-                Err(_) if slot.leave() => {
-                    return record.fail(dispatcher, self.overloaded().into());
+            // The pool sheds what it must; this is the backstop.
+            Some(slot) => {
+                match tokio::time::timeout(dispatcher.pool.limits().max_queue_wait, &mut rx).await {
+                    Ok(reply) => reply,
+                    Err(_) if slot.leave() => {
+                        return record.fail(dispatcher, self.overloaded().into());
+                    }
+                    // A worker took it just as the wait ran out.
+                    Err(_) => (&mut rx).await,
                 }
-                // A worker took it just as the wait ran out.
-                Err(_) => (&mut rx).await,
-            },
+            }
         };
         let Reply { answer, accepted } = reply.unwrap_or_else(|_| Reply {
             answer: Err(TrapOrPanicError::new("the worker vanished before responding").into()),

@@ -42,8 +42,8 @@
 //!    and shed with [`Overloaded`] as soon as it could not start within
 //!    `queue_target` (enough newer requests wait ahead of it), or once it
 //!    has waited that long. Now and then an overload is probed (nothing
-//!    shed for two intervals), so that clients resending as soon as they
-//!    are shed are not taken for an endless overload.
+//!    shed for up to an interval and a quarter), so that clients resending
+//!    as soon as they are shed are not taken for an endless overload.
 //!    Dropping the `handle` future also takes it out of the queue: it never
 //!    reaches a guest.
 //! 3. The worker starts the request as a guest task in its store

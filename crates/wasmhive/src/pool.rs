@@ -28,20 +28,28 @@
 //! ends it (a burst that drains). If two such standing intervals in a row
 //! each saw more than twice as many requests join the queue as leave it for
 //! a worker, plus a margin of 16 (a growing queue), the queue is
-//! overloaded: it then serves the newest request first (it still has a
-//! client willing to wait; a free worker takes it however long it waited,
-//! so a guest slower than the target never idles), keeps only as many
-//! requests as the workers take within the target, and sheds the older
-//! ones at once, so admitted
-//! requests stay fast and the surplus gets its `503` within a few
-//! milliseconds, until requests no longer join faster than they leave.
+//! overloaded until requests no longer join faster than they leave. While
+//! overloaded it serves the newest request first (it still has a client
+//! willing to wait), and a free worker takes it however long it waited, so
+//! a guest slower than the target never idles. The queue keeps only as
+//! many requests as the workers take within the target, and sheds the
+//! older ones, and any that waited past the target, as soon as a newer one
+//! arrives or a worker takes one: admitted requests stay fast and the
+//! surplus gets its `503` within a few milliseconds.
+//!
 //! Clients that send again as soon as they are shed also join faster than
-//! they leave, so an overload is probed now and then: for two intervals
-//! nothing is shed, and if the queue then no longer grows fast, or grows
-//! ever more slowly (a fixed set of clients, taking turns once they are all
-//! queued), the overload ends; a probe that finds the queue still growing
-//! as fast ends at once, to hold back as few requests as it can.
-//! Otherwise it is FIFO, and a burst may wait up to
+//! they leave, so an overload is probed now and then: nothing is shed for a
+//! quarter interval, while shed clients come back, and then for up to an
+//! interval in which the queue must still grow fast, with requests joining
+//! at least half as fast as in the first part. New requests keep pouring in
+//! at the same rate, and shedding resumes as soon as the counts say so; a
+//! fixed set of clients now takes turns, and the overload ends. Clients
+//! that resend within about half an interval of their `503` are told apart
+//! so (the tests check 10 ms at the defaults); slower ones stay shed, newest
+//! first, like an open load, until they no longer join faster than they
+//! leave.
+//!
+//! Not overloaded, the queue is FIFO, and a burst may wait up to
 //! [`PoolLimits::max_queue_wait`]. The growth condition is what tells
 //! overload (requests arrive faster than they are served) from many clients
 //! each waiting for their turn, such as 200 connections on one instance:
@@ -181,8 +189,9 @@ pub(crate) enum Admission<J> {
     Handed,
     /// The caller must start worker `WorkerId` with this job.
     Start(WorkerId, J),
-    /// Waiting in the queue; the caller gives up after `patience`.
-    Queued(Ticket, Duration),
+    /// Waiting in the queue. The pool sheds it if it must; its caller
+    /// gives up after [`PoolLimits::max_queue_wait`] at the latest.
+    Queued(Ticket),
     /// Rejected: the queue is full.
     Overloaded(J),
     /// Rejected: the pool is closed.
@@ -516,18 +525,17 @@ impl<J: Sheddable> State<J> {
             job,
             since: now,
         });
-        if !self.codel.shedding() {
-            return Admission::Queued(ticket, limits.max_queue_wait);
+        if self.codel.shedding() {
+            // Newest first: with `depth` newer jobs ahead of it, the oldest
+            // would wait past the target anyway. It gets its answer now
+            // rather than after the target.
+            while self.queue.len() > self.codel.depth
+                && let Some(oldest) = self.queue.pop_front()
+            {
+                oldest.job.shed();
+            }
         }
-        // Newest first: with `depth` newer jobs ahead of it, the oldest
-        // would wait past the target anyway. It gets its answer now rather
-        // than after the target.
-        while self.queue.len() > self.codel.depth
-            && let Some(oldest) = self.queue.pop_front()
-        {
-            oldest.job.shed();
-        }
-        Admission::Queued(ticket, limits.queue_target)
+        Admission::Queued(ticket)
     }
 
     /// Already-admitted jobs skip the line (and the queue's length limit);
@@ -629,18 +637,18 @@ const PROBE_MAX_INTERVALS: u32 = 400;
 /// That last rule cannot tell an open stream of new requests from a fixed
 /// set of clients that each send again as soon as they are shed: both join
 /// faster than they leave. So an overload is *probed* now and then (first
-/// after [`PROBE_FIRST_INTERVALS`] intervals, then at growing gaps): for
-/// two intervals nothing is shed (the queue stays newest first). During the
-/// first, clients that were shed come back; the second counts again with
-/// the rule that began the overload, and also asks that at least half as
-/// many jobs join as during the first. A fixed set of clients now only
-/// takes turns, or its last stragglers come back (fewer and fewer), the
-/// overload ends and the queue is FIFO again; new requests still pour in
-/// at the same rate, faster than they leave, and shedding resumes with
-/// what waited past the target; it resumes as soon as the second interval's
-/// counts so far already say so, not at its end. A probe so costs an open
-/// overload a few late `503`s, and saves a closed loop from being shed for
-/// good after one misjudged ramp-up.
+/// after [`PROBE_FIRST_INTERVALS`] intervals, then at growing gaps):
+/// nothing is shed (the queue stays newest first) for a settling part, in
+/// which shed clients come back, and then a counting interval, which asks
+/// that the queue still grow fast by the rule that began the overload, with
+/// jobs joining at least half as fast as while settling. A fixed set of
+/// clients now only takes turns, or its last stragglers come back (fewer
+/// and fewer): the overload ends and the queue is FIFO again. New requests
+/// still pour in at the same rate, faster than they leave, and shedding
+/// resumes with what waited past the target, as soon as the joins so far
+/// would pass at the interval's end. A probe so costs an open overload a
+/// few late `503`s, and saves a closed loop from being shed for good after
+/// one misjudged ramp-up.
 struct Codel {
     target: Duration,
     interval: Duration,
@@ -667,15 +675,18 @@ struct Codel {
     probe_gap: u32,
 }
 
-/// The two intervals of a probe.
+/// The two parts of a probe.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Probe {
-    /// Shed clients come back; the counts are only kept for the next.
-    Settling,
-    /// The counts tell whether the queue still grows fast, and whether as
-    /// fast as it did while `settling` (jobs joined then): new requests
-    /// keep coming at the same rate, clients that came back do not.
-    Counting { settling: u32 },
+    /// Since `since`, shed clients come back; the counts are only kept for
+    /// the next part. It lasts [`PROBE_SETTLING_SHARE`] of an interval, up
+    /// to the next sample.
+    Settling { since: Instant },
+    /// An interval whose counts tell whether the queue still grows fast,
+    /// and whether about as fast as while `settling` jobs joined in
+    /// `settled`: new requests keep coming at the same rate, clients that
+    /// came back do not.
+    Counting { settling: u32, settled: Duration },
 }
 
 impl Codel {
@@ -721,32 +732,41 @@ impl Codel {
         if now < end {
             // A probe that already sees the overload hold ends at once: the
             // newcomers it holds would only be shed later.
-            if let Some(Probe::Counting { settling }) = self.probe
-                && self.probe_holds(settling)
+            if let Some(Probe::Counting { settling, settled }) = self.probe
+                && self.probe_holds(settling, settled, end, now)
             {
                 self.end_probe(true, end, now);
             }
             return;
         }
         match self.probe {
-            Some(Probe::Settling) => {
+            Some(Probe::Settling { since }) => {
                 self.probe = Some(Probe::Counting {
-                    settling: self.joined * PROBE_SETTLING_SHARE,
+                    settling: self.joined,
+                    settled: now.saturating_duration_since(since),
                 });
                 self.start_interval(now);
             }
-            Some(Probe::Counting { settling }) => {
-                let holds = self.probe_holds(settling);
+            Some(Probe::Counting { settling, settled }) => {
+                let holds = self.probe_holds(settling, settled, end, now);
                 self.end_probe(holds, end, now);
             }
             None => self.end_interval(end, now, may_enter),
         }
     }
 
-    /// Whether a probe's counting interval so far finds the queue still
-    /// growing fast, and as fast as while `settling` jobs joined.
-    fn probe_holds(&self, settling: u32) -> bool {
-        self.growing_fast() && 2 * self.joined > settling
+    /// Whether a probe's counting interval, due to end at `end`, finds at
+    /// `now` the queue still growing fast, with jobs joining at least half
+    /// as fast as the `settling` jobs did in `settled`. Before `end` it
+    /// rates the joins so far over the whole interval: the outcome is
+    /// already known once they would do at its end.
+    fn probe_holds(&self, settling: u32, settled: Duration, end: Instant, now: Instant) -> bool {
+        let counted = now
+            .saturating_duration_since(end - self.interval)
+            .max(self.interval);
+        self.growing_fast()
+            && 2 * u128::from(self.joined) * settled.as_nanos()
+                > u128::from(settling) * counted.as_nanos()
     }
 
     /// The end of an interval outside a probe: overload begins, holds or
@@ -764,12 +784,12 @@ impl Codel {
             self.transition(overloaded, now);
         }
         if overloaded && self.next_probe.is_some_and(|at| now >= at) {
-            tracing::debug!("request queue overload: probing, not shedding, for two intervals");
-            self.probe = Some(Probe::Settling);
+            tracing::debug!("request queue overload: probing, not shedding");
+            self.probe = Some(Probe::Settling { since: now });
             self.next_probe = None;
         }
         self.start_interval(now);
-        if self.probe == Some(Probe::Settling) {
+        if matches!(self.probe, Some(Probe::Settling { .. })) {
             self.interval_end = Some(now + self.interval / PROBE_SETTLING_SHARE);
         }
     }
