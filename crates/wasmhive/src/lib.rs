@@ -41,9 +41,11 @@
 //!    overloaded (a standing, growing queue: CoDel) it is served newest first
 //!    and shed with [`Overloaded`] as soon as it could not start within
 //!    `queue_target` (enough newer requests wait ahead of it), or once it
-//!    has waited that long. Now and then an overload is probed (nothing
-//!    shed for up to an interval and a quarter), so that clients resending
-//!    as soon as they are shed are not taken for an endless overload.
+//!    has waited that long and a newer request arrives or a worker takes
+//!    one (a free worker takes the newest however long it waited). Now
+//!    and then an overload is probed (nothing shed for up to an interval
+//!    and a quarter), so that clients resending as soon as they are shed
+//!    are not taken for an endless overload.
 //!    Dropping the `handle` future also takes it out of the queue: it never
 //!    reaches a guest.
 //! 3. The worker starts the request as a guest task in its store

@@ -28,7 +28,8 @@
 //! ends it (a burst that drains). If two such standing intervals in a row
 //! each saw more than twice as many requests join the queue as leave it for
 //! a worker, plus a margin of 16 (a growing queue), the queue is
-//! overloaded until requests no longer join faster than they leave. While
+//! overloaded until requests no longer join faster than they leave (within
+//! 16 intervals of its end, one growing interval starts it again). While
 //! overloaded it serves the newest request first (it still has a client
 //! willing to wait), and a free worker takes it however long it waited, so
 //! a guest slower than the target never idles. The queue keeps only as
@@ -40,7 +41,7 @@
 //! Clients that send again as soon as they are shed also join faster than
 //! they leave, so an overload is probed now and then: nothing is shed for a
 //! quarter interval, while shed clients come back, and then for up to an
-//! interval in which the queue must still grow fast, with requests joining
+//! interval in which requests must still join faster than they leave, and
 //! at least half as fast as in the first part. New requests keep pouring in
 //! at the same rate, and shedding resumes as soon as the counts say so; a
 //! fixed set of clients now takes turns, and the overload ends. Clients
@@ -623,6 +624,13 @@ const PROBE_SETTLING_SHARE: u32 = 4;
 /// interval).
 const PROBE_MAX_INTERVALS: u32 = 400;
 
+/// Within this many intervals of an overload's end, one growing interval
+/// starts it again, not two (as CoDel resumes dropping where it left off):
+/// a load that stalled for a moment, a client's own pauses, can end an
+/// overload at a probe, and the second interval would cost every request
+/// arriving in it a wait in a FIFO queue.
+const REENTRY_INTERVALS: u32 = 16;
+
 /// The overload detector of a CoDel queue. As in CoDel, an interval starts
 /// when the sampled wait first rises above the target, and any sample at
 /// or below it ends the interval: a burst drains before then, a standing
@@ -632,7 +640,8 @@ const PROBE_MAX_INTERVALS: u32 = 400;
 /// ramping up, or re-queueing at once after a shed, grow it for one
 /// interval; clients taking turns keep the two about equal.) It stays so
 /// while jobs join faster than they leave for a worker, shed ones counting
-/// as having joined, not as having left.
+/// as having joined, not as having left. Within [`REENTRY_INTERVALS`] of
+/// its end, one growing interval starts it again.
 ///
 /// That last rule cannot tell an open stream of new requests from a fixed
 /// set of clients that each send again as soon as they are shed: both join
@@ -640,8 +649,8 @@ const PROBE_MAX_INTERVALS: u32 = 400;
 /// after [`PROBE_FIRST_INTERVALS`] intervals, then at growing gaps):
 /// nothing is shed (the queue stays newest first) for a settling part, in
 /// which shed clients come back, and then a counting interval, which asks
-/// that the queue still grow fast by the rule that began the overload, with
-/// jobs joining at least half as fast as while settling. A fixed set of
+/// that jobs still join faster than they leave (the rule that keeps an
+/// overload), and at least half as fast as while settling. A fixed set of
 /// clients now only takes turns, or its last stragglers come back (fewer
 /// and fewer): the overload ends and the queue is FIFO again. New requests
 /// still pour in at the same rate, faster than they leave, and shedding
@@ -673,6 +682,8 @@ struct Codel {
     next_probe: Option<Instant>,
     /// The gap before the next probe, in intervals.
     probe_gap: u32,
+    /// When the last overload ended.
+    ended: Option<Instant>,
 }
 
 /// The two parts of a probe.
@@ -682,8 +693,8 @@ enum Probe {
     /// the next part. It lasts [`PROBE_SETTLING_SHARE`] of an interval, up
     /// to the next sample.
     Settling { since: Instant },
-    /// An interval whose counts tell whether the queue still grows fast,
-    /// and whether about as fast as while `settling` jobs joined in
+    /// An interval whose counts tell whether the queue still grows, and
+    /// whether about as fast as while `settling` jobs joined in
     /// `settled`: new requests keep coming at the same rate, clients that
     /// came back do not.
     Counting { settling: u32, settled: Duration },
@@ -703,6 +714,7 @@ impl Codel {
             probe: None,
             next_probe: None,
             probe_gap: PROBE_FIRST_INTERVALS,
+            ended: None,
         }
     }
 
@@ -756,7 +768,7 @@ impl Codel {
     }
 
     /// Whether a probe's counting interval, due to end at `end`, finds at
-    /// `now` the queue still growing fast, with jobs joining at least half
+    /// `now` jobs still joining faster than they leave, and at least half
     /// as fast as the `settling` jobs did in `settled`. Before `end` it
     /// rates the joins so far over the whole interval: the outcome is
     /// already known once they would do at its end.
@@ -764,7 +776,7 @@ impl Codel {
         let counted = now
             .saturating_duration_since(end - self.interval)
             .max(self.interval);
-        self.growing_fast()
+        self.joined > self.left
             && 2 * u128::from(self.joined) * settled.as_nanos()
                 > u128::from(settling) * counted.as_nanos()
     }
@@ -777,7 +789,10 @@ impl Codel {
         } else {
             self.growing_fast()
         };
-        let overloaded = growing && (self.overloaded || self.grew && may_enter);
+        let resumes = self
+            .ended
+            .is_some_and(|ended| now < ended + self.interval * REENTRY_INTERVALS);
+        let overloaded = growing && (self.overloaded || (self.grew || resumes) && may_enter);
         self.set_depth(end, now);
         self.grew = growing && !self.overloaded;
         if overloaded != self.overloaded {
@@ -819,6 +834,7 @@ impl Codel {
     /// from the shortest gap.
     fn transition(&mut self, overloaded: bool, now: Instant) {
         self.overloaded = overloaded;
+        self.ended = (!overloaded).then_some(now);
         self.probe_gap = PROBE_FIRST_INTERVALS;
         self.next_probe = overloaded.then(|| now + self.interval * self.probe_gap);
         tracing::info!(

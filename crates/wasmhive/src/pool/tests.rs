@@ -891,3 +891,46 @@ fn a_probe_compares_rates_however_long_its_settling_lasted() {
     assert!(began.is_some(), "never overloaded");
     assert!(codel.probe_gap > 2 * PROBE_FIRST_INTERVALS, "never probed");
 }
+
+#[test]
+fn an_overload_that_resumes_soon_after_a_probe_ended_it_is_known_in_one_interval() {
+    // Four arrivals a millisecond and one departure, until the load stalls
+    // long enough for a probe to see no arrivals and end the overload.
+    let mut codel = Codel::new(&PoolLimits {
+        max_running: 1,
+        ..PoolLimits::default()
+    });
+    let interval_ms = codel.interval.as_millis() as u32;
+    let t0 = now();
+    let (mut stalled, mut resumed) = (None, None);
+    for ms in 1..=2000u32 {
+        let arriving = match (stalled, resumed) {
+            (None, _) => {
+                if codel.probe.is_some() {
+                    stalled = Some(ms);
+                }
+                true
+            }
+            (Some(_), None) => {
+                if !codel.overloaded {
+                    resumed = Some(ms);
+                }
+                false
+            }
+            (Some(_), Some(resumed)) => {
+                if codel.overloaded {
+                    // One growing interval, and the sample that ends it.
+                    assert!(ms - resumed <= interval_ms + 2, "{} ms", ms - resumed);
+                    return;
+                }
+                true
+            }
+        };
+        if arriving {
+            codel.joined += 4;
+        }
+        codel.observe(20 * MS, t0 + ms * MS, true);
+        codel.left += 1;
+    }
+    panic!("stalled at {stalled:?}, resumed at {resumed:?}, never overloaded again");
+}
