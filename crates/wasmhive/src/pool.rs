@@ -687,7 +687,7 @@ struct Codel {
 }
 
 /// The two parts of a probe.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, Debug)]
 enum Probe {
     /// Since `since`, shed clients come back; the counts are only kept for
     /// the next part. It lasts [`PROBE_SETTLING_SHARE`] of an interval, up

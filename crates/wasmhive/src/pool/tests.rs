@@ -237,9 +237,9 @@ fn a_standing_queue_turns_lifo_and_sheds_what_waited_past_the_target() {
         }
         assert!(job < 300, "never overloaded");
     }
-    // Overloaded: the queue keeps only as many of the newest as workers took within the
-    // target at the last interval's rate (here one, at 10 per 100 ms): an
-    // older one is shed as soon as a newer one arrives.
+    // Overloaded: the queue keeps only as many of the newest as workers
+    // took within the target at the last interval's rate (here one, at 10
+    // per 100 ms): an older one is shed as soon as a newer one arrives.
     assert!(matches!(pool.admit(1000, at), Admission::Queued(..)));
     assert!(take_shed().is_empty());
     assert!(matches!(pool.admit(1001, at + MS), Admission::Queued(..)));
