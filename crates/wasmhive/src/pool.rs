@@ -41,7 +41,7 @@
 //! Clients that send again as soon as they are shed also join faster than
 //! they leave, so an overload is probed now and then: nothing is shed for a
 //! quarter interval, while shed clients come back, and then for up to an
-//! interval in which requests must still join faster than they leave, and
+//! interval in which the queue must still grow fast, with requests joining
 //! at least half as fast as in the first part. New requests keep pouring in
 //! at the same rate, and shedding resumes as soon as the counts say so; a
 //! fixed set of clients now takes turns, and the overload ends. Clients
@@ -649,8 +649,8 @@ const REENTRY_INTERVALS: u32 = 16;
 /// after [`PROBE_FIRST_INTERVALS`] intervals, then at growing gaps):
 /// nothing is shed (the queue stays newest first) for a settling part, in
 /// which shed clients come back, and then a counting interval, which asks
-/// that jobs still join faster than they leave (the rule that keeps an
-/// overload), and at least half as fast as while settling. A fixed set of
+/// that the queue still grow fast, by the rule that began the overload,
+/// with jobs joining at least half as fast as while settling. A fixed set of
 /// clients now only takes turns, or its last stragglers come back (fewer
 /// and fewer): the overload ends and the queue is FIFO again. New requests
 /// still pour in at the same rate, faster than they leave, and shedding
@@ -693,8 +693,8 @@ enum Probe {
     /// the next part. It lasts [`PROBE_SETTLING_SHARE`] of an interval, up
     /// to the next sample.
     Settling { since: Instant },
-    /// An interval whose counts tell whether the queue still grows, and
-    /// whether about as fast as while `settling` jobs joined in
+    /// An interval whose counts tell whether the queue still grows fast,
+    /// and whether about as fast as while `settling` jobs joined in
     /// `settled`: new requests keep coming at the same rate, clients that
     /// came back do not.
     Counting { settling: u32, settled: Duration },
@@ -768,7 +768,7 @@ impl Codel {
     }
 
     /// Whether a probe's counting interval, due to end at `end`, finds at
-    /// `now` jobs still joining faster than they leave, and at least half
+    /// `now` the queue still growing fast, with jobs joining at least half
     /// as fast as the `settling` jobs did in `settled`. Before `end` it
     /// rates the joins so far over the whole interval: the outcome is
     /// already known once they would do at its end.
@@ -776,7 +776,7 @@ impl Codel {
         let counted = now
             .saturating_duration_since(end - self.interval)
             .max(self.interval);
-        self.joined > self.left
+        self.growing_fast()
             && 2 * u128::from(self.joined) * settled.as_nanos()
                 > u128::from(settling) * counted.as_nanos()
     }
