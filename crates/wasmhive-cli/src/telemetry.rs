@@ -78,11 +78,31 @@ const BUCKETS: &[f64] = &[
     5.0, 10.0, 30.0,
 ];
 
+/// How often histogram samples are folded into their buckets when no
+/// scrape does it.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Installs the global metrics recorder and describes wasmhive's metrics.
+///
+/// Must be called within a tokio runtime: the recorder keeps every
+/// histogram sample until a scrape or an upkeep folds it into its buckets
+/// (about 50 bytes a request), so a task folds them every
+/// [`UPKEEP_INTERVAL`] for a server whose admin endpoint nobody scrapes.
 pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .set_buckets(BUCKETS)?
         .install_recorder()?;
+    tokio::spawn({
+        let handle = handle.clone();
+        async move {
+            let mut upkeep = tokio::time::interval(UPKEEP_INTERVAL);
+            upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                upkeep.tick().await;
+                handle.run_upkeep();
+            }
+        }
+    });
     describe_counter!(
         "wasmhive_http_requests_total",
         "HTTP requests answered, by status code"
