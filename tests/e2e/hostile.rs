@@ -349,6 +349,39 @@ async fn h2_get(
     (connection, sender, response)
 }
 
+/// The head size limit is the same over HTTP/2 as over HTTP/1 (64 KiB):
+/// a 40 KB cookie is served on both (HTTP/2's own default is 16 KiB), and
+/// a 70 KB one refused with `431` on both.
+#[tokio::test]
+async fn http2_heads_have_the_same_size_limit_as_http1() {
+    let server = Server::start(&[guests::HELLO_P3.path]);
+    for (size, expected) in [(40_000, 200), (70_000, 431)] {
+        let cookie = "c".repeat(size);
+        let request = format!("GET / HTTP/1.1\r\nhost: x\r\ncookie: {cookie}\r\n\r\n");
+        let answer = raw_answer(&server, request.as_bytes()).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {expected}")),
+            "HTTP/1, {size} bytes: {answer:.40}"
+        );
+
+        let stream = TcpStream::connect(server.addr).await.unwrap();
+        let (sender, connection) = h2::client::handshake(stream).await.unwrap();
+        let connection = tokio::spawn(connection);
+        let mut sender = sender.ready().await.unwrap();
+        let request = http::Request::builder()
+            .uri(format!("http://{}/", server.addr))
+            .header("cookie", cookie)
+            .body(())
+            .unwrap();
+        let (response, _) = sender.send_request(request, true).unwrap();
+        let status = response.await.map(|r| r.status().as_u16());
+        assert_eq!(status.ok(), Some(expected), "HTTP/2, {size} bytes");
+        drop(sender);
+        connection.abort();
+    }
+    server.finish().await;
+}
+
 /// An HTTP/2 client that answers every ping but sends nothing more is
 /// closed once nothing has been in flight for `--header-timeout`: pings
 /// alone do not keep a connection (and its place under
@@ -371,18 +404,10 @@ async fn idle_http2_connections_are_closed_at_the_header_timeout() {
     server.finish().await;
 }
 
-/// A request body that stops coming fails in the guest after
-/// `--body-timeout` without progress, and its client gets `408`; the
-/// instance is free again for others.
-#[tokio::test]
-async fn a_stalled_request_body_gets_408_at_the_body_timeout() {
-    let server = Server::start(&[guests::ECHO_P3.path, "--body-timeout", "1s"]);
+/// Sends `request` as is and returns the head of the answer (within 10 s).
+async fn raw_answer(server: &Server, request: &[u8]) -> String {
     let mut stream = TcpStream::connect(server.addr).await.unwrap();
-    // Half a body; the guest reads it all before it answers.
-    stream
-        .write_all(b"POST /?buffer=1 HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789")
-        .await
-        .unwrap();
+    stream.write_all(request).await.unwrap();
     let mut answer = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(10), async {
         let mut buf = [0u8; 1024];
@@ -394,8 +419,48 @@ async fn a_stalled_request_body_gets_408_at_the_body_timeout() {
         }
     });
     read.await.expect("an answer within 10 s");
-    let answer = String::from_utf8_lossy(&answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Half a body; the guest reads it all before it answers.
+const HALF_A_BODY: &[u8] =
+    b"POST /?buffer=1 HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789";
+
+/// A request body that stops coming fails in the guest after
+/// `--body-timeout` without progress, and its client gets `408`; the
+/// instance is free again for others.
+#[tokio::test]
+async fn a_stalled_request_body_gets_408_at_the_body_timeout() {
+    let server = Server::start(&[guests::ECHO_P3.path, "--body-timeout", "1s"]);
+    let answer = raw_answer(&server, HALF_A_BODY).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let (status, _, body) = get(server.addr, "/").await;
+    assert_eq!((status, body.as_str()), (200, ""));
+    server.finish().await;
+}
+
+/// A request that runs out of time while its guest waits for the body is
+/// the client's doing too: `408`, not the guest's `504` (with the default
+/// timeouts, both 30 s, either may fire first).
+#[tokio::test]
+async fn a_request_timing_out_while_its_body_stalls_gets_408() {
+    let server = Server::start(&[guests::ECHO_P3.path, "--request-timeout", "1s"]);
+    let answer = raw_answer(&server, HALF_A_BODY).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let (status, _, body) = get(server.addr, "/").await;
+    assert_eq!((status, body.as_str()), (200, ""));
+    server.finish().await;
+}
+
+/// A malformed chunked body is the client's fault whatever the guest made
+/// of the error it read: `400`, not the guest's `500`.
+#[tokio::test]
+async fn a_malformed_chunked_body_gets_400() {
+    let server = Server::start(&[guests::ECHO_P3.path]);
+    let request =
+        b"POST /?buffer=1 HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n";
+    let answer = raw_answer(&server, request).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     let (status, _, body) = get(server.addr, "/").await;
     assert_eq!((status, body.as_str()), (200, ""));
     server.finish().await;

@@ -15,7 +15,7 @@ use tokio::time::Sleep;
 use wasmhive::BodyError;
 
 /// Why a request body was cut off, if it was: read by the server once the
-/// guest has answered, to answer `413` or `408` in its place.
+/// guest has answered, to answer `413`, `408` or `400` in its place.
 #[derive(Clone, Default)]
 pub struct Verdict(Arc<AtomicU8>);
 
@@ -26,23 +26,47 @@ pub enum CutOff {
     TooLarge,
     /// The client paused longer than the body timeout.
     TooSlow,
+    /// The client sent a malformed body (a bad chunk), or went away before
+    /// sending all of it.
+    Broken,
 }
 
 impl Verdict {
     const TOO_LARGE: u8 = 1;
     const TOO_SLOW: u8 = 2;
+    const BROKEN: u8 = 3;
+    /// Not cut off, but the guest is waiting for the client's next piece.
+    const WAITING: u8 = 4;
 
     /// Whether, and why, the body was cut off.
     pub fn get(&self) -> Option<CutOff> {
         match self.0.load(Relaxed) {
             Self::TOO_LARGE => Some(CutOff::TooLarge),
             Self::TOO_SLOW => Some(CutOff::TooSlow),
+            Self::BROKEN => Some(CutOff::Broken),
             _ => None,
         }
     }
 
+    /// Whether the guest is waiting for the client right now: a request
+    /// that times out then is the client's doing (a body stalled for as
+    /// long as the request may take), not the guest's.
+    pub fn waiting_for_client(&self) -> bool {
+        self.0.load(Relaxed) == Self::WAITING
+    }
+
     fn set(&self, value: u8) {
         self.0.store(value, Relaxed);
+    }
+
+    /// Notes whether the guest waits for the client, unless the body was
+    /// already cut off.
+    fn note_waiting(&self, waiting: bool) {
+        let (from, to) = match waiting {
+            true => (0, Self::WAITING),
+            false => (Self::WAITING, 0),
+        };
+        let _ = self.0.compare_exchange(from, to, Relaxed, Relaxed);
     }
 }
 
@@ -81,11 +105,18 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => frame,
-            Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error.into()))),
-            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Ready(Some(Err(error))) => {
+                self.verdict.set(Verdict::BROKEN);
+                return Poll::Ready(Some(Err(error.into())));
+            }
+            Poll::Ready(None) => {
+                self.verdict.note_waiting(false);
+                return Poll::Ready(None);
+            }
             Poll::Pending => {
                 // The guest waits for the client: from now, it may wait
                 // `pause` for the next piece.
+                self.verdict.note_waiting(true);
                 let pause = self.pause;
                 let waiting = self
                     .waiting
@@ -98,6 +129,7 @@ impl Body for RequestBody {
             }
         };
         self.waiting = None;
+        self.verdict.note_waiting(false);
         if let (Some(data), Some(remaining)) = (frame.data_ref(), self.remaining) {
             let len = data.len() as u64;
             if len > remaining {

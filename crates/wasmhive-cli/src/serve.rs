@@ -51,8 +51,9 @@ use crate::versions::{Served, Versions};
 /// take before the connection is closed.
 const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
 
-/// Largest request head (request line and headers) an HTTP/1 client may
-/// send; beyond it hyper answers 431.
+/// Largest request head a client may send: an HTTP/1 request line and
+/// headers, or an HTTP/2 header list (counted as HTTP/2 does, 32 bytes
+/// more per field); beyond it the answer is `431`.
 const MAX_HEAD_SIZE: usize = 64 * 1024;
 
 /// Runs the server until it has drained after a signal.
@@ -525,6 +526,7 @@ impl Connections {
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(H2_KEEP_ALIVE))
             .keep_alive_timeout(H2_KEEP_ALIVE)
+            .max_header_list_size(MAX_HEAD_SIZE as u32)
             .max_concurrent_streams(args.max_streams_per_connection);
         Connections {
             builder,
@@ -746,13 +748,21 @@ impl Server {
         // doing, whatever the guest made of it.
         match verdict.get() {
             Some(CutOff::TooLarge) => return too_large(limit),
-            Some(CutOff::TooSlow) => {
+            Some(CutOff::TooSlow) => return body_stalled(),
+            Some(CutOff::Broken) => {
                 return plain(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "the request body stalled\n".into(),
+                    StatusCode::BAD_REQUEST,
+                    "the request body was malformed or cut short\n".into(),
                 );
             }
             None => {}
+        }
+        // The request ran out of time while its guest waited for the body
+        // (the two timeouts are equal by default, and either may fire
+        // first).
+        if matches!(result, Err(Error::Expired(_))) && verdict.waiting_for_client() {
+            tracing::debug!("request timed out waiting for its body");
+            return body_stalled();
         }
         match result {
             Ok(response) => {
@@ -831,6 +841,13 @@ fn error_response(error: &Error) -> Response {
             .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
     }
     response
+}
+
+fn body_stalled() -> Response {
+    plain(
+        StatusCode::REQUEST_TIMEOUT,
+        "the request body stalled\n".into(),
+    )
 }
 
 fn too_large(limit: u64) -> Response {
