@@ -66,6 +66,22 @@ impl Server {
 
     /// [`Server::start`] listening on `addr`.
     pub fn start_at(addr: &str, args: &[&str], stdout: Stdio) -> Server {
+        Server::launch(addr, args, stdout, |_| {})
+    }
+
+    /// [`Server::start`], running `meanwhile` on a thread of its own with
+    /// the process id as soon as the process is spawned (to signal it
+    /// while it starts, say).
+    pub fn start_meanwhile(args: &[&str], meanwhile: impl FnOnce(u32) + Send + 'static) -> Server {
+        Server::launch("127.0.0.1:0", args, Stdio::null(), meanwhile)
+    }
+
+    fn launch(
+        addr: &str,
+        args: &[&str],
+        stdout: Stdio,
+        meanwhile: impl FnOnce(u32) + Send + 'static,
+    ) -> Server {
         let mut child = wasmhive()
             .args(["serve", "--addr", addr])
             .args(args)
@@ -73,6 +89,8 @@ impl Server {
             .stderr(Stdio::piped())
             .spawn()
             .expect("wasmhive starts");
+        let pid = child.id();
+        std::thread::spawn(move || meanwhile(pid));
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let (first_tx, first_rx) = std::sync::mpsc::channel();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();

@@ -153,3 +153,31 @@ async fn a_version_that_fails_to_load_is_refused_and_the_old_one_keeps_serving()
     server.finish().await;
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A reload signal while the app still loads (a deploy tool's, during a
+/// slow start) does not end the process: it comes up and serves. The
+/// component file is a FIFO, so that the server is known to be loading
+/// (reading it) when the signal comes.
+#[tokio::test]
+async fn sighup_while_the_app_loads_is_not_fatal() {
+    let fifo = scratch("sighup-while-loading").join("app.wasm");
+    let _ = std::fs::remove_file(&fifo);
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    assert!(made.unwrap().success(), "mkfifo");
+    let server = Server::start_meanwhile(&[fifo.to_str().unwrap()], {
+        let fifo = fifo.clone();
+        move |pid| {
+            // Opening for writing waits until the server opens it to read.
+            let mut pipe = std::fs::File::options().write(true).open(&fifo).unwrap();
+            let hup = std::process::Command::new("kill")
+                .args(["-HUP", &pid.to_string()])
+                .status();
+            assert!(hup.unwrap().success(), "kill -HUP");
+            std::io::Write::write_all(&mut pipe, &std::fs::read(guests::HELLO_P3.path).unwrap())
+                .unwrap();
+        }
+    });
+    let (status, _, body) = get(server.addr, "/").await;
+    assert_eq!((status, body.as_str()), (200, "Hello, wasmhive!\n"));
+    server.finish().await;
+}

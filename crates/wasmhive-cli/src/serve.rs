@@ -95,6 +95,10 @@ fn check_fd_limit(max_connections: u32) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // First of all: a reload signal while the app still loads (a deploy
+    // tool's, during a slow start) must not end the process, SIGHUP's
+    // default. It reloads once the server is up.
+    let hangups = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     check_fd_limit(args.max_connections).map_err(UsageError)?;
     let tls = tls_acceptor(&args)
         .map_err(UsageError)?
@@ -123,7 +127,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let admin_listener = crate::admin::bind(args.admin_addr).await?;
     // Before the address line: a signal from then on is obeyed, not fatal.
     let mut shutdown = Shutdown::new()?;
-    let hangups = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     telemetry::announce_address(listener.local_addr()?, tls.is_some());
     // Whatever RUST_LOG says, and before any guest runs: a supervisor reads
     // it (`--workers`).
