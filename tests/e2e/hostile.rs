@@ -349,6 +349,24 @@ async fn h2_get(
     (connection, sender, response)
 }
 
+/// With `RUST_BACKTRACE=1` (common in containers), a client's bad body
+/// does not make the server capture and symbolise a backtrace (the guest
+/// asks for the error's debug string): that kept its debug information,
+/// 100-200 MiB, resident for good.
+#[tokio::test]
+async fn a_bad_body_costs_no_backtrace_with_rust_backtrace_set() {
+    let server = Server::start_with_env(&[guests::ECHO_P2.path], &[("RUST_BACKTRACE", "1")]);
+    let (status, _, _) = get(server.addr, "/").await;
+    assert_eq!(status, 200);
+    let before = server.rss();
+    let request = b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n";
+    let answer = raw_answer(&server, request).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let grown = server.rss().saturating_sub(before);
+    assert!(grown < 32 << 20, "RSS grew by {} MiB", grown >> 20);
+    server.finish().await;
+}
+
 /// The head size limit is the same over HTTP/2 as over HTTP/1 (64 KiB):
 /// a 40 KB cookie is served on both (HTTP/2's own default is 16 KiB), and
 /// a 70 KB one refused with `431` on both.

@@ -66,25 +66,32 @@ impl Server {
 
     /// [`Server::start`] listening on `addr`.
     pub fn start_at(addr: &str, args: &[&str], stdout: Stdio) -> Server {
-        Server::launch(addr, args, stdout, |_| {})
+        Server::launch(addr, args, stdout, &[], |_| {})
+    }
+
+    /// [`Server::start`] with `env` added to the server's environment.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::launch("127.0.0.1:0", args, Stdio::null(), env, |_| {})
     }
 
     /// [`Server::start`], running `meanwhile` on a thread of its own with
     /// the process id as soon as the process is spawned (to signal it
     /// while it starts, say).
     pub fn start_meanwhile(args: &[&str], meanwhile: impl FnOnce(u32) + Send + 'static) -> Server {
-        Server::launch("127.0.0.1:0", args, Stdio::null(), meanwhile)
+        Server::launch("127.0.0.1:0", args, Stdio::null(), &[], meanwhile)
     }
 
     fn launch(
         addr: &str,
         args: &[&str],
         stdout: Stdio,
+        env: &[(&str, &str)],
         meanwhile: impl FnOnce(u32) + Send + 'static,
     ) -> Server {
         let mut child = wasmhive()
             .args(["serve", "--addr", addr])
             .args(args)
+            .envs(env.iter().copied())
             .stdout(stdout)
             .stderr(Stdio::piped())
             .spawn()

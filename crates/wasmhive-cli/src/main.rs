@@ -31,6 +31,17 @@ use clap::Parser as _;
 use crate::args::{Cli, Command, CompileArgs};
 
 fn main() -> ExitCode {
+    // wasmtime makes `anyhow` errors on routine paths (a client's bad body,
+    // a store dropped with a suspended fiber). With RUST_BACKTRACE=1, common
+    // in containers, each would capture a backtrace (15% of CPU in a
+    // profile), and the first a guest asks the debug string of would load
+    // the binary's debug information, 100-200 MiB resident for good. Panics
+    // keep their backtraces; RUST_LIB_BACKTRACE=1 brings these back.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // SAFETY: the first thing the process does: no other thread exists
+        // to read the environment meanwhile.
+        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) if args.workers > 1 => supervisor::run(*args),
