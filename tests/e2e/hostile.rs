@@ -367,6 +367,19 @@ async fn a_bad_body_costs_no_backtrace_with_rust_backtrace_set() {
     server.finish().await;
 }
 
+/// An HTTP/1.0 request needs no `Host` (HAProxy's default health check
+/// sends `OPTIONS / HTTP/1.0` and nothing more): it is for this server. From
+/// HTTP/1.1 on, a request without one is malformed.
+#[tokio::test]
+async fn http10_needs_no_host_but_http11_does() {
+    let server = Server::start(&[guests::HELLO_P3.path]);
+    let answer = raw_answer(&server, b"OPTIONS / HTTP/1.0\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+    let answer = raw_answer(&server, b"GET / HTTP/1.1\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    server.finish().await;
+}
+
 /// The head size limit is the same over HTTP/2 as over HTTP/1 (64 KiB):
 /// a 40 KB cookie is served on both (HTTP/2's own default is 16 KiB), and
 /// a 70 KB one refused with `431` on both.

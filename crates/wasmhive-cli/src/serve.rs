@@ -545,12 +545,19 @@ impl Connections {
     /// has drained (`watcher`); over TLS if the server serves HTTPS.
     async fn serve(&self, stream: TcpStream, client: Arc<ClientConnection>, watcher: Watcher) {
         self.open.increment(1.0);
+        let local = stream.local_addr().ok();
         match &self.tls {
-            None => self.serve_http(TokioIo::new(stream), client, watcher).await,
+            None => {
+                self.serve_http(TokioIo::new(stream), client, local, watcher)
+                    .await
+            }
             Some(tls) => {
                 match tokio::time::timeout(self.idle_timeout, tls.load_full().accept(stream)).await
                 {
-                    Ok(Ok(stream)) => self.serve_http(TokioIo::new(stream), client, watcher).await,
+                    Ok(Ok(stream)) => {
+                        self.serve_http(TokioIo::new(stream), client, local, watcher)
+                            .await
+                    }
                     Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
                     Err(_) => {
                         metrics::counter!("wasmhive_connections_timed_out_total").increment(1);
@@ -564,14 +571,24 @@ impl Connections {
         self.open.decrement(1.0);
     }
 
-    async fn serve_http<I>(&self, io: I, client: Arc<ClientConnection>, watcher: Watcher)
-    where
+    async fn serve_http<I>(
+        &self,
+        io: I,
+        client: Arc<ClientConnection>,
+        local: Option<SocketAddr>,
+        watcher: Watcher,
+    ) where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
         let service = hyper::service::service_fn({
             let (server, client) = (self.server.clone(), client.clone());
-            move |request| {
+            move |mut request| {
                 let (server, client) = (server.clone(), client.clone());
+                // HTTP/1.0 has no `Host` to require (HAProxy's default health
+                // check sends none): the request is for this server.
+                if let Some(local) = local {
+                    default_host(&mut request, local);
+                }
                 async move { Ok::<_, Infallible>(server.respond(request, &client).await) }
             }
         });
@@ -787,6 +804,18 @@ impl Server {
             }
             Err(error) => error_response(&error),
         }
+    }
+}
+
+/// Gives an HTTP/1.0 request with neither an absolute target nor a `Host`
+/// header the address it arrived on as its `Host`.
+fn default_host<B>(request: &mut hyper::Request<B>, local: SocketAddr) {
+    if request.version() == http::Version::HTTP_10
+        && request.uri().authority().is_none()
+        && !request.headers().contains_key(header::HOST)
+        && let Ok(host) = HeaderValue::try_from(local.to_string())
+    {
+        request.headers_mut().insert(header::HOST, host);
     }
 }
 
