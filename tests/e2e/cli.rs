@@ -14,6 +14,14 @@ fn fails_with(args: &[&str], expected: &str) {
     assert!(stderr.contains(expected), "{args:?}: {stderr}");
     assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     assert!(!stderr.contains("Serving HTTP"), "{args:?}: {stderr}");
+    // Each cause once (a message that holds its cause, chained again).
+    for line in stderr.lines() {
+        let parts: Vec<&str> = line.split(": ").collect();
+        assert!(
+            !parts.windows(2).any(|pair| pair[0] == pair[1]),
+            "{args:?}: a cause said twice: {line}"
+        );
+    }
 }
 
 #[test]
@@ -40,7 +48,10 @@ fn bad_components_are_refused_with_clear_errors() {
     let mut small = serve(std::path::Path::new(guests::PYTHON_APP.path));
     small.extend(["--max-memory".into(), "4MiB".into()]);
     let cases: [(Vec<String>, &str); 5] = [
-        (serve(&dir.join("missing.wasm")), "cannot read"),
+        (
+            serve(&dir.join("missing.wasm")),
+            "missing.wasm: No such file or directory",
+        ),
         (serve(&text), "not a WebAssembly component"),
         (serve(&core), "core WebAssembly module"),
         (serve(&empty), "exports no wasi:http handler"),

@@ -99,8 +99,9 @@ struct RuntimeInner {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LoadError {
-    /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
+    /// The file could not be read; why is its
+    /// [`source`](std::error::Error::source), as error chains print it.
+    #[error("cannot read {path}")]
     Read {
         /// The file.
         path: String,
