@@ -470,19 +470,6 @@ async fn a_stalled_request_body_gets_408_at_the_body_timeout() {
     server.finish().await;
 }
 
-/// A request that runs out of time while its guest waits for the body is
-/// the client's doing too: `408`, not the guest's `504` (with the default
-/// timeouts, both 30 s, either may fire first).
-#[tokio::test]
-async fn a_request_timing_out_while_its_body_stalls_gets_408() {
-    let server = Server::start(&[guests::ECHO_P3.path, "--request-timeout", "1s"]);
-    let answer = raw_answer(&server, HALF_A_BODY).await;
-    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-    let (status, _, body) = get(server.addr, "/").await;
-    assert_eq!((status, body.as_str()), (200, ""));
-    server.finish().await;
-}
-
 /// A malformed chunked body is the client's fault whatever the guest made
 /// of the error it read: `400`, not the guest's `500`.
 #[tokio::test]

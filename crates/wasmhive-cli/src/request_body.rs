@@ -35,8 +35,6 @@ impl Verdict {
     const TOO_LARGE: u8 = 1;
     const TOO_SLOW: u8 = 2;
     const BROKEN: u8 = 3;
-    /// Not cut off, but the guest is waiting for the client's next piece.
-    const WAITING: u8 = 4;
 
     /// Whether, and why, the body was cut off.
     pub fn get(&self) -> Option<CutOff> {
@@ -48,25 +46,9 @@ impl Verdict {
         }
     }
 
-    /// Whether the guest is waiting for the client right now: a request
-    /// that times out then is the client's doing (a body stalled for as
-    /// long as the request may take), not the guest's.
-    pub fn waiting_for_client(&self) -> bool {
-        self.0.load(Relaxed) == Self::WAITING
-    }
-
+    /// Records the first fault; a later one does not replace it.
     fn set(&self, value: u8) {
-        self.0.store(value, Relaxed);
-    }
-
-    /// Notes whether the guest waits for the client, unless the body was
-    /// already cut off.
-    fn note_waiting(&self, waiting: bool) {
-        let (from, to) = match waiting {
-            true => (0, Self::WAITING),
-            false => (Self::WAITING, 0),
-        };
-        let _ = self.0.compare_exchange(from, to, Relaxed, Relaxed);
+        let _ = self.0.compare_exchange(0, value, Relaxed, Relaxed);
     }
 }
 
@@ -109,14 +91,10 @@ impl Body for RequestBody {
                 self.verdict.set(Verdict::BROKEN);
                 return Poll::Ready(Some(Err(error.into())));
             }
-            Poll::Ready(None) => {
-                self.verdict.note_waiting(false);
-                return Poll::Ready(None);
-            }
+            Poll::Ready(None) => return Poll::Ready(None),
             Poll::Pending => {
                 // The guest waits for the client: from now, it may wait
                 // `pause` for the next piece.
-                self.verdict.note_waiting(true);
                 let pause = self.pause;
                 let waiting = self
                     .waiting
@@ -129,7 +107,6 @@ impl Body for RequestBody {
             }
         };
         self.waiting = None;
-        self.verdict.note_waiting(false);
         if let (Some(data), Some(remaining)) = (frame.data_ref(), self.remaining) {
             let len = data.len() as u64;
             if len > remaining {

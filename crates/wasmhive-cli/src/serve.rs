@@ -777,13 +777,6 @@ impl Server {
             }
             None => {}
         }
-        // The request ran out of time while its guest waited for the body
-        // (the two timeouts are equal by default, and either may fire
-        // first).
-        if matches!(result, Err(Error::Expired(_))) && verdict.waiting_for_client() {
-            tracing::debug!("request timed out waiting for its body");
-            return body_stalled();
-        }
         match result {
             Ok(response) => {
                 // The guest writes a response body after its head (p3: a
