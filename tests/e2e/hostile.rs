@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use wasmhive_tests::guests;
 
-use crate::{Server, get, metric, try_call, wait_for_metric};
+use crate::{Server, get, metric, raw_exchange, try_call, wait_for_metric};
 
 /// Opens a connection (counting it in `connected`) and trickles a request
 /// head one byte every 200 ms, never finishing it; returns how long the
@@ -360,7 +360,7 @@ async fn a_bad_body_costs_no_backtrace_with_rust_backtrace_set() {
     assert_eq!(status, 200);
     let before = server.rss();
     let request = b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n";
-    let answer = raw_answer(&server, request).await;
+    let answer = raw_exchange(&server, request).await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     let grown = server.rss().saturating_sub(before);
     assert!(grown < 32 << 20, "RSS grew by {} MiB", grown >> 20);
@@ -373,9 +373,9 @@ async fn a_bad_body_costs_no_backtrace_with_rust_backtrace_set() {
 #[tokio::test]
 async fn http10_needs_no_host_but_http11_does() {
     let server = Server::start(&[guests::HELLO_P3.path]);
-    let answer = raw_answer(&server, b"OPTIONS / HTTP/1.0\r\n\r\n").await;
+    let answer = raw_exchange(&server, b"OPTIONS / HTTP/1.0\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
-    let answer = raw_answer(&server, b"GET / HTTP/1.1\r\n\r\n").await;
+    let answer = raw_exchange(&server, b"GET / HTTP/1.1\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     server.finish().await;
 }
@@ -389,7 +389,7 @@ async fn http2_heads_have_the_same_size_limit_as_http1() {
     for (size, expected) in [(40_000, 200), (70_000, 431)] {
         let cookie = "c".repeat(size);
         let request = format!("GET / HTTP/1.1\r\nhost: x\r\ncookie: {cookie}\r\n\r\n");
-        let answer = raw_answer(&server, request.as_bytes()).await;
+        let answer = raw_exchange(&server, request.as_bytes()).await;
         assert!(
             answer.starts_with(&format!("HTTP/1.1 {expected}")),
             "HTTP/1, {size} bytes: {answer:.40}"
@@ -435,35 +435,15 @@ async fn idle_http2_connections_are_closed_at_the_header_timeout() {
     server.finish().await;
 }
 
-/// Sends `request` as is and returns the head of the answer (within 10 s).
-async fn raw_answer(server: &Server, request: &[u8]) -> String {
-    let mut stream = TcpStream::connect(server.addr).await.unwrap();
-    stream.write_all(request).await.unwrap();
-    let mut answer = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), async {
-        let mut buf = [0u8; 1024];
-        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => answer.extend_from_slice(&buf[..n]),
-            }
-        }
-    });
-    read.await.expect("an answer within 10 s");
-    String::from_utf8_lossy(&answer).into_owned()
-}
-
-/// Half a body; the guest reads it all before it answers.
-const HALF_A_BODY: &[u8] =
-    b"POST /?buffer=1 HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789";
-
 /// A request body that stops coming fails in the guest after
 /// `--body-timeout` without progress, and its client gets `408`; the
 /// instance is free again for others.
 #[tokio::test]
 async fn a_stalled_request_body_gets_408_at_the_body_timeout() {
     let server = Server::start(&[guests::ECHO_P3.path, "--body-timeout", "1s"]);
-    let answer = raw_answer(&server, HALF_A_BODY).await;
+    // Half a body; the guest reads it all before it answers.
+    let request = b"POST /?buffer=1 HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789";
+    let answer = raw_exchange(&server, request).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     let (status, _, body) = get(server.addr, "/").await;
     assert_eq!((status, body.as_str()), (200, ""));
@@ -477,7 +457,7 @@ async fn a_malformed_chunked_body_gets_400() {
     let server = Server::start(&[guests::ECHO_P3.path]);
     let request =
         b"POST /?buffer=1 HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n";
-    let answer = raw_answer(&server, request).await;
+    let answer = raw_exchange(&server, request).await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     let (status, _, body) = get(server.addr, "/").await;
     assert_eq!((status, body.as_str()), (200, ""));

@@ -37,6 +37,27 @@ pub fn wasmhive() -> Command {
     Command::new(env!("CARGO_BIN_EXE_wasmhive"))
 }
 
+/// Writes raw bytes on a fresh connection to `server` and returns what it
+/// says up to the end of its answer's head, or until it closes (within
+/// 10 s).
+pub async fn raw_exchange(server: &Server, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut reply = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 4096];
+        while !reply.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => reply.extend_from_slice(&buf[..n]),
+            }
+        }
+    });
+    read.await.expect("an answer within 10 s");
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
 /// A running `wasmhive serve`. [`Server::finish`] shuts it down as a user
 /// would; dropping it does the same (blocking), so that every test fails
 /// on a server that exits non-zero or panics, unless the test is already

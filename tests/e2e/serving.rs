@@ -2,15 +2,13 @@
 //! malformed requests.
 
 use std::convert::Infallible;
-use std::io::{Read as _, Write as _};
-use std::net::TcpStream;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full, StreamBody};
 use wasmhive_tests::{guests, http_call};
 
-use crate::{Server, get};
+use crate::{Server, get, raw_exchange};
 
 #[tokio::test]
 async fn serves_the_bundled_demo_without_a_component() {
@@ -124,38 +122,16 @@ fn chunked(count: usize, size: usize) -> StreamBody<Chunks> {
     StreamBody::new(futures::stream::iter(frames))
 }
 
-/// Writes raw bytes on a fresh connection and returns what the server says
-/// before closing it (or within 10 s).
-fn raw_exchange(server: &Server, request: &[u8]) -> String {
-    let mut stream = TcpStream::connect(server.addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream.write_all(request).unwrap();
-    let mut reply = Vec::new();
-    let mut buf = [0u8; 4096];
-    while let Ok(n) = stream.read(&mut buf) {
-        if n == 0 {
-            break;
-        }
-        reply.extend_from_slice(&buf[..n]);
-        if reply.windows(4).any(|w| w == b"\r\n\r\n") {
-            break;
-        }
-    }
-    String::from_utf8_lossy(&reply).into_owned()
-}
-
 #[tokio::test]
 async fn malformed_and_oversized_requests_never_reach_a_guest() {
     let server = Server::start(&[guests::COUNTER_P3.path]);
-    let reply = raw_exchange(&server, b"NOT HTTP AT ALL\r\n\r\n");
+    let reply = raw_exchange(&server, b"NOT HTTP AT ALL\r\n\r\n").await;
     assert!(reply.starts_with("HTTP/1.1 400"), "{reply:?}");
     let huge = format!(
         "GET / HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
         "a".repeat(128 * 1024)
     );
-    let reply = raw_exchange(&server, huge.as_bytes());
+    let reply = raw_exchange(&server, huge.as_bytes()).await;
     assert!(reply.starts_with("HTTP/1.1 431"), "{reply:?}");
     // Neither reached the guest: its first request counts 1.
     assert_eq!(get(server.addr, "/").await.2, "1");
@@ -184,7 +160,8 @@ async fn guests_see_the_scheme_and_authority_of_every_request() {
         let response = raw_exchange(
             &server,
             b"GET http://app.example:8080/x HTTP/1.1\r\nHost: ignored.example\r\n\r\n",
-        );
+        )
+        .await;
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
         assert_eq!(header(&response, "x-echo-scheme"), Some("http"));
         assert_eq!(
@@ -221,7 +198,7 @@ async fn guests_see_the_scheme_and_authority_of_every_request() {
             "Host: a\r\nHost: b\r\n",
         ] {
             let head = format!("GET / HTTP/1.1\r\n{host_lines}Connection: close\r\n\r\n");
-            let response = raw_exchange(&server, head.as_bytes());
+            let response = raw_exchange(&server, head.as_bytes()).await;
             assert!(
                 response.starts_with("HTTP/1.1 400"),
                 "{host_lines:?}: {response}"

@@ -768,7 +768,12 @@ impl Server {
         // doing, whatever the guest made of it.
         match verdict.get() {
             Some(CutOff::TooLarge) => return too_large(limit),
-            Some(CutOff::TooSlow) => return body_stalled(),
+            Some(CutOff::TooSlow) => {
+                return plain(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "the request body stalled\n".into(),
+                );
+            }
             Some(CutOff::Broken) => {
                 return plain(
                     StatusCode::BAD_REQUEST,
@@ -866,13 +871,6 @@ fn error_response(error: &Error) -> Response {
             .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
     }
     response
-}
-
-fn body_stalled() -> Response {
-    plain(
-        StatusCode::REQUEST_TIMEOUT,
-        "the request body stalled\n".into(),
-    )
 }
 
 fn too_large(limit: u64) -> Response {
