@@ -38,7 +38,8 @@
 //!    [`ShuttingDown`]).
 //! 2. A queued request starts when a worker parks (waits on I/O), advertises
 //!    or exits. It waits at most `max_queue_wait`; while the queue is
-//!    overloaded (a standing, growing queue: CoDel) it is served newest first
+//!    overloaded (a standing queue that grows fast, by more than a closed
+//!    loop of 256 clients could: CoDel) it is served newest first
 //!    and shed with [`Overloaded`] as soon as it could not start within
 //!    `queue_target` (enough newer requests wait ahead of it), or once it
 //!    has waited that long and a newer request arrives or a worker takes

@@ -27,9 +27,11 @@
 //! above [`PoolLimits::queue_target`], and a sample at or below the target
 //! ends it (a burst that drains). If two such standing intervals in a row
 //! each saw more than twice as many requests join the queue as leave it for
-//! a worker, plus a margin of 16 (a growing queue), the queue is
-//! overloaded until requests no longer join faster than they leave (within
-//! 16 intervals of its end, one growing interval starts it again). While
+//! a worker, plus a margin of 16 (a growing queue), and the queue has grown
+//! by more than 256 since its wait rose above the target, it is overloaded until
+//! requests no longer join faster than they leave. Each client of a fixed
+//! set has at most one request waiting, so up to 256 of them, however
+//! unevenly they arrive, are queued and served, never shed. While
 //! overloaded it serves the newest request first (it still has a client
 //! willing to wait), and a free worker takes it however long it waited, so
 //! a guest slower than the target never idles. The queue keeps only as
@@ -38,8 +40,8 @@
 //! arrives or a worker takes one: admitted requests stay fast and the
 //! surplus gets its `503` within a few milliseconds.
 //!
-//! Clients that send again as soon as they are shed also join faster than
-//! they leave, so an overload is probed now and then: nothing is shed for a
+//! More clients than that, sending again as soon as they are shed, also
+//! join faster than they leave, so an overload is probed now and then: nothing is shed for a
 //! quarter interval, while shed clients come back, and then for up to an
 //! interval in which the queue must still grow fast, with requests joining
 //! at least half as fast as in the first part. New requests keep pouring in
@@ -54,8 +56,7 @@
 //! [`PoolLimits::max_queue_wait`]. The growth condition is what tells
 //! overload (requests arrive faster than they are served) from many clients
 //! each waiting for their turn, such as 200 connections on one instance:
-//! those are queued and served, not shed, if they arrive within one
-//! interval.
+//! those are queued and served, not shed.
 //!
 //! # No orphans
 //!
@@ -98,16 +99,16 @@ pub struct PoolLimits {
     /// Default: 2 s.
     pub max_queue_wait: Duration,
     /// The queue's target sojourn time. When waits stay above it and the
-    /// queue grows fast for two [`Self::queue_interval`]s in a row, the
-    /// queue counts as overloaded: it serves newest first and sheds
+    /// queue grows fast for two [`Self::queue_interval`]s in a row, by more
+    /// than 256 requests in all, the queue counts as overloaded: it serves newest first and sheds
     /// requests that would wait longer than this (a free worker still
     /// takes the newest request, however long it waited). Lower than
     /// CoDel's classic 5 ms: on a saturated machine, every millisecond a
     /// request waits adds to a service time the CPU contention already
     /// stretches. Default: 2 ms.
     pub queue_target: Duration,
-    /// See [`Self::queue_target`]. Clients arriving together within one
-    /// interval are queued, not shed. Default: 25 ms.
+    /// See [`Self::queue_target`]. A burst that drains within one interval
+    /// is queued, not shed. Default: 25 ms.
     pub queue_interval: Duration,
     /// Instances kept instantiated and idle ahead of demand, refilled in the
     /// background as requests take them. A prewarmed instance that has not
@@ -624,24 +625,29 @@ const PROBE_SETTLING_SHARE: u32 = 4;
 /// interval).
 const PROBE_MAX_INTERVALS: u32 = 400;
 
-/// Within this many intervals of an overload's end, one growing interval
-/// starts it again, not two (as CoDel resumes dropping where it left off):
-/// a load that stalled for a moment, a client's own pauses, can end an
-/// overload at a probe, and the second interval would cost every request
-/// arriving in it a wait in a FIFO queue.
-const REENTRY_INTERVALS: u32 = 16;
+/// How far the queue must have grown, beyond this, since its wait rose
+/// above the target (joins less departures, from its shortest since then)
+/// before an overload may begin. Each of a fixed set of clients has at
+/// most one request waiting, so a closed loop of up to this many clients
+/// cannot grow it further, however unevenly its requests arrive (a client
+/// stalled for a moment sends a burst, a slow one ramps up over many
+/// intervals): it is queued and served in turn, never shed. An open
+/// overload passes it in a few intervals (at four times a capacity of
+/// 1,200 r/s, in ~100 ms).
+const ONSET_BACKLOG: u32 = 256;
 
 /// The overload detector of a CoDel queue. As in CoDel, an interval starts
 /// when the sampled wait first rises above the target, and any sample at
 /// or below it ends the interval: a burst drains before then, a standing
 /// queue does not. The queue becomes overloaded at the end of the second
 /// standing interval in a row in which more than twice as many jobs joined
-/// as left for a worker, plus a margin: a queue growing fast. (Clients
-/// ramping up, or re-queueing at once after a shed, grow it for one
-/// interval; clients taking turns keep the two about equal.) It stays so
+/// as left for a worker, plus a margin (a queue growing fast), once it has
+/// grown by more than [`ONSET_BACKLOG`] since the wait rose above the
+/// target.
+/// (Clients ramping up, or re-queueing at once after a shed, grow it for a
+/// while; clients taking turns keep the two about equal.) It stays so
 /// while jobs join faster than they leave for a worker, shed ones counting
-/// as having joined, not as having left. Within [`REENTRY_INTERVALS`] of
-/// its end, one growing interval starts it again.
+/// as having joined, not as having left.
 ///
 /// That last rule cannot tell an open stream of new requests from a fixed
 /// set of clients that each send again as soon as they are shed: both join
@@ -669,6 +675,9 @@ struct Codel {
     joined: u32,
     /// Jobs taken from the queue by workers during this interval.
     left: u32,
+    /// Not overloaded: how far the queue grew over the intervals since the
+    /// wait rose above the target, from its shortest since then.
+    backlog: u32,
     /// The last interval had a standing, growing queue.
     grew: bool,
     overloaded: bool,
@@ -682,8 +691,6 @@ struct Codel {
     next_probe: Option<Instant>,
     /// The gap before the next probe, in intervals.
     probe_gap: u32,
-    /// When the last overload ended.
-    ended: Option<Instant>,
 }
 
 /// The two parts of a probe.
@@ -708,13 +715,13 @@ impl Codel {
             interval_end: None,
             joined: 0,
             left: 0,
+            backlog: 0,
             grew: false,
             overloaded: false,
             depth: limits.max_running,
             probe: None,
             next_probe: None,
             probe_gap: PROBE_FIRST_INTERVALS,
-            ended: None,
         }
     }
 
@@ -735,6 +742,7 @@ impl Codel {
         if !self.overloaded && delay <= self.target {
             self.interval_end = None;
             self.grew = false;
+            self.backlog = 0;
             return;
         }
         let Some(end) = self.interval_end else {
@@ -787,12 +795,14 @@ impl Codel {
         let growing = if self.overloaded {
             self.joined > self.left
         } else {
+            self.backlog = self
+                .backlog
+                .saturating_add(self.joined)
+                .saturating_sub(self.left);
             self.growing_fast()
         };
-        let resumes = self
-            .ended
-            .is_some_and(|ended| now < ended + self.interval * REENTRY_INTERVALS);
-        let overloaded = growing && (self.overloaded || (self.grew || resumes) && may_enter);
+        let overloaded =
+            growing && (self.overloaded || self.grew && self.backlog > ONSET_BACKLOG && may_enter);
         self.set_depth(end, now);
         self.grew = growing && !self.overloaded;
         if overloaded != self.overloaded {
@@ -834,7 +844,7 @@ impl Codel {
     /// from the shortest gap.
     fn transition(&mut self, overloaded: bool, now: Instant) {
         self.overloaded = overloaded;
-        self.ended = (!overloaded).then_some(now);
+        self.backlog = 0;
         self.probe_gap = PROBE_FIRST_INTERVALS;
         self.next_probe = overloaded.then(|| now + self.interval * self.probe_gap);
         tracing::info!(
