@@ -169,8 +169,9 @@ pub struct ServeArgs {
 
     /// Longest pause a client may take between two pieces of a request
     /// body while the guest waits for it; then the body fails in the guest
-    /// and the client gets 408 (if the guest had not answered yet).
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    /// and the client gets 408 (if the guest had not answered yet). Keep it
+    /// below --request-timeout, or a stalled body ends as 504 instead.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub body_timeout: Duration,
 
     /// Longest time a client may take none of a response body (a reader
@@ -406,6 +407,8 @@ mod tests {
         assert_eq!(args.addr, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(args.max_memory, 128 << 20);
         assert_eq!(args.queue_timeout, Duration::from_secs(2));
+        // A stalled body is the client's fault (408), not the guest's (504).
+        assert!(args.body_timeout < args.request_timeout);
         let bad = Cli::try_parse_from(["wasmhive", "serve", "--allow-outbound", "http://x"]);
         assert!(
             bad.unwrap_err()
