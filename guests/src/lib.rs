@@ -169,7 +169,18 @@ pub mod p2 {
 
     /// Sends a complete `text/plain` response with `status` and `body`.
     pub fn respond(out: ResponseOutparam, status: u16, body: &[u8]) {
-        let out_body = start_response(out, status, Vec::new());
+        respond_with_headers(out, status, Vec::new(), body);
+    }
+
+    /// Sends a complete response with `status`, the extra `headers` and
+    /// `body` (`text/plain` unless the headers say otherwise).
+    pub fn respond_with_headers(
+        out: ResponseOutparam,
+        status: u16,
+        headers: Vec<(String, Vec<u8>)>,
+        body: &[u8],
+    ) {
+        let out_body = start_response(out, status, headers);
         let mut stream = out_body.write().unwrap();
         stream.write_all(body).unwrap();
         stream.flush().unwrap();

@@ -155,9 +155,10 @@ async fn a_version_that_fails_to_load_is_refused_and_the_old_one_keeps_serving()
 }
 
 /// A reload signal while the app still loads (a deploy tool's, during a
-/// slow start) does not end the process: it comes up and serves. The
-/// component file is a FIFO, so that the server is known to be loading
-/// (reading it) when the signal comes.
+/// slow start) does not end the process: it comes up, serves, and then
+/// does the reload it was asked for. The component file is a FIFO, so that
+/// the server is known to be loading (reading it) when the signal comes,
+/// and reads it again to reload.
 #[tokio::test]
 async fn sighup_while_the_app_loads_is_not_fatal() {
     let fifo = scratch("sighup-while-loading").join("app.wasm");
@@ -179,5 +180,19 @@ async fn sighup_while_the_app_loads_is_not_fatal() {
     });
     let (status, _, body) = get(server.addr, "/").await;
     assert_eq!((status, body.as_str()), (200, "Hello, wasmhive!\n"));
+    // The reload the signal asked for reads the FIFO again.
+    let writer = tokio::task::spawn_blocking(move || {
+        let mut pipe = std::fs::File::options().write(true).open(&fifo).unwrap();
+        std::io::Write::write_all(&mut pipe, &std::fs::read(guests::HELLO_P3.path).unwrap())
+            .unwrap();
+    });
+    let reloaded = server.wait_for_line("reloaded", Duration::from_secs(30));
+    assert!(
+        reloaded.await.is_some(),
+        "the signalled reload never happened"
+    );
+    writer.await.unwrap();
+    let (status, _, _) = get(server.addr, "/").await;
+    assert_eq!(status, 200);
     server.finish().await;
 }
