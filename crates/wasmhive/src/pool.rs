@@ -27,11 +27,13 @@
 //! above [`PoolLimits::queue_target`], and a sample at or below the target
 //! ends it (a burst that drains). If two such standing intervals in a row
 //! each saw more than twice as many requests join the queue as leave it for
-//! a worker, plus a margin of 16 (a growing queue), and the queue has grown
-//! by more than 256 since its wait rose above the target, it is overloaded until
-//! requests no longer join faster than they leave. Each client of a fixed
-//! set has at most one request waiting, so up to 256 of them, however
-//! unevenly they arrive, are queued and served, never shed. While
+//! a worker, plus a margin of 16 (a growing queue), and the queue is more
+//! than 256 longer than its shortest since its wait rose above the target,
+//! it is overloaded until requests no longer join faster than they leave.
+//! Each client of a fixed set has at most one request waiting, so up to
+//! 256 of them, however unevenly they arrive, are queued and served, never
+//! shed (a queue limited to 256 or fewer is never overloaded: it refuses
+//! the surplus when full). While
 //! overloaded it serves the newest request first (it still has a client
 //! willing to wait), and a free worker takes it however long it waited, so
 //! a guest slower than the target never idles. The queue keeps only as
@@ -91,16 +93,18 @@ pub struct PoolLimits {
     /// and multiplies memory. Default: the machine's available parallelism.
     pub max_running: usize,
     /// Most requests waiting to start; beyond it requests fail at once with
-    /// [`Overloaded`](crate::Overloaded). `0` disables queueing.
-    /// Default: 1024.
+    /// [`Overloaded`](crate::Overloaded). `0` disables queueing. A queue
+    /// of 256 or fewer never counts as overloaded (see
+    /// [`Self::queue_target`]). Default: 1024.
     pub max_queue_len: usize,
     /// Longest a request waits in a queue that is not overloaded before it
     /// fails with [`Overloaded`](crate::Overloaded): room for bursts.
     /// Default: 2 s.
     pub max_queue_wait: Duration,
     /// The queue's target sojourn time. When waits stay above it and the
-    /// queue grows fast for two [`Self::queue_interval`]s in a row, by more
-    /// than 256 requests in all, the queue counts as overloaded: it serves newest first and sheds
+    /// queue grows fast for two [`Self::queue_interval`]s in a row, to more
+    /// than 256 requests beyond its shortest since the waits rose, the
+    /// queue counts as overloaded: it serves newest first and sheds
     /// requests that would wait longer than this (a free worker still
     /// takes the newest request, however long it waited). Lower than
     /// CoDel's classic 5 ms: on a saturated machine, every millisecond a
@@ -287,7 +291,7 @@ impl<J: Sheddable> Pool<J> {
         }
         if state.queue.is_empty() && state.running < limits.max_running {
             let may_enter = !state.at_capacity;
-            state.codel.observe(Duration::ZERO, now, may_enter);
+            state.codel.observe(Duration::ZERO, now, may_enter, 0);
             let job = match state.hand_off(job) {
                 Ok(()) => return Admission::Handed,
                 Err(job) => job,
@@ -349,7 +353,10 @@ impl<J: Sheddable> Pool<J> {
             .queue
             .binary_search_by_key(&ticket, |queued| queued.ticket)
             .ok()?;
-        state.queue.remove(index).map(|queued| queued.job)
+        let job = state.queue.remove(index).map(|queued| queued.job);
+        let queued = state.queue.len();
+        state.codel.shrunk(queued);
+        job
     }
 
     /// Worker `id` has exited; `unstarted` are jobs it received but never
@@ -556,8 +563,8 @@ impl<J: Sheddable> State<J> {
         // Waiting for memory or pool slots is not overload: shedding
         // newcomers would free neither.
         let may_enter = !self.at_capacity;
-        self.codel
-            .observe(now.saturating_duration_since(oldest), now, may_enter);
+        let waited = now.saturating_duration_since(oldest);
+        self.codel.observe(waited, now, may_enter, self.queue.len());
         let queued = if self.codel.overloaded {
             // A worker is free now: the newest job starts at once, however
             // long it waited. Were it shed with the stale ones, a guest
@@ -569,9 +576,10 @@ impl<J: Sheddable> State<J> {
             self.shed_stale(now, limits.max_queue_wait);
             self.queue.pop_front()
         }?;
+        self.codel.shrunk(self.queue.len());
         if self.queue.is_empty() {
             // The queue drained: a sojourn of zero for what comes next.
-            self.codel.observe(Duration::ZERO, now, may_enter);
+            self.codel.observe(Duration::ZERO, now, may_enter, 0);
         }
         self.codel.left += 1;
         Some(queued.job)
@@ -593,6 +601,7 @@ impl<J: Sheddable> State<J> {
                 queued.job.shed();
             }
         }
+        self.codel.shrunk(self.queue.len());
     }
 
     fn start_worker(&mut self) -> WorkerId {
@@ -625,26 +634,27 @@ const PROBE_SETTLING_SHARE: u32 = 4;
 /// interval).
 const PROBE_MAX_INTERVALS: u32 = 400;
 
-/// How far the queue must have grown, beyond this, since its wait rose
-/// above the target (joins less departures, from its shortest since then)
-/// before an overload may begin. Each of a fixed set of clients has at
-/// most one request waiting, so a closed loop of up to this many clients
-/// cannot grow it further, however unevenly its requests arrive (a client
-/// stalled for a moment sends a burst, a slow one ramps up over many
-/// intervals): it is queued and served in turn, never shed. An open
-/// overload passes it in a few intervals (at four times a capacity of
-/// 1,200 r/s, in ~100 ms).
-const ONSET_BACKLOG: u32 = 256;
+/// How much longer than its shortest the queue must be, since its wait
+/// rose above the target, before an overload may begin. Each of a fixed
+/// set of clients has at most one request waiting, so a closed loop of up
+/// to this many clients cannot make it longer, however unevenly its
+/// requests arrive (a client stalled for a moment sends a burst, a slow
+/// one ramps up over many intervals) and whether or not some of them time
+/// out and send again: it is queued and served in turn, never shed. An
+/// open overload passes it in a few intervals (at four times a capacity of
+/// 1,200 r/s, in ~100 ms). A queue limited to this many or fewer
+/// (`max_queue_len`) never counts as overloaded: it refuses the surplus
+/// at once when full.
+const ONSET_BACKLOG: usize = 256;
 
 /// The overload detector of a CoDel queue. As in CoDel, an interval starts
 /// when the sampled wait first rises above the target, and any sample at
 /// or below it ends the interval: a burst drains before then, a standing
 /// queue does not. The queue becomes overloaded at the end of the second
 /// standing interval in a row in which more than twice as many jobs joined
-/// as left for a worker, plus a margin (a queue growing fast), once it has
-/// grown by more than [`ONSET_BACKLOG`] since the wait rose above the
-/// target.
-/// (Clients ramping up, or re-queueing at once after a shed, grow it for a
+/// as left for a worker, plus a margin (a queue growing fast), once it is
+/// more than [`ONSET_BACKLOG`] longer than its shortest since the wait
+/// rose above the target. (Clients ramping up, or re-queueing at once after a shed, grow it for a
 /// while; clients taking turns keep the two about equal.) It stays so
 /// while jobs join faster than they leave for a worker, shed ones counting
 /// as having joined, not as having left.
@@ -675,9 +685,9 @@ struct Codel {
     joined: u32,
     /// Jobs taken from the queue by workers during this interval.
     left: u32,
-    /// Not overloaded: how far the queue grew over the intervals since the
-    /// wait rose above the target, from its shortest since then.
-    backlog: u32,
+    /// The queue's shortest length since the wait rose above the target,
+    /// or since the overload began or ended.
+    shortest: usize,
     /// The last interval had a standing, growing queue.
     grew: bool,
     overloaded: bool,
@@ -715,7 +725,7 @@ impl Codel {
             interval_end: None,
             joined: 0,
             left: 0,
-            backlog: 0,
+            shortest: 0,
             grew: false,
             overloaded: false,
             depth: limits.max_running,
@@ -736,13 +746,15 @@ impl Codel {
         self.joined > 2 * self.left + GROWTH_MARGIN
     }
 
-    /// Samples the wait `delay` at `now`, ending the interval if it is
-    /// over; overload may begin then only if `may_enter`.
-    fn observe(&mut self, delay: Duration, now: Instant, may_enter: bool) {
+    /// Samples the wait `delay` at `now`, with `queued` jobs waiting,
+    /// ending the interval if it is over; overload may begin then only if
+    /// `may_enter`.
+    fn observe(&mut self, delay: Duration, now: Instant, may_enter: bool, queued: usize) {
+        self.shrunk(queued);
         if !self.overloaded && delay <= self.target {
             self.interval_end = None;
             self.grew = false;
-            self.backlog = 0;
+            self.shortest = queued;
             return;
         }
         let Some(end) = self.interval_end else {
@@ -755,7 +767,7 @@ impl Codel {
             if let Some(Probe::Counting { settling, settled }) = self.probe
                 && self.probe_holds(settling, settled, end, now)
             {
-                self.end_probe(true, end, now);
+                self.end_probe(true, end, now, queued);
             }
             return;
         }
@@ -769,9 +781,9 @@ impl Codel {
             }
             Some(Probe::Counting { settling, settled }) => {
                 let holds = self.probe_holds(settling, settled, end, now);
-                self.end_probe(holds, end, now);
+                self.end_probe(holds, end, now, queued);
             }
-            None => self.end_interval(end, now, may_enter),
+            None => self.end_interval(end, now, may_enter, queued),
         }
     }
 
@@ -791,22 +803,19 @@ impl Codel {
 
     /// The end of an interval outside a probe: overload begins, holds or
     /// ends, and a probe starts if one is due.
-    fn end_interval(&mut self, end: Instant, now: Instant, may_enter: bool) {
+    fn end_interval(&mut self, end: Instant, now: Instant, may_enter: bool, queued: usize) {
         let growing = if self.overloaded {
             self.joined > self.left
         } else {
-            self.backlog = self
-                .backlog
-                .saturating_add(self.joined)
-                .saturating_sub(self.left);
             self.growing_fast()
         };
+        let grown = queued.saturating_sub(self.shortest);
         let overloaded =
-            growing && (self.overloaded || self.grew && self.backlog > ONSET_BACKLOG && may_enter);
+            growing && (self.overloaded || self.grew && grown > ONSET_BACKLOG && may_enter);
         self.set_depth(end, now);
         self.grew = growing && !self.overloaded;
         if overloaded != self.overloaded {
-            self.transition(overloaded, now);
+            self.transition(overloaded, now, queued);
         }
         if overloaded && self.next_probe.is_some_and(|at| now >= at) {
             tracing::debug!("request queue overload: probing, not shedding");
@@ -821,7 +830,7 @@ impl Codel {
 
     /// The end of a probe: if the overload `holds`, the next probe waits
     /// four times as long; otherwise the overload ends.
-    fn end_probe(&mut self, holds: bool, end: Instant, now: Instant) {
+    fn end_probe(&mut self, holds: bool, end: Instant, now: Instant, queued: usize) {
         self.probe = None;
         self.set_depth(end, now);
         tracing::debug!(
@@ -835,16 +844,16 @@ impl Codel {
             self.next_probe = Some(now + self.interval * self.probe_gap);
         } else {
             self.grew = false;
-            self.transition(false, now);
+            self.transition(false, now, queued);
         }
         self.start_interval(now);
     }
 
-    /// Overload begins or ends at `now`; either way the probes start again
-    /// from the shortest gap.
-    fn transition(&mut self, overloaded: bool, now: Instant) {
+    /// Overload begins or ends at `now`, with `queued` jobs waiting; either
+    /// way the probes start again from the shortest gap.
+    fn transition(&mut self, overloaded: bool, now: Instant, queued: usize) {
         self.overloaded = overloaded;
-        self.backlog = 0;
+        self.shortest = queued;
         self.probe_gap = PROBE_FIRST_INTERVALS;
         self.next_probe = overloaded.then(|| now + self.interval * self.probe_gap);
         tracing::info!(
@@ -866,6 +875,12 @@ impl Codel {
         let elapsed = now.saturating_duration_since(end - self.interval);
         let per_target = u128::from(self.left) * self.target.as_nanos() / elapsed.as_nanos().max(1);
         self.depth = usize::try_from(per_target).unwrap_or(usize::MAX).max(1);
+    }
+
+    /// The queue is down to `queued` jobs (one left, was cancelled or
+    /// shed).
+    fn shrunk(&mut self, queued: usize) {
+        self.shortest = self.shortest.min(queued);
     }
 
     fn start_interval(&mut self, now: Instant) {
