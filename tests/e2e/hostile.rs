@@ -320,6 +320,27 @@ async fn a_blocked_stdout_pipe_stops_neither_requests_nor_healthz() {
     server.finish().await;
 }
 
+/// A stderr that takes nothing (a pipe nobody reads) stops neither
+/// requests nor signals, however much clients make the server log: each
+/// trapping request logs a warning, and 64 KiB of them fill the pipe.
+#[tokio::test]
+async fn a_blocked_stderr_pipe_stops_neither_requests_nor_signals() {
+    let mut server = Server::start_with_stderr_held(&[guests::FAULT_P2.path]);
+    for _ in 0..600 {
+        let answer = tokio::time::timeout(Duration::from_secs(10), get(server.addr, "/trap"))
+            .await
+            .expect("a logged failure does not block the server");
+        assert_eq!(answer.0, 500);
+    }
+    let answer = tokio::time::timeout(Duration::from_secs(10), get(server.addr, "/"))
+        .await
+        .expect("the server still answers");
+    assert_eq!(answer.0, 200);
+    server.signal("TERM");
+    let status = server.wait_exit(Duration::from_secs(30)).await;
+    assert!(status.success(), "{status}");
+}
+
 /// `GET /` on a new HTTP/2 connection whose client grants `window` bytes
 /// per response: the connection's task, its sender and the response (with
 /// status 200).

@@ -70,6 +70,9 @@ pub struct Server {
     pub stderr: Arc<Mutex<Vec<String>>>,
     /// Reads stderr into `stderr` until the server exits.
     reader: Option<std::thread::JoinHandle<()>>,
+    /// Lets the reader go on past the first line (see
+    /// [`Server::start_with_stderr_held`]).
+    release_stderr: Option<std::sync::mpsc::Sender<()>>,
 }
 
 impl Server {
@@ -87,19 +90,25 @@ impl Server {
 
     /// [`Server::start`] listening on `addr`.
     pub fn start_at(addr: &str, args: &[&str], stdout: Stdio) -> Server {
-        Server::launch(addr, args, stdout, &[], |_| {})
+        Server::launch(addr, args, stdout, &[], |_| {}, false)
     }
 
     /// [`Server::start`] with `env` added to the server's environment.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
-        Server::launch("127.0.0.1:0", args, Stdio::null(), env, |_| {})
+        Server::launch("127.0.0.1:0", args, Stdio::null(), env, |_| {}, false)
+    }
+
+    /// [`Server::start`], reading no stderr past the first line until the
+    /// server exits: its stderr is a pipe nobody reads, full after 64 KiB.
+    pub fn start_with_stderr_held(args: &[&str]) -> Server {
+        Server::launch("127.0.0.1:0", args, Stdio::null(), &[], |_| {}, true)
     }
 
     /// [`Server::start`], running `meanwhile` on a thread of its own with
     /// the process id as soon as the process is spawned (to signal it
     /// while it starts, say).
     pub fn start_meanwhile(args: &[&str], meanwhile: impl FnOnce(u32) + Send + 'static) -> Server {
-        Server::launch("127.0.0.1:0", args, Stdio::null(), &[], meanwhile)
+        Server::launch("127.0.0.1:0", args, Stdio::null(), &[], meanwhile, false)
     }
 
     fn launch(
@@ -108,6 +117,7 @@ impl Server {
         stdout: Stdio,
         env: &[(&str, &str)],
         meanwhile: impl FnOnce(u32) + Send + 'static,
+        hold_stderr: bool,
     ) -> Server {
         let mut child = wasmhive()
             .args(["serve", "--addr", addr])
@@ -121,6 +131,7 @@ impl Server {
         std::thread::spawn(move || meanwhile(pid));
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let (first_tx, first_rx) = std::sync::mpsc::channel();
+        let (release_stderr, held) = std::sync::mpsc::channel();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let reader = std::thread::spawn({
             let stderr = stderr.clone();
@@ -128,6 +139,9 @@ impl Server {
                 if let Some(Ok(first)) = lines.next() {
                     stderr.lock().unwrap().push(first.clone());
                     let _ = first_tx.send(first);
+                }
+                if hold_stderr {
+                    let _ = held.recv();
                 }
                 for line in lines.map_while(Result::ok) {
                     stderr.lock().unwrap().push(line);
@@ -153,6 +167,7 @@ impl Server {
             addr,
             stderr,
             reader: Some(reader),
+            release_stderr: Some(release_stderr),
         }
     }
 
@@ -169,6 +184,7 @@ impl Server {
     /// `[stdout ` or `[stderr `, may report a guest's panic).
     fn checked_output(&mut self, status: ExitStatus) -> String {
         // The pipe is closed: the reader ends once it has every line.
+        self.release_stderr.take();
         if let Some(reader) = self.reader.take() {
             reader.join().unwrap();
         }

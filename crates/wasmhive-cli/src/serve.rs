@@ -58,7 +58,7 @@ const MAX_HEAD_SIZE: usize = 64 * 1024;
 
 /// Runs the server until it has drained after a signal.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    telemetry::init_logging(args.log_format);
+    let _logs = telemetry::init_logging(args.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -51,7 +51,7 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs `args.workers` workers until they have drained after a signal.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    telemetry::init_logging(args.log_format);
+    let _logs = telemetry::init_logging(args.log_format);
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -54,22 +54,41 @@ fn write_line(level: &str, message: &str, plain: &str) {
     }
 }
 
+/// Log lines waiting for stderr beyond which new ones are dropped (and
+/// counted in `wasmhive_log_lines_dropped_total`).
+const LOG_QUEUE_LINES: usize = 16 * 1024;
+
+/// Log lines dropped because stderr did not keep up.
+static LOG_DROPS: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter> =
+    std::sync::OnceLock::new();
+
 /// Installs the global `tracing` subscriber: stderr, filtered by `RUST_LOG`
-/// (default `info`).
-pub fn init_logging(format: LogFormat) {
+/// (default `info`). Lines go to stderr from a thread of their own through
+/// a bounded queue, and are dropped when it is full: a stderr that blocks
+/// (a pipe nobody reads) must not stop the threads that serve requests,
+/// and clients can make warnings cheaply. Keep the guard until exit: it
+/// writes out what is queued when dropped.
+pub fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let _ = FORMAT.set(format);
     // wasmtime's cache warns when two processes store the same compiled
     // component at once, which is harmless (one of them wins).
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,wasmtime_internal_cache=error"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("wasmhive-log")
+        .finish(std::io::stderr());
+    let _ = LOG_DROPS.set(writer.error_counter());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    guard
 }
 
 /// Seconds buckets for every histogram: 100 us to 30 s.
@@ -168,6 +187,10 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
         "wasmhive_connections_closed_for_resets_total",
         "Connections closed because their client reset more requests than it let finish"
     );
+    describe_counter!(
+        "wasmhive_log_lines_dropped_total",
+        "Log lines dropped because stderr did not take them fast enough"
+    );
     describe_gauge!(
         "wasmhive_runtime_tasks_alive",
         "Tokio tasks alive in the server process (connections, requests, instances)"
@@ -195,6 +218,9 @@ pub fn record_response(status: u16, elapsed: Duration, app: &[Label]) {
 /// The process's own gauges and totals, just before a scrape renders them.
 pub fn record_process() {
     counter!("wasmhive_guest_output_dropped_total").absolute(wasmhive::dropped_output_lines());
+    if let Some(drops) = LOG_DROPS.get() {
+        counter!("wasmhive_log_lines_dropped_total").absolute(drops.dropped_lines() as u64);
+    }
     gauge!("wasmhive_runtime_tasks_alive").set(
         tokio::runtime::Handle::current()
             .metrics()
