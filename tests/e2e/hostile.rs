@@ -341,6 +341,55 @@ async fn a_blocked_stderr_pipe_stops_neither_requests_nor_signals() {
     assert!(status.success(), "{status}");
 }
 
+/// Request bodies sent a byte per chunk, as fast as the connection takes
+/// them, leave room for everyone else: the guest gets the bytes gathered
+/// (not a wake-up per byte), and an instance waiting for its client's next
+/// piece is not computing, however often one arrives. Every byte is echoed.
+#[tokio::test]
+async fn uploads_of_one_byte_chunks_do_not_shut_others_out() {
+    let _alone = crate::HEAVY.lock().await;
+    let server = Server::start(&[guests::ECHO_P3.path]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let uploads: Vec<_> = (0..2)
+        .map(|_| {
+            let (addr, stop) = (server.addr, stop.clone());
+            tokio::spawn(async move {
+                let mut stream = TcpStream::connect(addr).await.unwrap();
+                let head = "POST /?buffer=1 HTTP/1.1\r\nhost: x\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n";
+                stream.write_all(head.as_bytes()).await.unwrap();
+                let batch = b"1\r\nz\r\n".repeat(1000);
+                let mut sent = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    stream.write_all(&batch).await.unwrap();
+                    sent += 1000;
+                }
+                stream.write_all(b"0\r\n\r\n").await.unwrap();
+                let mut answer = Vec::new();
+                stream.read_to_end(&mut answer).await.unwrap();
+                (sent, String::from_utf8_lossy(&answer).into_owned())
+            })
+        })
+        .collect();
+    // While both upload, a bystander's requests are served at once.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let answer = tokio::time::timeout(Duration::from_secs(10), get(server.addr, "/"))
+            .await
+            .expect("the bystander is answered");
+        assert_eq!(answer.0, 200);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for upload in uploads {
+        let (sent, answer) = upload.await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer:.200}");
+        let body = &answer[answer.find("\r\n\r\n").unwrap() + 4..];
+        // The echo comes back chunked: count the bytes, not the framing
+        // (hexadecimal chunk sizes have no `z`).
+        assert_eq!(body.matches('z').count(), sent, "every byte echoed");
+    }
+    server.finish().await;
+}
+
 /// `GET /` on a new HTTP/2 connection whose client grants `window` bytes
 /// per response: the connection's task, its sender and the response (with
 /// status 200).

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use wasmhive_tests::guests;
 
-use crate::{Server, try_call};
+use crate::{Server, get, metric, try_call};
 
 #[tokio::test]
 async fn ten_times_capacity_for_ten_seconds() {
@@ -155,4 +155,44 @@ async fn adaptive_concurrency_sheds_cpu_bound_overload_at_once() {
     eprintln!("adaptive: limit {limit} under load, {ok} admitted, {shed} shed");
     assert!(ok > 0 && shed > 0, "{ok} admitted, {shed} shed");
     assert!((1.0..64.0).contains(&limit), "limit {limit}");
+}
+
+/// CPU-bound requests run `--max-running` at a time, on as many instances:
+/// the rest wait in the queue instead of each starting an instance of its
+/// own and time-slicing the CPU with the others.
+#[tokio::test]
+async fn cpu_bound_requests_run_max_running_at_a_time() {
+    let _alone = crate::HEAVY.lock().await;
+    let server = Server::start(&[
+        guests::CPU_P3.path,
+        "--max-running",
+        "1",
+        "--admin-addr",
+        "127.0.0.1:0",
+    ]);
+    let admin = server.admin_addr().await;
+    // Eight clients, three requests each of ~20 ms of computing.
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let addr = server.addr;
+            tokio::spawn(async move {
+                for _ in 0..3 {
+                    let answer = try_call(addr, "GET", "/?iters=20000000", Bytes::new()).await;
+                    assert_eq!(answer.expect("an answer").0, 200);
+                }
+            })
+        })
+        .collect();
+    let mut most_live = 0.0f64;
+    while !clients.iter().all(|client| client.is_finished()) {
+        let (_, _, metrics) = get(admin, "/metrics").await;
+        most_live = most_live.max(metric(&metrics, "wasmhive_instances_live"));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for client in clients {
+        client.await.unwrap();
+    }
+    // One computes; the next request takes its instance when it is done.
+    assert!(most_live <= 2.0, "{most_live} instances alive at once");
+    server.finish().await;
 }

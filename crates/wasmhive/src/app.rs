@@ -147,8 +147,9 @@ impl HandlerState for App {
         };
         let mut store = Store::new(self.runtime.engine(), host);
         store.limiter(|host| &mut host.memory);
-        // Yield to the host at every epoch tick, so that the worker can poll
-        // the instance-level deadline even while the guest spins.
+        // Yield to the host at every epoch tick, so that instantiating (a
+        // Python interpreter's start-up, say) shares the CPU; the worker
+        // sets its own tick callback for serving.
         store.set_epoch_deadline(1);
         store.epoch_deadline_async_yield_and_update(1);
         let proxy = match &self.pre {

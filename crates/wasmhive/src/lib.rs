@@ -73,11 +73,14 @@
 //!   queue and no new worker starts until another exits. With `prewarm > 0`,
 //!   instances are created ahead of demand and refilled in the background
 //!   whenever one is taken or ends.
-//! * **Running and parked.** The worker wraps its event loop's waker: when
-//!   the loop returns `Pending` without having woken itself, every guest task
-//!   waits on I/O and the worker tells the dispatcher it parked (the next
-//!   queued request may start elsewhere); a guest that yielded at an epoch
-//!   tick is still running. The worker talks to the dispatcher only through
+//! * **Running and parked.** The worker sets the store's epoch callback,
+//!   which notes each yield at an engine tick: when the event loop returns
+//!   `Pending` and the guest did not yield at a tick since the last poll,
+//!   every guest task waits (on I/O, a timer, its client) and the worker
+//!   tells the dispatcher it parked (the next queued request may start
+//!   elsewhere); a guest that yielded at a tick is still computing, so
+//!   running. (Whether the loop woke itself is no sign: it does so for I/O
+//!   it routes and for tokio's budget.) The worker talks to the dispatcher only through
 //!   the `Supervisor` trait that `worker.rs` defines.
 //! * **Acceptance.** After each event the worker asks
 //!   [`WorkerState::should_accept_request`]: `Yes` (advertise capacity),

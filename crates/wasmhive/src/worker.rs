@@ -34,11 +34,10 @@ use std::panic::AssertUnwindSafe;
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures::stream::FuturesUnordered;
-use futures::task::AtomicWaker;
 use futures::{FutureExt as _, StreamExt as _};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -275,23 +274,31 @@ impl<S: HandlerState, D: Supervisor<S>> Drop for ExitGuard<S, D> {
     }
 }
 
-/// Tells a guest that yielded (at an epoch tick: it still has CPU work)
-/// from one that waits on I/O: the event loop's waker is wrapped in this,
-/// and a yield wakes it before the poll returns.
+/// Tells a guest that computes (it yielded at an epoch tick, with CPU work
+/// left) from one that waits on I/O. The store's epoch callback sets it;
+/// the worker reads and clears it after each poll of the event loop that
+/// leaves it pending. A wake during the poll is no sign: the event loop
+/// wakes itself for I/O it routes (a request body's next piece reaching
+/// the guest's stream) and for tokio's cooperative budget, and a client
+/// streaming tiny pieces kept its instance "running" for good, so that two
+/// of them left no room for any other request.
 #[derive(Default)]
-struct WakeSpy {
-    woken: AtomicBool,
-    inner: AtomicWaker,
-}
+struct Yielded(AtomicBool);
 
-impl Wake for WakeSpy {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
+impl Yielded {
+    /// Makes `store` yield at every epoch tick, noting it here.
+    fn watch<T: 'static>(self: &Arc<Self>, store: &mut wasmtime::Store<T>) {
+        let yielded = self.clone();
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            yielded.0.store(true, Relaxed);
+            Ok(wasmtime::UpdateDeadline::Yield(1))
+        });
     }
 
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.store(true, Relaxed);
-        self.inner.wake();
+    /// Whether the guest yielded since the last call.
+    fn take(&self) -> bool {
+        self.0.swap(false, Relaxed)
     }
 }
 
@@ -440,9 +447,12 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
         .await
     };
 
+    let yielded = Arc::new(Yielded::default());
+    yielded.watch(store);
     let ending = drive(
         pin!(store.run_concurrent(inner)),
         pin!(expiration),
+        &yielded,
         &shared,
         supervisor,
         id,
@@ -779,18 +789,14 @@ impl Shared {
 async fn drive<S: HandlerState, D: Supervisor<S>>(
     mut event_loop: Pin<&mut impl Future<Output = wasmtime::Result<wasmtime::Result<Finished>>>>,
     mut expiration: Pin<&mut S::WorkerExpiration>,
+    yielded: &Yielded,
     shared: &Shared,
     supervisor: &Arc<D>,
     id: WorkerId,
     prewarmed: bool,
 ) -> Ending {
-    let spy = Arc::new(WakeSpy::default());
-    let spy_waker = Waker::from(spy.clone());
     poll_fn(|cx| {
-        let mut spy_cx = Context::from_waker(&spy_waker);
-        spy.inner.register(cx.waker());
-        spy.woken.store(false, Relaxed);
-        let mut poll = event_loop.as_mut().poll(&mut spy_cx);
+        let mut poll = event_loop.as_mut().poll(cx);
         if poll.is_pending() {
             let (mut current, mut since) = shared.status();
             // A p2 guest blocked in a host call after sending its head keeps
@@ -811,7 +817,7 @@ async fn drive<S: HandlerState, D: Supervisor<S>>(
                 }
                 return Poll::Ready(Ending::ExpiredWhile(current));
             }
-            if spy.woken.swap(false, Relaxed) {
+            if yielded.take() {
                 if !shared.running.swap(true, Relaxed) {
                     supervisor.unpark(id);
                 }
@@ -820,7 +826,7 @@ async fn drive<S: HandlerState, D: Supervisor<S>>(
                     supervisor.park(id);
                 }
                 if !shared.accept_more.swap(true, Relaxed) {
-                    poll = event_loop.as_mut().poll(&mut spy_cx);
+                    poll = event_loop.as_mut().poll(cx);
                 }
             }
         }
