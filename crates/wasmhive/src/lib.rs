@@ -74,13 +74,14 @@
 //!   instances are created ahead of demand and refilled in the background
 //!   whenever one is taken or ends.
 //! * **Running and parked.** The worker sets the store's epoch callback,
-//!   which notes each yield at an engine tick: when the event loop returns
-//!   `Pending` and the guest did not yield at a tick since the last poll,
-//!   every guest task waits (on I/O, a timer, its client) and the worker
-//!   tells the dispatcher it parked (the next queued request may start
-//!   elsewhere); a guest that yielded at a tick is still computing, so
-//!   running. (Whether the loop woke itself is no sign: it does so for I/O
-//!   it routes and for tokio's budget.) The worker talks to the dispatcher only through
+//!   which notes each yield at an engine tick, and wraps the event loop's
+//!   waker. A poll that leaves the loop `Pending` having yielded at a tick
+//!   and woken itself leaves a guest still computing: running. Any other
+//!   `Pending` means every guest task waits (on I/O, a timer, its client),
+//!   and the worker tells the dispatcher it parked (the next queued request
+//!   may start elsewhere). Neither sign alone will do: the loop wakes
+//!   itself for I/O it routes and for tokio's budget, and a guest may
+//!   yield, resume and finish within one poll. The worker talks to the dispatcher only through
 //!   the `Supervisor` trait that `worker.rs` defines.
 //! * **Acceptance.** After each event the worker asks
 //!   [`WorkerState::should_accept_request`]: `Yes` (advertise capacity),

@@ -34,10 +34,11 @@ use std::panic::AssertUnwindSafe;
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use futures::stream::FuturesUnordered;
+use futures::task::AtomicWaker;
 use futures::{FutureExt as _, StreamExt as _};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -274,31 +275,59 @@ impl<S: HandlerState, D: Supervisor<S>> Drop for ExitGuard<S, D> {
     }
 }
 
-/// Tells a guest that computes (it yielded at an epoch tick, with CPU work
-/// left) from one that waits on I/O. The store's epoch callback sets it;
-/// the worker reads and clears it after each poll of the event loop that
-/// leaves it pending. A wake during the poll is no sign: the event loop
-/// wakes itself for I/O it routes (a request body's next piece reaching
-/// the guest's stream) and for tokio's cooperative budget, and a client
-/// streaming tiny pieces kept its instance "running" for good, so that two
-/// of them left no room for any other request.
+/// Tells a guest that computes from one that waits (on I/O, a timer, its
+/// client). It is computing when a poll of the event loop leaves it
+/// pending having yielded at an epoch tick (the store's tick callback,
+/// which the worker sets, notes that) *and* having woken itself (the
+/// yielded guest is still to be resumed). Either alone misleads: the loop
+/// wakes itself for I/O it routes (a request body's next piece reaching the
+/// guest's stream) and for tokio's cooperative budget, so a client
+/// streaming tiny pieces kept its instance "running" and two of them left
+/// no room for any other request; and a guest may yield and be resumed
+/// within one poll, then finish and wait, idle but not parked.
 #[derive(Default)]
-struct Yielded(AtomicBool);
+struct Activity {
+    yielded: AtomicBool,
+    woken: AtomicBool,
+    waker: AtomicWaker,
+}
 
-impl Yielded {
+impl Activity {
     /// Makes `store` yield at every epoch tick, noting it here.
     fn watch<T: 'static>(self: &Arc<Self>, store: &mut wasmtime::Store<T>) {
-        let yielded = self.clone();
+        let activity = self.clone();
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
-            yielded.0.store(true, Relaxed);
+            activity.yielded.store(true, Relaxed);
             Ok(wasmtime::UpdateDeadline::Yield(1))
         });
     }
 
-    /// Whether the guest yielded since the last call.
-    fn take(&self) -> bool {
-        self.0.swap(false, Relaxed)
+    /// Polls `event_loop` with `cx`'s waker wrapped in `waker` (this
+    /// activity's); then whether the guest is computing.
+    fn poll<F: Future>(
+        self: &Arc<Self>,
+        event_loop: Pin<&mut F>,
+        waker: &Waker,
+        cx: &Context<'_>,
+    ) -> (Poll<F::Output>, bool) {
+        self.waker.register(cx.waker());
+        self.woken.store(false, Relaxed);
+        self.yielded.store(false, Relaxed);
+        let poll = event_loop.poll(&mut Context::from_waker(waker));
+        let computing = self.woken.load(Relaxed) && self.yielded.load(Relaxed);
+        (poll, computing)
+    }
+}
+
+impl Wake for Activity {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Relaxed);
+        self.waker.wake();
     }
 }
 
@@ -447,12 +476,12 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
         .await
     };
 
-    let yielded = Arc::new(Yielded::default());
-    yielded.watch(store);
+    let activity = Arc::new(Activity::default());
+    activity.watch(store);
     let ending = drive(
         pin!(store.run_concurrent(inner)),
         pin!(expiration),
-        &yielded,
+        &activity,
         &shared,
         supervisor,
         id,
@@ -789,14 +818,15 @@ impl Shared {
 async fn drive<S: HandlerState, D: Supervisor<S>>(
     mut event_loop: Pin<&mut impl Future<Output = wasmtime::Result<wasmtime::Result<Finished>>>>,
     mut expiration: Pin<&mut S::WorkerExpiration>,
-    yielded: &Yielded,
+    activity: &Arc<Activity>,
     shared: &Shared,
     supervisor: &Arc<D>,
     id: WorkerId,
     prewarmed: bool,
 ) -> Ending {
+    let waker = Waker::from(activity.clone());
     poll_fn(|cx| {
-        let mut poll = event_loop.as_mut().poll(cx);
+        let (mut poll, computing) = activity.poll(event_loop.as_mut(), &waker, cx);
         if poll.is_pending() {
             let (mut current, mut since) = shared.status();
             // A p2 guest blocked in a host call after sending its head keeps
@@ -817,7 +847,7 @@ async fn drive<S: HandlerState, D: Supervisor<S>>(
                 }
                 return Poll::Ready(Ending::ExpiredWhile(current));
             }
-            if yielded.take() {
+            if computing {
                 if !shared.running.swap(true, Relaxed) {
                     supervisor.unpark(id);
                 }
@@ -826,7 +856,7 @@ async fn drive<S: HandlerState, D: Supervisor<S>>(
                     supervisor.park(id);
                 }
                 if !shared.accept_more.swap(true, Relaxed) {
-                    poll = event_loop.as_mut().poll(cx);
+                    (poll, _) = activity.poll(event_loop.as_mut(), &waker, cx);
                 }
             }
         }
