@@ -133,7 +133,10 @@ async fn malformed_and_oversized_requests_never_reach_a_guest() {
     );
     let reply = raw_exchange(&server, huge.as_bytes()).await;
     assert!(reply.starts_with("HTTP/1.1 431"), "{reply:?}");
-    // Neither reached the guest: its first request counts 1.
+    // An authority-form target is for CONNECT only.
+    let reply = raw_exchange(&server, b"GET abc HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply:?}");
+    // None reached the guest: its first request counts 1.
     assert_eq!(get(server.addr, "/").await.2, "1");
 }
 

@@ -25,6 +25,15 @@ pub(crate) fn absolute(request: Request) -> Result<Request, Error> {
     if repeated {
         return Err(invalid("more than one Host header"));
     }
+    // RFC 9112 3.2.3: a target that is only an authority (`GET abc`) is
+    // for CONNECT alone; elsewhere the host it names would route the
+    // request and reach the guest as its authority.
+    if parts.uri.scheme().is_none()
+        && parts.uri.authority().is_some()
+        && parts.method != http::Method::CONNECT
+    {
+        return Err(invalid("an authority-form target outside CONNECT"));
+    }
     // RFC 9112 3.2.2: an authority in the target wins over Host.
     let authority = match (parts.uri.authority(), host) {
         (Some(authority), _) => checked_authority(authority.as_str()),
@@ -80,7 +89,7 @@ mod tests {
     }
 
     #[test]
-    fn origin_absolute_and_authority_forms_become_absolute() {
+    fn origin_and_absolute_forms_become_absolute() {
         assert_eq!(
             uri("/a?b=c", &["example.com:8080"]).unwrap(),
             "http://example.com:8080/a?b=c"
@@ -117,6 +126,20 @@ mod tests {
             assert_eq!(request.uri().to_string(), seen);
             assert!(request.extensions().get::<Scheme>().is_none());
         }
+    }
+
+    #[test]
+    fn an_authority_form_target_is_only_for_connect() {
+        assert!(uri("abc:80", &["x"]).is_err());
+        let connect = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri("abc:80")
+            .body(crate::into_body(http_body_util::Empty::new()))
+            .unwrap();
+        assert_eq!(
+            absolute(connect).unwrap().uri().to_string(),
+            "http://abc:80/"
+        );
     }
 
     #[test]
