@@ -204,7 +204,9 @@ pub trait HandlerState: Send + Sync + Sized + 'static {
     /// Errors are retried by the handler with backoff (see
     /// [`PoolLimits::instantiation_retries`](crate::PoolLimits)), so they
     /// should describe a transient failure where possible. This call is not
-    /// timed out by the handler.
+    /// timed out by the handler. The engine needs epoch interruption; once
+    /// the guest is instantiated, the worker sets the store's epoch deadline
+    /// and callback itself (a yield at every tick), replacing any set here.
     fn instantiate(
         &self,
         incarnation: u64,
