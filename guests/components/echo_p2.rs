@@ -3,10 +3,8 @@
 //! With `?buffer=1` in the query it reads the whole body before answering
 //! (`500` if reading it fails), like a handler that parses its input first.
 
-use wasip2::http::types::{
-    IncomingBody, IncomingRequest, OutgoingBody, ResponseOutparam, Scheme,
-};
 use std::io::Read as _;
+use wasip2::http::types::{IncomingBody, IncomingRequest, OutgoingBody, ResponseOutparam, Scheme};
 use wasmhive_guest_components::{echo_headers, p2, query_param};
 
 wasip2::http::proxy::export!(Echo);
@@ -36,9 +34,11 @@ impl wasip2::exports::http::incoming_handler::Guest for Echo {
             IncomingBody::finish(in_body);
             match read {
                 Ok(_) => p2::respond_with_headers(out, 200, headers, &body),
-                Err(error) => {
-                    p2::respond(out, 500, format!("reading the body failed: {error}\n").as_bytes())
-                }
+                Err(error) => p2::respond(
+                    out,
+                    500,
+                    format!("reading the body failed: {error}\n").as_bytes(),
+                ),
             }
             return;
         }

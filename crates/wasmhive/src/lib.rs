@@ -81,8 +81,9 @@
 //!   and the worker tells the dispatcher it parked (the next queued request
 //!   may start elsewhere). Neither sign alone will do: the loop wakes
 //!   itself for I/O it routes and for tokio's budget, and a guest may
-//!   yield, resume and finish within one poll. The worker talks to the dispatcher only through
-//!   the `Supervisor` trait that `worker.rs` defines.
+//!   yield, resume and finish within one poll. The worker talks to the
+//!   dispatcher only through the `Supervisor` trait that `worker.rs`
+//!   defines.
 //! * **Acceptance.** After each event the worker asks
 //!   [`WorkerState::should_accept_request`]: `Yes` (advertise capacity),
 //!   `No` (not now), `Never` (this instance is done). The concurrent count

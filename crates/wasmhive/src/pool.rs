@@ -33,20 +33,20 @@
 //! Each client of a fixed set has at most one request waiting, so up to
 //! 256 of them, however unevenly they arrive, are queued and served, never
 //! shed (a queue limited to 256 or fewer is never overloaded: it refuses
-//! the surplus when full). While
-//! overloaded it serves the newest request first (it still has a client
-//! willing to wait), and a free worker takes it however long it waited, so
-//! a guest slower than the target never idles. The queue keeps only as
+//! the surplus when full). While overloaded it serves the newest request
+//! first (it still has a client willing to wait), and a free worker takes
+//! it however long it waited, so a guest slower than the target never
+//! idles. The queue keeps only as
 //! many requests as the workers take within the target, and sheds the
 //! older ones, and any that waited past the target, as soon as a newer one
 //! arrives or a worker takes one: admitted requests stay fast and the
 //! surplus gets its `503` within a few milliseconds.
 //!
 //! More clients than that, sending again as soon as they are shed, also
-//! join faster than they leave, so an overload is probed now and then: nothing is shed for a
-//! quarter interval, while shed clients come back, and then for up to an
-//! interval in which the queue must still grow fast, with requests joining
-//! at least half as fast as in the first part. New requests keep pouring in
+//! join faster than they leave, so an overload is probed now and then:
+//! nothing is shed for a quarter interval, while shed clients come back,
+//! and then for up to an interval in which the queue must still grow fast,
+//! with requests joining at least half as fast as in the first part. New requests keep pouring in
 //! at the same rate, and shedding resumes as soon as the counts say so; a
 //! fixed set of clients now takes turns, and the overload ends. Clients
 //! that resend within about half an interval of their `503` are told apart
@@ -654,8 +654,9 @@ const ONSET_BACKLOG: usize = 256;
 /// standing interval in a row in which more than twice as many jobs joined
 /// as left for a worker, plus a margin (a queue growing fast), once it is
 /// more than [`ONSET_BACKLOG`] longer than its shortest since the wait
-/// rose above the target. (Clients ramping up, or re-queueing at once after a shed, grow it for a
-/// while; clients taking turns keep the two about equal.) It stays so
+/// rose above the target. (Clients ramping up, or re-queueing at once
+/// after a shed, grow it for a while; clients taking turns keep the two
+/// about equal.) It stays so
 /// while jobs join faster than they leave for a worker, shed ones counting
 /// as having joined, not as having left.
 ///
@@ -750,7 +751,6 @@ impl Codel {
     /// ending the interval if it is over; overload may begin then only if
     /// `may_enter`.
     fn observe(&mut self, delay: Duration, now: Instant, may_enter: bool, queued: usize) {
-        self.shrunk(queued);
         if !self.overloaded && delay <= self.target {
             self.interval_end = None;
             self.grew = false;
@@ -878,7 +878,9 @@ impl Codel {
     }
 
     /// The queue is down to `queued` jobs (one left, was cancelled or
-    /// shed).
+    /// shed): every place that takes a job out of the queue calls this,
+    /// except the overloaded queue's own shedding (a transition resets
+    /// [`Self::shortest`]).
     fn shrunk(&mut self, queued: usize) {
         self.shortest = self.shortest.min(queued);
     }
