@@ -1,8 +1,8 @@
-//! One client cannot pin every instance: the three HTTP/2 pinning patterns
+//! One client cannot pin every instance: the HTTP/2 pinning patterns
 //! (responses held by a zero flow-control window, request bodies that
-//! never come, streams reset just after they started) each leave at least
-//! half of the instance capacity to another client, which gets `200`s
-//! meanwhile.
+//! never come, streams reset just after they started, alone or beside kept
+//! ones) each leave at least half of the instance capacity to another
+//! client, which gets `200`s meanwhile.
 //!
 //! The attacker connects from 127.0.0.1, the bystander from 127.0.0.2:
 //! shares are per client address.
@@ -254,5 +254,53 @@ async fn streams_reset_after_they_started_free_their_instances() {
         Duration::from_secs(10),
     )
     .await;
+    server.finish().await;
+}
+
+#[tokio::test]
+async fn streams_reset_beside_kept_ones_leave_the_instances_to_others() {
+    let _heavy = HEAVY.lock().await;
+    // 4 instances x 16 requests: 64 places, 32 per client.
+    let server = Server::start(&[
+        guests::SLEEP_P3.path,
+        "--max-instances",
+        "4",
+        "--queue-timeout",
+        "500ms",
+        "--admin-addr",
+        "127.0.0.1:0",
+    ]);
+    let (addr, admin) = (server.addr, server.admin_addr().await);
+    // Pairs of a request kept for a minute and one reset once a guest has
+    // it. A reset used to retire its instance, which then lived until the
+    // kept request ended: within 8 pairs every instance was held (by at
+    // most 8 requests of the attacker's share of 32), and the next pair
+    // never started.
+    let mut sender = h2_from(ATTACKER, addr, 65_535).await;
+    let mut kept = Vec::new();
+    for pair in 1..=8 {
+        sender = sender.ready().await.unwrap();
+        kept.push(
+            sender
+                .send_request(h2_request("GET", addr, "/?ms=60000"), true)
+                .unwrap(),
+        );
+        sender = sender.ready().await.unwrap();
+        let reset = sender
+            .send_request(h2_request("GET", addr, "/?ms=60000"), true)
+            .unwrap();
+        wait_until_metric(
+            admin,
+            "wasmhive_requests_started_total",
+            |n| n >= f64::from(2 * pair),
+            Duration::from_secs(20),
+        )
+        .await;
+        drop(reset);
+    }
+
+    let seen = bystanders(addr, "GET", "/?ms=200", 16).await;
+    assert!(seen.iter().all(|s| s == &Ok(200)), "{seen:?}");
+    drop((kept, sender));
     server.finish().await;
 }

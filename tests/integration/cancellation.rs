@@ -1,6 +1,7 @@
 //! Dropping a queued request takes it out of the queue: it never reaches a
 //! guest.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use wasmhive::{ExitReason, Outcome, PoolLimits};
@@ -100,4 +101,60 @@ async fn an_abandoned_request_retires_its_instance_once_the_others_are_answered(
         .expect("answered within 10 s")
         .expect("succeeds");
     assert_eq!(read_body(next).await, "slept 1 ms\n");
+}
+
+/// A caller going away frees nothing its guest task still uses and retires
+/// nothing another caller could use: the instance goes on taking requests
+/// while the abandoned call runs out, and the abandoned request's extensions
+/// (where a server keeps its client's place) live until the instance ends
+/// with it.
+#[tokio::test]
+async fn an_abandoned_request_keeps_its_place_but_leaves_its_instance_to_others() {
+    let (handler, reports) = handler(
+        guests::SLEEP_P3,
+        |l| l.post_return_timeout = Duration::from_secs(600),
+        PoolLimits {
+            max_instances: 1,
+            ..PoolLimits::default()
+        },
+    );
+    let place = Arc::new(());
+    let mut request = get("/?ms=600000");
+    request.extensions_mut().insert(place.clone());
+    let mut abandoned = Box::pin(handler.handle(1, request));
+    assert!(
+        futures::future::poll_immediate(&mut abandoned)
+            .await
+            .is_none()
+    );
+    let kept = tokio::spawn({
+        let handler = handler.clone();
+        async move { handler.handle(2, get("/?ms=600000")).await }
+    });
+    wasmhive_tests::wait_for_stats(&handler, |s| s.requests_started >= 2).await;
+    drop(abandoned);
+
+    // The one instance takes a third request while the other two run (it
+    // used to retire when a caller went away, and the third waited for it).
+    let third = tokio::time::timeout(Duration::from_secs(10), handler.handle(3, get("/?ms=1")))
+        .await
+        .expect("answered within 10 s")
+        .expect("succeeds");
+    assert_eq!(read_body(third).await, "slept 1 ms\n");
+    assert_eq!(
+        Arc::strong_count(&place),
+        2,
+        "the abandoned request holds its extensions while its guest task runs"
+    );
+
+    // With its last wanted request gone, the instance ends, orphans and all.
+    kept.abort();
+    let ended = tokio::time::timeout(
+        Duration::from_secs(10),
+        reports.wait_for_instance(|r| r.reason == ExitReason::Abandoned),
+    )
+    .await
+    .expect("the instance ends within 10 s, not at its 600 s deadline");
+    assert_eq!(ended.requests_served, 3);
+    assert_eq!(Arc::strong_count(&place), 1, "dropped with the instance");
 }

@@ -4,9 +4,12 @@
 //! Each address may have `--max-connections-per-client` connections open
 //! (more are closed at once) and `--max-requests-per-client` requests in
 //! flight. A request is in flight from the moment it arrives until its
-//! response body has been sent or dropped, so a client that stalls its
-//! requests (HTTP/2 zero windows, bodies that never come, responses never
-//! read) pins at most its share of instances. The surplus waits in line
+//! response body has been sent or dropped, or, if the client went away
+//! first, until the guest is done with it (a [`Place`] rides in the
+//! request's extensions for that). So a client that stalls its requests
+//! (HTTP/2 zero windows, bodies that never come, responses never read) or
+//! resets them once they reached a guest pins at most its share of
+//! instances. The surplus waits in line
 //! like a queued request: up to `--queue-timeout`, and no more than
 //! `--queue-len` requests wait so at once; beyond either, `503`.
 //!
@@ -129,9 +132,11 @@ impl ClientConnection {
     /// A place for one request in flight, waiting in line for one if the
     /// client has its share in flight; `None` means the line is full or the
     /// wait ran out.
-    pub async fn request_place(&self) -> Option<OwnedSemaphorePermit> {
+    pub async fn request_place(&self) -> Option<Place> {
         if let Ok(place) = self.requests.clone().try_acquire_owned() {
-            return Some(place);
+            return Some(Place {
+                _permit: Arc::new(place),
+            });
         }
         let clients = &self.clients;
         if clients.waiting.fetch_add(1, Relaxed) >= clients.max_waiting {
@@ -149,7 +154,9 @@ impl ClientConnection {
         let _in_line = InLine(&clients.waiting);
         let place = self.requests.clone().acquire_owned();
         match tokio::time::timeout(clients.wait, place).await {
-            Ok(place) => Some(place.expect("the semaphore is never closed")),
+            Ok(place) => Some(Place {
+                _permit: Arc::new(place.expect("the semaphore is never closed")),
+            }),
             Err(_) => None,
         }
     }
@@ -222,6 +229,16 @@ impl Drop for ClientConnection {
     }
 }
 
+/// A request's place in its client's share, given back when its last clone
+/// is dropped: one goes with the response body ([`Holding`]), one with the
+/// request into the guest (`wasmhive` drops a request's extensions once the
+/// guest is done with it, which for a request its client reset is when its
+/// guest task returns or its instance ends).
+#[derive(Clone)]
+pub struct Place {
+    _permit: Arc<OwnedSemaphorePermit>,
+}
+
 /// A request keeping its connection busy; see [`ClientConnection::busy`].
 pub struct Busy(Arc<ClientConnection>);
 
@@ -239,14 +256,14 @@ impl Drop for Busy {
 pub struct Holding<B> {
     body: B,
     clock: Arc<SendClock>,
-    _place: Option<OwnedSemaphorePermit>,
+    _place: Option<Place>,
     _busy: Busy,
 }
 
 impl<B> Holding<B> {
     /// `body`, holding `place` and `busy`. Its head is about to be sent:
     /// until the server first asks for the body, it waits for the client.
-    pub fn new(body: B, place: Option<OwnedSemaphorePermit>, busy: Busy) -> Holding<B> {
+    pub fn new(body: B, place: Option<Place>, busy: Busy) -> Holding<B> {
         let clock = Arc::new(SendClock(Mutex::new(Some(Instant::now()))));
         let mut sending = busy.0.sending.lock().unwrap_or_else(|e| e.into_inner());
         // Bodies sent since the last look are gone: only those in flight

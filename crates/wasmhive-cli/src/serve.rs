@@ -689,7 +689,7 @@ impl Server {
     /// become statuses).
     async fn respond(
         &self,
-        request: hyper::Request<Incoming>,
+        mut request: hyper::Request<Incoming>,
         client: &Arc<ClientConnection>,
     ) -> Response {
         let busy = client.busy();
@@ -720,6 +720,9 @@ impl Server {
             let response = plain(StatusCode::NOT_FOUND, "no app serves this path\n".into());
             return response.map(|body| wasmhive::into_body(Holding::new(body, Some(place), busy)));
         };
+        // The guest may outlive the client's interest in the request: the
+        // place goes with it until the guest is done.
+        request.extensions_mut().insert(place.clone());
         let span = tracing::info_span!(
             "request",
             id,

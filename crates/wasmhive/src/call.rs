@@ -20,6 +20,7 @@ mod p3;
 
 use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use futures::FutureExt as _;
 use tokio::sync::oneshot;
@@ -52,7 +53,8 @@ pub(crate) enum Ended {
     Responded,
     /// The request's deadline passed first.
     Expired,
-    /// The caller went away first; the guest task may still be running.
+    /// The caller went away first; the call has since been run out (see
+    /// [`race`]).
     Abandoned,
 }
 
@@ -96,19 +98,23 @@ impl<'p, T: Send + 'static> GuestCall<'p, T> {
     /// response body after that (p3: a task of the instance, once the call
     /// returned; p2: the rest of the call): the [`Streaming`] future tells
     /// when the body is over.
+    ///
+    /// A call whose caller goes away is run out, counted in `orphans`
+    /// meanwhile ([`race`]).
     pub(crate) async fn run<'a>(
         self,
         accessor: &'a Accessor<T>,
         deadline: RequestDeadline,
         responder: Responder,
+        orphans: &'a AtomicUsize,
     ) -> wasmtime::Result<(Ended, Option<Streaming<'a>>)>
     where
         'p: 'a,
     {
         let deadline = deadline.fuse();
         match self {
-            GuestCall::P2(call) => call.run(accessor, deadline, responder).await,
-            GuestCall::P3(call) => call.run(accessor, deadline, responder).await,
+            GuestCall::P2(call) => call.run(accessor, deadline, responder, orphans).await,
+            GuestCall::P3(call) => call.run(accessor, deadline, responder, orphans).await,
         }
     }
 }
@@ -119,7 +125,7 @@ enum Unanswered {
     Trapped(wasmtime::Error),
     /// The request's deadline passed.
     Expired,
-    /// The caller went away.
+    /// The caller went away, and the call was run out.
     Abandoned,
 }
 
@@ -143,17 +149,36 @@ impl Unanswered {
 
 /// Waits for `work`, unless the deadline passes or the caller goes away
 /// first. Once the responder has sent, the caller can no longer go away.
+///
+/// A caller going away does not end the call: wasmtime cannot cancel one
+/// guest task, so `work` is run out, its answer unwanted, under the same
+/// deadline (an expiry retires the instance, as for any request), and
+/// counts in `orphans` meanwhile. The worker ends its instance, orphans
+/// and all, once nothing else it holds is wanted.
 async fn race<R>(
     work: impl Future<Output = wasmtime::Result<R>>,
     mut deadline: &mut Deadline,
     responder: &Responder,
+    orphans: &AtomicUsize,
 ) -> Result<R, Unanswered> {
     let mut work = pin!(work.fuse());
     let mut abandoned = pin!(responder.closed().fuse());
     futures::select_biased! {
-        result = work => result.map_err(Unanswered::Trapped),
+        result = work => return result.map_err(Unanswered::Trapped),
+        () = deadline => return Err(Unanswered::Expired),
+        () = abandoned => {}
+    }
+    struct Orphan<'o>(&'o AtomicUsize);
+    impl Drop for Orphan<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Relaxed);
+        }
+    }
+    orphans.fetch_add(1, Relaxed);
+    let _orphan = Orphan(orphans);
+    futures::select_biased! {
+        result = work => result.map_err(Unanswered::Trapped).and(Err(Unanswered::Abandoned)),
         () = deadline => Err(Unanswered::Expired),
-        () = abandoned => Err(Unanswered::Abandoned),
     }
 }
 

@@ -81,8 +81,17 @@ impl<S: HandlerState> ProxyHandler<S> {
     ///
     /// Dropping the returned future gives up on the request: if it is still
     /// queued it leaves the queue and never reaches a guest; if it is
-    /// running, it stops counting against its instance (the guest task may
-    /// still finish in the background, until the instance expires).
+    /// running, the guest task cannot be cancelled, so it runs on under its
+    /// deadline, counted against its instance, until it returns or the
+    /// instance ends with it (which it does once nothing else it holds is
+    /// wanted).
+    ///
+    /// The request's extensions are dropped once the guest is done with the
+    /// request: at the response head, or when an abandoned request's guest
+    /// task returns or its instance ends. A server may keep there what the
+    /// request holds on its client's behalf (a place in a per-client share),
+    /// so that going away does not give it back while a guest still works
+    /// for that client.
     pub async fn handle(&self, data: RequestData<S>, request: Request) -> Result<Response, Error> {
         let dispatcher = &self.dispatcher;
         let admitted = crate::dispatch::now();

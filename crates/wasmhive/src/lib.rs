@@ -104,11 +104,14 @@
 //!   fires, the store is dropped with whatever it was running.
 //! * **Abandoned requests.** A caller that drops `handle` after its request
 //!   reached the guest (a reset stream, a closed connection) cannot have its
-//!   guest task cancelled (wasmtime has no per-task cancel), so the instance
-//!   takes nothing more and ends as soon as its other requests are answered
-//!   and delivered, instead of holding its pool slot until the
-//!   post-return deadline. Background work of those other requests is cut
-//!   short then.
+//!   guest task cancelled (wasmtime has no per-task cancel), so its call is
+//!   run out as an orphan: it keeps its place in the instance's concurrency
+//!   and its deadline, and the request's extensions (where a server keeps
+//!   the client's share) live until it returns. The instance goes on taking
+//!   requests; once only orphans are left in hand, it ends with them
+//!   ([`ExitReason::Abandoned`]) rather than let them hold its pool slot.
+//!   A caller going away thus frees nothing the guest still uses, and
+//!   retires nothing another caller could use.
 //! * **Disposal.** When the worker ends (idle, reuse spent, expired, trapped,
 //!   abandoned, shut down) it returns any request it had received but not started to
 //!   the pool (they are re-dispatched: they never reached a guest, so this

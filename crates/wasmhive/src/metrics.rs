@@ -26,10 +26,10 @@ pub enum ExitReason {
     Shutdown,
     /// Instantiation failed; the instance never served.
     InstantiationFailed,
-    /// A caller went away (a reset stream, a closed connection) while the
-    /// guest still worked on its request: the instance retired as soon as
-    /// its other requests were answered, ending that abandoned guest task
-    /// with it instead of letting it hold the instance.
+    /// Callers went away (a reset stream, a closed connection) while the
+    /// guest still worked on their requests, and nothing else the instance
+    /// held was wanted: it ended with those abandoned guest tasks instead of
+    /// letting them hold it.
     Abandoned,
 }
 

@@ -98,9 +98,9 @@ pub trait WorkerState: Send + Sync + 'static {
     /// no more requests. The guest task is not cancelled (wasmtime cannot yet
     /// cancel a task), it runs on until the instance itself expires. A
     /// request whose caller goes away before the response head (the `handle`
-    /// future is dropped) likewise stops this instance accepting; the
-    /// instance then ends, abandoned task and all, as soon as its other
-    /// requests are answered and their bodies delivered
+    /// future is dropped) is run out under this same deadline, counted
+    /// against the instance; the instance ends, abandoned tasks and all,
+    /// once nothing else it holds is wanted
     /// ([`ExitReason::Abandoned`](crate::ExitReason)).
     ///
     /// This deadline is polled inside the store's event loop, which a busy

@@ -454,13 +454,20 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
                 }
 
                 // Nothing more to take now: wait for the guest, or end.
-                if in_hand.len() > 0 {
+                let orphans = starter.shared.orphans.load(Relaxed);
+                if in_hand.len() > orphans {
                     return Poll::Pending;
                 }
+                // Only calls whose callers went away are left: end them
+                // with the instance rather than let them hold it.
+                if orphans > 0 {
+                    retirement.end(Finished::Abandoned);
+                    offer_ref.update(false, starter.shared);
+                    return Poll::Ready(Ok(retirement.reason));
+                }
                 // No request outstanding; the guest may still be working
-                // for earlier ones (streaming a body, say), which it may
-                // finish unless one of them was abandoned.
-                if !retirement.abandoned && accessor.poll_no_interesting_tasks(cx).is_pending() {
+                // for earlier ones (streaming a body, say).
+                if accessor.poll_no_interesting_tasks(cx).is_pending() {
                     return Poll::Pending;
                 }
                 if !(retirement.may_accept && ready) {
@@ -522,8 +529,14 @@ impl<'w, S: HandlerState, D: Supervisor<S>> Starter<'w, S, D> {
         'w: 'a,
     {
         let Job {
-            data, request, tx, ..
+            data,
+            mut request,
+            tx,
+            ..
         } = job;
+        // Kept until the guest is done with the request (see
+        // `ProxyHandler::handle`).
+        let extensions = std::mem::take(request.extensions_mut());
         if tx.is_closed() {
             // The caller left while the job was on its way.
             return None;
@@ -558,7 +571,10 @@ impl<'w, S: HandlerState, D: Supervisor<S>> Starter<'w, S, D> {
         self.supervisor.started();
         shared.set_status(WorkerStatus::Requests, accepted_at);
         let call = async move {
-            let (ended, body) = call.run(accessor, deadline, responder).await?;
+            let (ended, body) = call
+                .run(accessor, deadline, responder, &shared.orphans)
+                .await?;
+            drop(extensions);
             Ok((ended, body, accepted_at))
         };
         Some((accepted_at, Box::pin(call)))
@@ -690,8 +706,6 @@ impl<'a> InHand<'a> {
 /// Whether an instance may take more requests, and if not, why it ends.
 struct Retirement {
     may_accept: bool,
-    /// A caller went away while the guest worked on its request.
-    abandoned: bool,
     reason: Finished,
 }
 
@@ -699,7 +713,6 @@ impl Default for Retirement {
     fn default() -> Self {
         Retirement {
             may_accept: true,
-            abandoned: false,
             reason: Finished::ReuseSpent,
         }
     }
@@ -731,16 +744,10 @@ impl Retirement {
 
     fn call_ended(&mut self, ended: Ended) {
         match ended {
-            Ended::Responded => {}
+            // An abandoned call ran out within its deadline: the instance is
+            // as good as after any answered request.
+            Ended::Responded | Ended::Abandoned => {}
             Ended::Expired => self.end(Finished::Expired),
-            // wasmtime cannot cancel one guest task, and an abandoned one
-            // would hold this instance (and its pool slot) until the instance
-            // deadline: take nothing more and end with it once the requests
-            // still wanted are done.
-            Ended::Abandoned => {
-                self.abandoned = true;
-                self.end(Finished::Abandoned);
-            }
         }
     }
 }
@@ -765,6 +772,9 @@ struct Shared {
     /// Whether the supervisor counts this worker as running: it was started
     /// running, and every job it is given makes it running again.
     running: AtomicBool,
+    /// Calls in hand whose callers went away, run out until they return
+    /// (see [`GuestCall::run`]).
+    orphans: AtomicUsize,
     /// Requests taken in all.
     served: AtomicU64,
     peak: AtomicUsize,
@@ -781,6 +791,7 @@ impl Shared {
             status: Mutex::new((WorkerStatus::Idle, born)),
             accept_more: AtomicBool::new(true),
             running: AtomicBool::new(true),
+            orphans: AtomicUsize::new(0),
             served: AtomicU64::new(0),
             peak: AtomicUsize::new(0),
         }

@@ -6,6 +6,8 @@
 //! guest sets it: a p2 guest blocked in a synchronous host call keeps the
 //! store's event loop, and so [`Call::run`], from running until it returns.
 
+use std::sync::atomic::AtomicUsize;
+
 use futures::future::Either;
 use tokio::sync::oneshot;
 use wasmtime::StoreContextMut;
@@ -88,6 +90,7 @@ impl<'p, T: Send + 'static> Call<'p, T> {
         accessor: &'a Accessor<T>,
         mut deadline: Deadline,
         responder: Responder,
+        orphans: &'a AtomicUsize,
     ) -> wasmtime::Result<(Ended, Option<Streaming<'a>>)>
     where
         'p: 'a,
@@ -111,7 +114,7 @@ impl<'p, T: Send + 'static> Call<'p, T> {
                 Either::Right(_) => Ok(false),
             }
         };
-        match race(returned_or_head, &mut deadline, &responder).await {
+        match race(returned_or_head, &mut deadline, &responder, orphans).await {
             Ok(true) => {
                 let _ = returned.send(true);
                 responder.send(answer(None));

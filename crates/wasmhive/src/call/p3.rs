@@ -2,6 +2,8 @@
 //! its `handle` call, and a task of the instance writes the body after the
 //! call returned.
 
+use std::sync::atomic::AtomicUsize;
+
 use futures::FutureExt as _;
 use tokio::sync::oneshot;
 use wasmtime::StoreContextMut;
@@ -60,6 +62,7 @@ impl<'p, T: Send + 'static> Call<'p, T> {
         accessor: &'a Accessor<T>,
         mut deadline: Deadline,
         responder: Responder,
+        orphans: &'a AtomicUsize,
     ) -> wasmtime::Result<(Ended, Option<Streaming<'a>>)>
     where
         'p: 'a,
@@ -91,7 +94,7 @@ impl<'p, T: Send + 'static> Call<'p, T> {
                 Err(code) => Err(Error::Guest(format!("{code:?}"))),
             })
         };
-        match race(response, &mut deadline, &responder).await {
+        match race(response, &mut deadline, &responder, orphans).await {
             Ok(answer) => {
                 responder.send(answer);
                 let streaming: Streaming<'a> = Box::pin(body_done.map(|_| Ok(())));
