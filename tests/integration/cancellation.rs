@@ -1,5 +1,6 @@
-//! Dropping a queued request takes it out of the queue: it never reaches a
-//! guest.
+//! A caller giving up: a queued request leaves the queue and never reaches
+//! a guest; a running one is run out on its instance, which goes on serving
+//! others and ends with it once nothing else is wanted.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,7 +58,7 @@ async fn dropped_queued_requests_never_reach_a_guest() {
 /// instance until the instance deadline: the instance finishes what others
 /// still wait for, then ends, abandoned task and all.
 #[tokio::test]
-async fn an_abandoned_request_retires_its_instance_once_the_others_are_answered() {
+async fn an_abandoned_request_ends_with_its_instance_once_the_others_are_answered() {
     let (handler, reports) = handler(
         guests::SLEEP_P3,
         // Far beyond the test's bounds: the instance must not wait for it.

@@ -87,11 +87,14 @@ impl<S: HandlerState> ProxyHandler<S> {
     /// wanted).
     ///
     /// The request's extensions are dropped once the guest is done with the
-    /// request: at the response head, or when an abandoned request's guest
-    /// task returns or its instance ends. A server may keep there what the
+    /// request: at the response head or the request's deadline, or, for an
+    /// abandoned request, when its guest call returns (p2: sets its
+    /// response) or its instance ends. A server may keep there what the
     /// request holds on its client's behalf (a place in a per-client share),
     /// so that going away does not give it back while a guest still works
-    /// for that client.
+    /// for that client. (The [`PoolLimits::adaptive_concurrency`] limit is
+    /// the handler's own, held by this future: an abandoned request leaves
+    /// it at once.)
     pub async fn handle(&self, data: RequestData<S>, request: Request) -> Result<Response, Error> {
         let dispatcher = &self.dispatcher;
         let admitted = crate::dispatch::now();

@@ -93,8 +93,9 @@
 //!   p2, its handler returned). Concurrency is earned: after taking a request the worker
 //!   advertises again only once it has parked.
 //! * **Two-level expiration.** Level one is the per-request deadline, polled
-//!   inside the store's event loop; when it fires the request fails and the
-//!   instance takes no more requests. Level two is the instance's
+//!   inside the store's event loop; when it fires the request fails, and the
+//!   instance takes no more requests and ends, the expired task with it, as
+//!   soon as nothing else it holds is wanted. Level two is the instance's
 //!   [`WorkerExpiration`], polled outside the event loop with the worker's
 //!   [`WorkerStatus`] (`Idle`, `Requests` since the most recent request,
 //!   `Streaming` response bodies clients still read, which has no deadline,
@@ -109,9 +110,11 @@
 //!   and its deadline, and the request's extensions (where a server keeps
 //!   the client's share) live until it returns. The instance goes on taking
 //!   requests; once only orphans are left in hand, it ends with them
-//!   ([`ExitReason::Abandoned`]) rather than let them hold its pool slot.
-//!   A caller going away thus frees nothing the guest still uses, and
-//!   retires nothing another caller could use.
+//!   ([`ExitReason::Abandoned`]) rather than let them hold its pool slot
+//!   (background work of its other requests is cut short then). A caller
+//!   going away thus frees nothing the guest still uses, and retires
+//!   nothing another caller could use. (A p2 call is run out until the
+//!   guest sets its response: what it writes after that is leftover work.)
 //! * **Disposal.** When the worker ends (idle, reuse spent, expired, trapped,
 //!   abandoned, shut down) it returns any request it had received but not started to
 //!   the pool (they are re-dispatched: they never reached a guest, so this

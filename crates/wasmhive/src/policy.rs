@@ -96,7 +96,8 @@ pub trait WorkerState: Send + Sync + 'static {
     /// guest responds, the request fails with
     /// [`ExpirationError`](crate::ExpirationError) and this instance accepts
     /// no more requests. The guest task is not cancelled (wasmtime cannot yet
-    /// cancel a task), it runs on until the instance itself expires. A
+    /// cancel a task), it runs on until the instance ends, which it does
+    /// once nothing else it holds is wanted. A
     /// request whose caller goes away before the response head (the `handle`
     /// future is dropped) is run out under this same deadline, counted
     /// against the instance; the instance ends, abandoned tasks and all,

@@ -425,6 +425,16 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
                 if retirement.may_accept && shutdown.as_mut().poll(cx).is_ready() {
                     retirement.end(Finished::Shutdown);
                 }
+                // Only calls whose callers went away are left: end them
+                // with the instance rather than let them hold it.
+                let orphans = starter.shared.orphans.load(Relaxed);
+                if orphans > 0 && in_hand.len() == orphans {
+                    if retirement.may_accept {
+                        retirement.end(Finished::Abandoned);
+                    }
+                    offer_ref.update(false, starter.shared);
+                    return Poll::Ready(Ok(retirement.reason));
+                }
                 // Whether to offer room for one more request: the store can
                 // take another call, the policy's limits allow it, and the
                 // instance earned concurrency by parking since its last
@@ -454,20 +464,15 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
                 }
 
                 // Nothing more to take now: wait for the guest, or end.
-                let orphans = starter.shared.orphans.load(Relaxed);
-                if in_hand.len() > orphans {
+                if in_hand.len() > 0 {
                     return Poll::Pending;
                 }
-                // Only calls whose callers went away are left: end them
-                // with the instance rather than let them hold it.
-                if orphans > 0 {
-                    retirement.end(Finished::Abandoned);
-                    offer_ref.update(false, starter.shared);
-                    return Poll::Ready(Ok(retirement.reason));
-                }
                 // No request outstanding; the guest may still be working
-                // for earlier ones (streaming a body, say).
-                if accessor.poll_no_interesting_tasks(cx).is_pending() {
+                // for earlier ones (streaming a body, say), which it may
+                // finish unless a request expired: its task is still
+                // running, and waiting for leftover work would wait for it.
+                let expired = matches!(retirement.reason, Finished::Expired);
+                if !expired && accessor.poll_no_interesting_tasks(cx).is_pending() {
                     return Poll::Pending;
                 }
                 if !(retirement.may_accept && ready) {
