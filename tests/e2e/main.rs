@@ -75,6 +75,32 @@ pub struct Server {
     release_stderr: Option<std::sync::mpsc::Sender<()>>,
 }
 
+/// How [`Server::launch`] starts a server, besides its arguments.
+struct Launch<'a> {
+    /// `--addr`.
+    addr: &'a str,
+    stdout: Stdio,
+    /// Added to the server's environment.
+    env: &'a [(&'a str, &'a str)],
+    /// Run on a thread of its own with the process id once spawned.
+    meanwhile: Box<dyn FnOnce(u32) + Send>,
+    /// Read no stderr past the first line until the server exits.
+    hold_stderr: bool,
+}
+
+impl Default for Launch<'_> {
+    /// As [`Server::start`]: any free port, stdout discarded.
+    fn default() -> Self {
+        Launch {
+            addr: "127.0.0.1:0",
+            stdout: Stdio::null(),
+            env: &[],
+            meanwhile: Box::new(|_| {}),
+            hold_stderr: false,
+        }
+    }
+}
+
 impl Server {
     /// Starts `wasmhive serve --addr 127.0.0.1:0 ARGS...` and waits for its
     /// first stderr line.
@@ -90,35 +116,60 @@ impl Server {
 
     /// [`Server::start`] listening on `addr`.
     pub fn start_at(addr: &str, args: &[&str], stdout: Stdio) -> Server {
-        Server::launch(addr, args, stdout, &[], |_| {}, false)
+        Server::launch(
+            args,
+            Launch {
+                addr,
+                stdout,
+                ..Launch::default()
+            },
+        )
     }
 
     /// [`Server::start`] with `env` added to the server's environment.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
-        Server::launch("127.0.0.1:0", args, Stdio::null(), env, |_| {}, false)
+        Server::launch(
+            args,
+            Launch {
+                env,
+                ..Launch::default()
+            },
+        )
     }
 
     /// [`Server::start`], reading no stderr past the first line until the
     /// server exits: its stderr is a pipe nobody reads, full after 64 KiB.
     pub fn start_with_stderr_held(args: &[&str]) -> Server {
-        Server::launch("127.0.0.1:0", args, Stdio::null(), &[], |_| {}, true)
+        Server::launch(
+            args,
+            Launch {
+                hold_stderr: true,
+                ..Launch::default()
+            },
+        )
     }
 
     /// [`Server::start`], running `meanwhile` on a thread of its own with
     /// the process id as soon as the process is spawned (to signal it
     /// while it starts, say).
     pub fn start_meanwhile(args: &[&str], meanwhile: impl FnOnce(u32) + Send + 'static) -> Server {
-        Server::launch("127.0.0.1:0", args, Stdio::null(), &[], meanwhile, false)
+        Server::launch(
+            args,
+            Launch {
+                meanwhile: Box::new(meanwhile),
+                ..Launch::default()
+            },
+        )
     }
 
-    fn launch(
-        addr: &str,
-        args: &[&str],
-        stdout: Stdio,
-        env: &[(&str, &str)],
-        meanwhile: impl FnOnce(u32) + Send + 'static,
-        hold_stderr: bool,
-    ) -> Server {
+    fn launch(args: &[&str], launch: Launch<'_>) -> Server {
+        let Launch {
+            addr,
+            stdout,
+            env,
+            meanwhile,
+            hold_stderr,
+        } = launch;
         let mut child = wasmhive()
             .args(["serve", "--addr", addr])
             .args(args)
