@@ -29,7 +29,10 @@ impl wasip3::exports::http::handler::Guest for Demo {
                 )
             }
             ("POST", _) => p3::echo(request),
-            _ => p3::respond(404, format!("no route for {method} {path_with_query}\n").into_bytes()),
+            _ => p3::respond(
+                404,
+                format!("no route for {method} {path_with_query}\n").into_bytes(),
+            ),
         }
     }
 }

@@ -29,8 +29,8 @@ impl wasip3::exports::http::handler::Guest for Echo {
             request.get_path_with_query().unwrap_or_default(),
             request.get_headers().copy_all(),
         );
-        let buffer = query_param(&request.get_path_with_query().unwrap_or_default(), "buffer")
-            .is_some();
+        let buffer =
+            query_param(&request.get_path_with_query().unwrap_or_default(), "buffer").is_some();
         let (done_tx, done_rx) = wit_future::new(|| Ok(()));
         let (mut input, trailers) = Request::consume_body(request, done_rx);
         if buffer {
@@ -45,7 +45,10 @@ impl wasip3::exports::http::handler::Guest for Echo {
             drop(done_tx);
             // The body ended early if the request failed (e.g. it was too large).
             if let Err(code) = trailers.await {
-                return p3::respond(500, format!("reading the body failed: {code:?}\n").into_bytes());
+                return p3::respond(
+                    500,
+                    format!("reading the body failed: {code:?}\n").into_bytes(),
+                );
             }
             let (response, mut output) = p3::streaming_response(200, headers);
             wasip3::spawn_local(async move {

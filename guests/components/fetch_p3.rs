@@ -6,10 +6,10 @@
 //! the error code. Exercises the outbound allowlist and the host's `send`.
 
 use wasip3::http::types::{ErrorCode, Fields, Request, Response, Scheme};
+use wasip3::wit_bindgen::FutureReader;
 use wasip3::wit_bindgen::StreamResult;
 use wasip3::wit_future;
 use wasmhive_guest_components::{p3, query_param};
-use wasip3::wit_bindgen::FutureReader;
 
 wasip3::http::service::export!(Fetch);
 
@@ -64,8 +64,10 @@ async fn respond(
         Ok(()) => "ok".to_string(),
         Err(code) => format!("{code:?}"),
     };
-    let (response, mut body_tx) =
-        p3::streaming_response(status, vec![("x-transmission".into(), transmission.into_bytes())]);
+    let (response, mut body_tx) = p3::streaming_response(
+        status,
+        vec![("x-transmission".into(), transmission.into_bytes())],
+    );
     wasip3::spawn_local(async move {
         body_tx.write_all(body).await;
     });

@@ -225,8 +225,11 @@ pub mod p3 {
         let (body_tx, body_rx) = wit_stream::new();
         let (trailers_tx, trailers_rx) = wit_future::new(|| Ok(None));
         drop(trailers_tx);
-        let (response, _sent) =
-            Response::new(Fields::from_list(&headers).unwrap(), Some(body_rx), trailers_rx);
+        let (response, _sent) = Response::new(
+            Fields::from_list(&headers).unwrap(),
+            Some(body_rx),
+            trailers_rx,
+        );
         response.set_status_code(status).unwrap();
         (response, body_tx)
     }
