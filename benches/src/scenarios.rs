@@ -333,6 +333,7 @@ pub async fn run_one(
             )
             .await;
             let answered: u64 = m.statuses.values().sum();
+            figures.insert("unloaded_p50_ms".into(), unloaded.ok_ms(50.0));
             figures.insert("unloaded_p99_ms".into(), unloaded.ok_ms(99.0));
             figures.insert("capacity_rps".into(), capacity.ok_rate());
             figures.insert("offered_rps".into(), offered);
@@ -346,6 +347,8 @@ pub async fn run_one(
                 "shed_p99_ms".into(),
                 m.shed.value_at_percentile(99.0) as f64 / 1000.0,
             );
+            figures.insert("settled_admitted_p50_ms".into(), settled.ok_ms(50.0));
+            figures.insert("settled_admitted_p90_ms".into(), settled.ok_ms(90.0));
             figures.insert("settled_admitted_p99_ms".into(), settled.ok_ms(99.0));
             figures.insert(
                 "settled_shed_p99_ms".into(),
