@@ -38,8 +38,8 @@ struct Cli {
     #[arg(long, default_value_t = 32)]
     connections: usize,
 
-    /// The wasmhive binary [default: `wasmhive` next to this one, i.e.
-    /// target/release/wasmhive].
+    /// The wasmhive binary [default: `wasmhive` next to this one, e.g.
+    /// target/dist/wasmhive].
     #[arg(long)]
     wasmhive: Option<PathBuf>,
 
