@@ -115,6 +115,8 @@ struct Pinning {
     /// Whether each request ends with its headers (else its body never
     /// comes).
     end_stream: bool,
+    /// More `wasmhive serve` flags.
+    flags: &'static [&'static str],
 }
 
 impl Pinning {
@@ -123,15 +125,20 @@ impl Pinning {
     /// [`BYSTANDER`] (`method bystander_path`) all get `200`.
     async fn leaves_room_for(self, bystander_path: &str, bystanders_at_once: usize) {
         let _heavy = HEAVY.lock().await;
-        let server = Server::start(&[
-            self.guest.path,
-            "--max-instances",
-            self.max_instances,
-            "--queue-timeout",
-            "500ms",
-            "--admin-addr",
-            "127.0.0.1:0",
-        ]);
+        let server = Server::start(
+            &[
+                self.guest.path,
+                "--max-instances",
+                self.max_instances,
+                "--queue-timeout",
+                "500ms",
+                "--admin-addr",
+                "127.0.0.1:0",
+            ]
+            .into_iter()
+            .chain(self.flags.iter().copied())
+            .collect::<Vec<_>>(),
+        );
         let addr = server.addr;
         let mut held = Vec::new();
         for _ in 0..self.connections {
@@ -170,6 +177,7 @@ async fn zero_window_streams_leave_half_the_instances_to_others() {
         method: "GET",
         path: "/?ms=1",
         end_stream: true,
+        flags: &[],
     }
     .leaves_room_for("/?ms=200", 32)
     .await;
@@ -187,6 +195,25 @@ async fn request_bodies_that_never_come_leave_half_the_instances_to_others() {
         method: "POST",
         path: "/",
         end_stream: false,
+        flags: &[],
+    }
+    .leaves_room_for("/", 4)
+    .await;
+}
+
+#[tokio::test]
+async fn a_p2_share_counts_one_request_per_instance_whatever_the_concurrency_flag() {
+    // A p2 instance holds one request however high the flag: 8 places, 4
+    // per client (the share was 8 of them, every instance).
+    Pinning {
+        guest: guests::ECHO_P2,
+        max_instances: "8",
+        connections: 2,
+        window: 65_535,
+        method: "POST",
+        path: "/",
+        end_stream: false,
+        flags: &["--max-concurrent-per-instance", "2"],
     }
     .leaves_room_for("/", 4)
     .await;

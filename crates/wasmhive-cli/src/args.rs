@@ -154,7 +154,8 @@ pub struct ServeArgs {
     /// Requests one client address may have in flight (from arrival until
     /// its response body is sent or dropped); more wait up to
     /// --queue-timeout, then get 503 [default: half of --max-instances x
-    /// --max-concurrent-per-instance].
+    /// the requests an instance holds at once: --max-concurrent-per-instance,
+    /// at most --max-reuse, and 1 for a WASIp2 app].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_requests_per_client: Option<u32>,
 

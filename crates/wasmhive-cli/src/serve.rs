@@ -114,7 +114,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // share's default is half of it.
     let capacity: usize = loaded
         .iter()
-        .map(|app| app.pool.max_instances * app.app.limits().max_concurrency)
+        .map(|app| app.pool.max_instances * app.app.requests_per_instance())
         .sum();
     // Metrics are only collected when something can read them.
     let metrics = match args.admin_addr {

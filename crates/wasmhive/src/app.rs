@@ -89,6 +89,21 @@ impl App {
         &self.limits
     }
 
+    /// How many requests one instance can hold at once: its
+    /// [`Limits::max_concurrency`], but no more than it takes in all
+    /// ([`Limits::max_reuse`]), and one for p2, whose handler is
+    /// synchronous.
+    pub fn requests_per_instance(&self) -> usize {
+        match self.world() {
+            World::P2 => 1,
+            World::P3 => self
+                .limits
+                .max_concurrency
+                .min(self.limits.max_reuse)
+                .max(1),
+        }
+    }
+
     /// Replaces the limits.
     pub fn with_limits(mut self, limits: Limits) -> App {
         self.limits = limits;
