@@ -59,29 +59,7 @@ async fn dropped_queued_requests_never_reach_a_guest() {
 /// still wait for, then ends, abandoned task and all.
 #[tokio::test]
 async fn an_abandoned_request_ends_with_its_instance_once_the_others_are_answered() {
-    let (handler, reports) = handler(
-        guests::SLEEP_P3,
-        // Far beyond the test's bounds: the instance must not wait for it.
-        |l| l.post_return_timeout = Duration::from_secs(600),
-        PoolLimits {
-            max_instances: 1,
-            ..PoolLimits::default()
-        },
-    );
-    let mut abandoned = Box::pin(handler.handle(1, get("/?ms=600000")));
-    assert!(
-        futures::future::poll_immediate(&mut abandoned)
-            .await
-            .is_none()
-    );
-    let wanted = tokio::spawn({
-        let handler = handler.clone();
-        async move { handler.handle(2, get("/?ms=200")).await }
-    });
-    // Both run on the one instance (concurrency 16); then the first caller
-    // leaves.
-    wasmhive_tests::wait_for_stats(&handler, |s| s.requests_started >= 2).await;
-    drop(abandoned);
+    let (handler, reports, wanted) = abandoned_beside(get("/?ms=600000"), "/?ms=200").await;
 
     let answer = tokio::time::timeout(Duration::from_secs(10), wanted)
         .await
@@ -111,29 +89,10 @@ async fn an_abandoned_request_ends_with_its_instance_once_the_others_are_answere
 /// with it.
 #[tokio::test]
 async fn an_abandoned_request_keeps_its_place_but_leaves_its_instance_to_others() {
-    let (handler, reports) = handler(
-        guests::SLEEP_P3,
-        |l| l.post_return_timeout = Duration::from_secs(600),
-        PoolLimits {
-            max_instances: 1,
-            ..PoolLimits::default()
-        },
-    );
     let place = Arc::new(());
     let mut request = get("/?ms=600000");
     request.extensions_mut().insert(place.clone());
-    let mut abandoned = Box::pin(handler.handle(1, request));
-    assert!(
-        futures::future::poll_immediate(&mut abandoned)
-            .await
-            .is_none()
-    );
-    let kept = tokio::spawn({
-        let handler = handler.clone();
-        async move { handler.handle(2, get("/?ms=600000")).await }
-    });
-    wasmhive_tests::wait_for_stats(&handler, |s| s.requests_started >= 2).await;
-    drop(abandoned);
+    let (handler, reports, kept) = abandoned_beside(request, "/?ms=600000").await;
 
     // The one instance takes a third request while the other two run (it
     // used to retire when a caller went away, and the third waited for it).
@@ -158,4 +117,39 @@ async fn an_abandoned_request_keeps_its_place_but_leaves_its_instance_to_others(
     .expect("the instance ends within 10 s, not at its 600 s deadline");
     assert_eq!(ended.requests_served, 3);
     assert_eq!(Arc::strong_count(&place), 1, "dropped with the instance");
+}
+
+/// One p3 instance (its post-return deadline far beyond the tests' bounds:
+/// it must not wait for that) running `abandoned` and `GET other` at once
+/// (concurrency 16); then the caller of `abandoned` leaves. The other
+/// request is left running.
+async fn abandoned_beside(
+    abandoned: wasmhive::Request,
+    other: &str,
+) -> (
+    wasmhive::ProxyHandler<wasmhive::App>,
+    wasmhive_tests::Reports,
+    tokio::task::JoinHandle<Result<wasmhive::Response, wasmhive::Error>>,
+) {
+    let (handler, reports) = handler(
+        guests::SLEEP_P3,
+        |l| l.post_return_timeout = Duration::from_secs(600),
+        PoolLimits {
+            max_instances: 1,
+            ..PoolLimits::default()
+        },
+    );
+    let mut abandoned = Box::pin(handler.handle(1, abandoned));
+    assert!(
+        futures::future::poll_immediate(&mut abandoned)
+            .await
+            .is_none()
+    );
+    let other = tokio::spawn({
+        let (handler, other) = (handler.clone(), get(other));
+        async move { handler.handle(2, other).await }
+    });
+    wasmhive_tests::wait_for_stats(&handler, |s| s.requests_started >= 2).await;
+    drop(abandoned);
+    (handler, reports, other)
 }
