@@ -153,3 +153,31 @@ async fn abandoned_beside(
     drop(abandoned);
     (handler, reports, other)
 }
+
+/// A guest computing keeps the event loop from looking at its calls; an
+/// instance whose only request was abandoned while its guest spins still
+/// ends at once, not at the request's deadline.
+#[tokio::test]
+async fn an_abandoned_request_ends_its_instance_while_the_guest_computes() {
+    let (handler, reports) = handler(
+        guests::FAULT_P3,
+        |l| l.request_timeout = Duration::from_secs(600),
+        PoolLimits::default(),
+    );
+    let mut spinning = Box::pin(handler.handle(1, get("/spin")));
+    assert!(
+        futures::future::poll_immediate(&mut spinning)
+            .await
+            .is_none()
+    );
+    wasmhive_tests::wait_for_stats(&handler, |s| s.requests_started >= 1).await;
+    drop(spinning);
+    let ended = tokio::time::timeout(
+        Duration::from_secs(10),
+        reports.wait_for_instance(|r| r.reason == ExitReason::Abandoned),
+    )
+    .await
+    .expect("the instance ends within 10 s, not at the 600 s deadline");
+    assert_eq!(ended.requests_served, 1);
+    wasmhive_tests::wait_for_stats(&handler, |s| s.live_instances == 0).await;
+}

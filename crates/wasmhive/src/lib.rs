@@ -111,7 +111,10 @@
 //!   the client's share) live until it returns. The instance goes on taking
 //!   requests; once only orphans are left in hand, it ends with them
 //!   ([`ExitReason::Abandoned`]) rather than let them hold its pool slot
-//!   (background work of its other requests is cut short then). A caller
+//!   (background work of its other requests is cut short then). A guest
+//!   that computes keeps the event loop from looking at its calls, so the
+//!   worker also checks from outside it, at every epoch tick, whether any
+//!   caller still waits (the responders, kept in `reply.rs`). A caller
 //!   going away thus frees nothing the guest still uses, and retires
 //!   nothing another caller could use. (A p2 call is run out until the
 //!   guest sets its response: what it writes after that is leftover work.)

@@ -5,7 +5,7 @@
 //! its answers have gone out.
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::Context;
 use std::time::{Duration, Instant};
 
@@ -70,6 +70,10 @@ pub(crate) struct Progress {
     last_change: Mutex<Instant>,
     /// Woken at every change: the worker polls its deadline again.
     watcher: AtomicWaker,
+    /// The responders of requests taken (those answered or gone are pruned
+    /// as others come), to tell from outside the event loop whether any
+    /// caller still waits.
+    responders: Mutex<Vec<Weak<Mutex<ResponderInner>>>>,
 }
 
 impl Default for Progress {
@@ -79,6 +83,7 @@ impl Default for Progress {
             bodies: AtomicUsize::new(0),
             last_change: Mutex::new(Instant::now()),
             watcher: AtomicWaker::new(),
+            responders: Mutex::default(),
         }
     }
 }
@@ -99,6 +104,27 @@ impl Progress {
         } else {
             (WorkerStatus::PostReturn, since)
         })
+    }
+
+    /// Whether the instance holds requests and every one of them was
+    /// abandoned: no body is being read and every caller awaiting a head
+    /// has gone away. The worker's event loop tells the same from its calls,
+    /// but does not run while a guest computes.
+    pub(crate) fn only_abandoned(&self) -> bool {
+        let awaiting = self.awaiting_head.load(Relaxed);
+        if awaiting == 0 || self.bodies.load(Relaxed) > 0 {
+            return false;
+        }
+        let responders = self.responders.lock().unwrap_or_else(|e| e.into_inner());
+        let gone = responders
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter(|inner| {
+                let inner = inner.lock().unwrap_or_else(|e| e.into_inner());
+                inner.tx.as_ref().is_some_and(oneshot::Sender::is_closed)
+            })
+            .count();
+        gone == awaiting
     }
 
     fn changed(&self) {
@@ -145,12 +171,24 @@ impl Responder {
         accepted: Acceptance,
     ) -> Self {
         progress.awaiting_head.fetch_add(1, Relaxed);
-        Responder(Arc::new(Mutex::new(ResponderInner {
+        let inner = Arc::new(Mutex::new(ResponderInner {
             tx: Some(tx),
             fate,
-            progress,
+            progress: progress.clone(),
             accepted,
-        })))
+        }));
+        let mut listed = progress
+            .responders
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        listed.retain(|listed| {
+            listed
+                .upgrade()
+                .is_some_and(|inner| inner.lock().unwrap_or_else(|e| e.into_inner()).tx.is_some())
+        });
+        listed.push(Arc::downgrade(&inner));
+        drop(listed);
+        Responder(inner)
     }
 
     /// Counts a response body of this worker's as held by its client.

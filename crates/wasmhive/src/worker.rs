@@ -863,6 +863,11 @@ async fn drive<S: HandlerState, D: Supervisor<S>>(
                 }
                 return Poll::Ready(Ending::ExpiredWhile(current));
             }
+            // A guest computing keeps the event loop from looking at its
+            // calls: whether only orphans are left is told from here then.
+            if computing && shared.progress.only_abandoned() {
+                return Poll::Ready(Ending::Finished(Finished::Abandoned));
+            }
             if computing {
                 if !shared.running.swap(true, Relaxed) {
                     supervisor.unpark(id);
