@@ -331,3 +331,73 @@ async fn streams_reset_beside_kept_ones_leave_the_instances_to_others() {
     drop((kept, sender));
     server.finish().await;
 }
+
+#[tokio::test]
+async fn requests_keeping_retired_instances_are_charged_for_them() {
+    let _heavy = HEAVY.lock().await;
+    // 4 instances x 2 requests (an instance retires once it took 2): 8
+    // places, 4 per client.
+    let server = Server::start(&[
+        guests::SLEEP_P3.path,
+        "--max-instances",
+        "4",
+        "--max-reuse",
+        "2",
+        "--queue-timeout",
+        "500ms",
+        "--admin-addr",
+        "127.0.0.1:0",
+    ]);
+    let (addr, admin) = (server.addr, server.admin_addr().await);
+    // Per instance, a request kept for a minute and a quick one beside it:
+    // the instance has taken its 2 and retires, but lives on for the kept
+    // one. Each kept request used to count as one place: with 4 of them the
+    // attacker held every instance, and others got `503`. Now a request
+    // keeping a retired instance alone is charged its 2 places.
+    let mut sender = h2_from(ATTACKER, addr, 65_535).await;
+    let mut kept = Vec::new();
+    for pair in 1..=2 {
+        sender = sender.ready().await.unwrap();
+        kept.push(
+            sender
+                .send_request(h2_request("GET", addr, "/?ms=60000"), true)
+                .unwrap(),
+        );
+        wait_until_metric(
+            admin,
+            "wasmhive_requests_started_total",
+            |n| n >= f64::from(2 * pair - 1),
+            Duration::from_secs(20),
+        )
+        .await;
+        sender = sender.ready().await.unwrap();
+        let (quick, _) = sender
+            .send_request(h2_request("GET", addr, "/?ms=1"), true)
+            .unwrap();
+        let quick = quick.await.unwrap();
+        assert_eq!(quick.status(), 200);
+        let mut body = quick.into_body();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            body.flow_control().release_capacity(chunk.len()).unwrap();
+        }
+        wait_until_metric(
+            admin,
+            "wasmhive_client_places_for_retired_instances",
+            |n| n >= f64::from(pair),
+            Duration::from_secs(20),
+        )
+        .await;
+    }
+    // Two instances kept, four places: the attacker is at its share.
+    sender = sender.ready().await.unwrap();
+    let (third, _) = sender
+        .send_request(h2_request("GET", addr, "/?ms=60000"), true)
+        .unwrap();
+    assert_eq!(third.await.unwrap().status(), 503);
+
+    let seen = bystanders(addr, "GET", "/?ms=200", 4).await;
+    assert!(seen.iter().all(|s| s == &Ok(200)), "{seen:?}");
+    drop((kept, sender));
+    server.finish().await;
+}

@@ -7,6 +7,7 @@ mod embed_example;
 mod expiration;
 mod faults;
 mod instantiation;
+mod occupants;
 mod overload;
 mod prewarm;
 mod responses;

@@ -152,7 +152,8 @@ pub struct ServeArgs {
     pub max_connections_per_client: Option<u32>,
 
     /// Requests one client address may have in flight (from arrival until
-    /// its response body is sent or dropped); more wait up to
+    /// its response body is sent or dropped; the requests keeping a retired
+    /// instance alive count as its places between them); more wait up to
     /// --queue-timeout, then get 503 [default: half of --max-instances x
     /// the requests an instance holds at once: --max-concurrent-per-instance,
     /// at most --max-reuse, and 1 for a WASIp2 app].

@@ -9,7 +9,10 @@
 //! request's extensions for that). So a client that stalls its requests
 //! (HTTP/2 zero windows, bodies that never come, responses never read) or
 //! resets them once they reached a guest pins at most its share of
-//! instances. The surplus waits in line
+//! instances. A request that keeps a retired instance alive (one that takes
+//! no more requests but still writes its response) is charged its part of
+//! that instance's places, so that streams kept on retired instances pin no
+//! more than the share either. The surplus waits in line
 //! like a queued request: up to `--queue-timeout`, and no more than
 //! `--queue-len` requests wait so at once; beyond either, `503`.
 //!
@@ -34,6 +37,7 @@ use tokio::time::Instant;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use wasmhive::Occupant;
 
 /// Resets a connection may make of requests that reached the server before
 /// the reset rule applies: past it, a connection that has reset more
@@ -133,10 +137,8 @@ impl ClientConnection {
     /// client has its share in flight; `None` means the line is full or the
     /// wait ran out.
     pub async fn request_place(&self) -> Option<Place> {
-        if let Ok(place) = self.requests.clone().try_acquire_owned() {
-            return Some(Place {
-                _permit: Arc::new(place),
-            });
+        if let Ok(permit) = self.requests.clone().try_acquire_owned() {
+            return Some(Place::new(permit, &self.requests));
         }
         let clients = &self.clients;
         if clients.waiting.fetch_add(1, Relaxed) >= clients.max_waiting {
@@ -154,9 +156,10 @@ impl ClientConnection {
         let _in_line = InLine(&clients.waiting);
         let place = self.requests.clone().acquire_owned();
         match tokio::time::timeout(clients.wait, place).await {
-            Ok(place) => Some(Place {
-                _permit: Arc::new(place.expect("the semaphore is never closed")),
-            }),
+            Ok(permit) => Some(Place::new(
+                permit.expect("the semaphore is never closed"),
+                &self.requests,
+            )),
             Err(_) => None,
         }
     }
@@ -231,12 +234,98 @@ impl Drop for ClientConnection {
 
 /// A request's place in its client's share, given back when its last clone
 /// is dropped: one goes with the response body ([`Holding`]), one with the
-/// request into the guest (`wasmhive` drops a request's extensions once the
-/// guest is done with it, which for a request its client reset is when its
-/// guest task returns or its instance ends).
+/// request into the guest as its [`Occupant`] (`wasmhive` drops a request's
+/// extensions once the guest is done with it, which for a request its
+/// client reset is when its guest task returns or its instance ends, and
+/// its occupant once the request leaves the instance's hands).
 #[derive(Clone)]
-pub struct Place {
-    _permit: Arc<OwnedSemaphorePermit>,
+pub struct Place(Arc<Held>);
+
+struct Held {
+    _permit: OwnedSemaphorePermit,
+    share: Arc<Semaphore>,
+    /// The places charged on top of this one while the request keeps a
+    /// retired instance alive.
+    retired: Mutex<Option<OwnedSemaphorePermit>>,
+}
+
+impl Place {
+    fn new(permit: OwnedSemaphorePermit, share: &Arc<Semaphore>) -> Place {
+        Place(Arc::new(Held {
+            _permit: permit,
+            share: share.clone(),
+            retired: Mutex::default(),
+        }))
+    }
+
+    /// The request's occupant of an instance of an app whose instances
+    /// each hold `per_instance` requests at once.
+    pub fn occupant(&self, per_instance: usize) -> Arc<dyn Occupant> {
+        Arc::new(Occupying {
+            place: self.clone(),
+            per_instance,
+        })
+    }
+}
+
+impl Held {
+    /// Holds `owed` places on top of this one: gives back any beyond, and
+    /// takes what the share has free towards the rest.
+    fn charge(&self, owed: usize) {
+        let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        let held = retired.as_ref().map_or(0, |p| p.num_permits());
+        if owed < held {
+            match retired.as_mut() {
+                Some(permit) if owed > 0 => drop(permit.split(held - owed)),
+                _ => *retired = None,
+            }
+        } else if owed > held {
+            let more = (owed - held).min(self.share.available_permits());
+            let taken = u32::try_from(more)
+                .ok()
+                .and_then(|more| self.share.clone().try_acquire_many_owned(more).ok());
+            match (retired.as_mut(), taken) {
+                (Some(permit), Some(taken)) => permit.merge(taken),
+                (None, Some(taken)) => *retired = Some(taken),
+                (_, None) => {}
+            }
+        }
+        let now = retired.as_ref().map_or(0, |p| p.num_permits());
+        retired_places_moved(held, now);
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let retired = self.retired.get_mut().unwrap_or_else(|e| e.into_inner());
+        retired_places_moved(retired.as_ref().map_or(0, |p| p.num_permits()), 0);
+    }
+}
+
+/// Keeps the gauge of places charged for retired instances.
+fn retired_places_moved(from: usize, to: usize) {
+    if from != to {
+        metrics::gauge!("wasmhive_client_places_for_retired_instances")
+            .increment(to as f64 - from as f64);
+    }
+}
+
+/// A request as the occupant of its instance.
+struct Occupying {
+    place: Place,
+    per_instance: usize,
+}
+
+impl Occupant for Occupying {
+    /// The instance's room is lost to everyone else until the requests
+    /// keeping it are done, so they hold it between them: each is charged
+    /// its part of the instance's places, as far as its client's share has
+    /// them free (a client at its share gets no more in, which is the
+    /// point).
+    fn keeps_retired(&self, holders: usize) {
+        let part = self.per_instance.div_ceil(holders.max(1));
+        self.place.0.charge(part.saturating_sub(1));
+    }
 }
 
 /// A request keeping its connection busy; see [`ClientConnection::busy`].
@@ -340,6 +429,30 @@ mod tests {
         assert!(clients.connect(a).is_some());
         drop(other);
         assert!(clients.shares.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_request_keeping_a_retired_instance_is_charged_its_part() {
+        let clients = Clients::new(1, 4, Duration::from_millis(10), 8);
+        let connection = clients.connect("127.0.0.1".parse().unwrap()).unwrap();
+        let free = || connection.requests.available_permits();
+        let place = connection.request_place().await.unwrap();
+        // An instance of 4 places, kept by 2 requests: 2 places each.
+        let occupant = place.occupant(4);
+        occupant.keeps_retired(2);
+        assert_eq!(free(), 2);
+        // The share has 1 place free: the rest of the instance's is owed.
+        let other = connection.request_place().await.unwrap();
+        occupant.keeps_retired(1);
+        assert_eq!(free(), 0);
+        drop(other);
+        occupant.keeps_retired(2);
+        assert_eq!(free(), 2, "gives back what it no longer owes");
+        // Its place and charge go with the last of the request's holds.
+        drop(place);
+        assert_eq!(free(), 2);
+        drop(occupant);
+        assert_eq!(free(), 4);
     }
 
     #[tokio::test(start_paused = true)]

@@ -721,8 +721,11 @@ impl Server {
             return response.map(|body| wasmhive::into_body(Holding::new(body, Some(place), busy)));
         };
         // The guest may outlive the client's interest in the request: the
-        // place goes with it until the guest is done.
-        request.extensions_mut().insert(place.clone());
+        // place goes with it until the guest is done, and is charged for
+        // an instance the request keeps alive after it retired.
+        request
+            .extensions_mut()
+            .insert(place.occupant(app.handler.state().requests_per_instance()));
         let span = tracing::info_span!(
             "request",
             id,

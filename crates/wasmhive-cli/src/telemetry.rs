@@ -175,6 +175,10 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
         "wasmhive_client_share_refused_total",
         "Connections closed and requests answered 503 because their client address had its share (what: connection, request)"
     );
+    describe_gauge!(
+        "wasmhive_client_places_for_retired_instances",
+        "Places of client shares charged, beyond each request's own, for retired instances that requests of those clients keep alive"
+    );
     describe_counter!(
         "wasmhive_connections_timed_out_total",
         "Connections closed with nothing in flight for the header timeout"

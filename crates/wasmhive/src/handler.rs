@@ -92,7 +92,9 @@ impl<S: HandlerState> ProxyHandler<S> {
     /// response) or its instance ends. A server may keep there what the
     /// request holds on its client's behalf (a place in a per-client share),
     /// so that going away does not give it back while a guest still works
-    /// for that client. (The [`PoolLimits::adaptive_concurrency`] limit is
+    /// for that client. An [`Occupant`](crate::Occupant) there hears when the
+    /// request keeps a retired instance alive. (The
+    /// [`PoolLimits::adaptive_concurrency`] limit is
     /// the handler's own, held by this future: an abandoned request leaves
     /// it at once.)
     pub async fn handle(&self, data: RequestData<S>, request: Request) -> Result<Response, Error> {

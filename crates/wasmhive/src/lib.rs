@@ -118,6 +118,14 @@
 //!   going away thus frees nothing the guest still uses, and retires
 //!   nothing another caller could use. (A p2 call is run out until the
 //!   guest sets its response: what it writes after that is leftover work.)
+//! * **Retired instances.** An instance that takes no more requests (reuse
+//!   spent, a request expired, shutdown) lives on for those it has in hand,
+//!   its room lost to everyone else meanwhile. A server that shares
+//!   instances among clients puts an [`Occupant`] in each request's
+//!   extensions; the worker keeps it while the request is in hand (to the
+//!   end of its response body) and tells it, at retirement and each time
+//!   one leaves, how many requests keep the instance (`occupant.rs`). The
+//!   CLI charges each its part of the instance's places.
 //! * **Disposal.** When the worker ends (idle, reuse spent, expired, trapped,
 //!   abandoned, shut down) it returns any request it had received but not started to
 //!   the pool (they are re-dispatched: they never reached a guest, so this
@@ -144,6 +152,7 @@
 //! calling convention (`call/p2.rs`, `call/p3.rs`); `reply.rs` how its
 //! answer gets back to `handle` and how far it has gone out (`Progress`,
 //! which the instance deadline reads for a p2 guest blocked in a host call);
+//! `occupant.rs` what a server hears of requests keeping a retired instance;
 //! `memory.rs` the per-instance and global memory limits ([`MemoryBudget`]);
 //! `target.rs` the request target every guest sees (scheme and authority,
 //! `Host` validated before admission); `output.rs` guest stdout and stderr
@@ -167,6 +176,7 @@ mod handler;
 mod limits;
 mod memory;
 mod metrics;
+mod occupant;
 mod outbound;
 mod output;
 mod policy;
@@ -188,6 +198,7 @@ pub use handler::ProxyHandler;
 pub use limits::{Limits, LimitsExpiration};
 pub use memory::MemoryBudget;
 pub use metrics::{ExitReason, InstanceReport, Outcome, Recorder, RequestReport, Stats};
+pub use occupant::Occupant;
 pub use outbound::{InvalidAuthority, OutboundAuthority};
 pub use output::dropped_output_lines;
 pub use policy::{

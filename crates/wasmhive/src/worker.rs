@@ -48,6 +48,7 @@ use wasmtime::component::Accessor;
 
 use crate::call::{Ended, GuestCall, Streaming};
 use crate::metrics::{ExitReason, InstanceReport};
+use crate::occupant::Occupants;
 use crate::policy::{
     HandlerState, Instance, Proxy, ShouldAccept, WorkerExpiration, WorkerState, WorkerStatus,
 };
@@ -463,6 +464,11 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
                     continue;
                 }
 
+                // A retired instance lives for the requests it has in hand:
+                // their servers hear how few keep it.
+                if !retirement.may_accept && in_hand.len() > 0 {
+                    starter.shared.occupants.retired_with(in_hand.len());
+                }
                 // Nothing more to take now: wait for the guest, or end.
                 if in_hand.len() > 0 {
                     return Poll::Pending;
@@ -575,11 +581,22 @@ impl<'w, S: HandlerState, D: Supervisor<S>> Starter<'w, S, D> {
         };
         self.supervisor.started();
         shared.set_status(WorkerStatus::Requests, accepted_at);
+        // Until the request leaves the worker's hands, with its body if any.
+        let occupancy = shared.occupants.enter(&extensions);
         let call = async move {
             let (ended, body) = call
                 .run(accessor, deadline, responder, &shared.orphans)
                 .await?;
             drop(extensions);
+            let body = match occupancy {
+                Some(occupancy) => body.map(|body| -> Streaming<'a> {
+                    Box::pin(async move {
+                        let _occupancy = occupancy;
+                        body.await
+                    })
+                }),
+                None => body,
+            };
             Ok((ended, body, accepted_at))
         };
         Some((accepted_at, Box::pin(call)))
@@ -780,6 +797,8 @@ struct Shared {
     /// Calls in hand whose callers went away, run out until they return
     /// (see [`GuestCall::run`]).
     orphans: AtomicUsize,
+    /// The servers' accounts of the requests in hand.
+    occupants: Occupants,
     /// Requests taken in all.
     served: AtomicU64,
     peak: AtomicUsize,
@@ -797,6 +816,7 @@ impl Shared {
             accept_more: AtomicBool::new(true),
             running: AtomicBool::new(true),
             orphans: AtomicUsize::new(0),
+            occupants: Occupants::default(),
             served: AtomicU64::new(0),
             peak: AtomicUsize::new(0),
         }
