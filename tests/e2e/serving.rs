@@ -123,7 +123,7 @@ fn chunked(count: usize, size: usize) -> StreamBody<Chunks> {
 }
 
 #[tokio::test]
-async fn malformed_and_oversized_requests_never_reach_a_guest() {
+async fn malformed_oversized_and_unsupported_requests_never_reach_a_guest() {
     let server = Server::start(&[guests::COUNTER_P3.path]);
     let reply = raw_exchange(&server, b"NOT HTTP AT ALL\r\n\r\n").await;
     assert!(reply.starts_with("HTTP/1.1 400"), "{reply:?}");
@@ -136,6 +136,14 @@ async fn malformed_and_oversized_requests_never_reach_a_guest() {
     // An authority-form target is for CONNECT only.
     let reply = raw_exchange(&server, b"GET abc HTTP/1.1\r\nhost: x\r\n\r\n").await;
     assert!(reply.starts_with("HTTP/1.1 400"), "{reply:?}");
+    // What the server cannot do: a tunnel over HTTP/1, a transfer coding
+    // besides chunked (hyper would undo the chunks and pass on the gzip).
+    let connect = b"CONNECT abc:443 HTTP/1.1\r\nhost: abc:443\r\n\r\n";
+    let reply = raw_exchange(&server, connect).await;
+    assert!(reply.starts_with("HTTP/1.1 501"), "{reply:?}");
+    let gzipped = b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+    let reply = raw_exchange(&server, gzipped).await;
+    assert!(reply.starts_with("HTTP/1.1 501"), "{reply:?}");
     // None reached the guest: its first request counts 1.
     assert_eq!(get(server.addr, "/").await.2, "1");
 }

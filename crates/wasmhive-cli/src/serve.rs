@@ -694,6 +694,11 @@ impl Server {
     ) -> Response {
         let busy = client.busy();
         let started = Instant::now();
+        if let Some(why) = not_implemented(&request) {
+            telemetry::record_response(501, started.elapsed(), &[]);
+            let response = plain(StatusCode::NOT_IMPLEMENTED, why.into());
+            return response.map(|body| wasmhive::into_body(Holding::new(body, None, busy)));
+        }
         let Some(place) = client.request_place().await else {
             metrics::counter!("wasmhive_client_share_refused_total", "what" => "request")
                 .increment(1);
@@ -809,6 +814,27 @@ impl Server {
             Err(error) => error_response(&error),
         }
     }
+}
+
+/// Why this server cannot serve `request`, if it cannot (RFC 9110 asks for
+/// `501` then): a CONNECT over HTTP/1, whose `2xx` would turn the connection
+/// into a tunnel (hyper then drops the response body the guest wrote), or a
+/// body in a transfer coding other than chunked (hyper undoes the chunking
+/// alone, and the guest would take the rest for plain content).
+fn not_implemented<B>(request: &hyper::Request<B>) -> Option<&'static str> {
+    if request.method() == http::Method::CONNECT && request.version() < http::Version::HTTP_2 {
+        return Some("CONNECT is not supported over HTTP/1: wasi:http serves no tunnels\n");
+    }
+    let mut codings = request
+        .headers()
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|value| value.to_str().unwrap_or("?").split(','))
+        .map(str::trim)
+        .filter(|coding| !coding.is_empty());
+    codings
+        .any(|coding| !coding.eq_ignore_ascii_case("chunked"))
+        .then_some("no transfer coding but chunked is supported\n")
 }
 
 /// Gives an HTTP/1.0 request with neither an absolute target nor a `Host`
