@@ -123,3 +123,31 @@ async fn concurrency_limit_caps_requests_in_flight_per_instance() {
         assert!(instance.peak_concurrency <= 3, "{instance:?}");
     }
 }
+
+/// A p3 guest writes a response body after its call returned (a task): an
+/// instance whose guest computes takes no next request until that body is
+/// out, or the next request would hold the body back for its whole
+/// computation.
+#[tokio::test]
+async fn a_computing_guest_sends_a_body_before_it_takes_the_next_request() {
+    let (handler, _reports) = handler(
+        guests::CPU_P3,
+        |l| l.request_timeout = Duration::from_secs(600),
+        PoolLimits {
+            max_instances: 1,
+            ..PoolLimits::default()
+        },
+    );
+    // Some 20 ms of computing, then some 10 minutes queued behind it.
+    let mut first = Box::pin(handler.handle(1, get("/?iters=20000000")));
+    assert!(futures::future::poll_immediate(&mut first).await.is_none());
+    let mut second = Box::pin(handler.handle(2, get("/?iters=600000000000")));
+    assert!(futures::future::poll_immediate(&mut second).await.is_none());
+    let body = tokio::time::timeout(Duration::from_secs(10), async {
+        read_body(first.await.expect("the first request succeeds")).await
+    })
+    .await
+    .expect("the first body arrives within 10 s, not after the second request");
+    assert_eq!(body.len(), 17, "{body:?}");
+    drop(second);
+}

@@ -91,7 +91,9 @@
 //!   writing (p3: a task after the call returned; p2: the rest of the call):
 //!   a request leaves the books when its body has been read or dropped (or,
 //!   p2, its handler returned). Concurrency is earned: after taking a request the worker
-//!   advertises again only once it has parked.
+//!   advertises again only once it has parked, or has no call in hand (nor
+//!   a body to write, if its guest computes: a next request that computes
+//!   would hold that body back).
 //! * **Two-level expiration.** Level one is the per-request deadline, polled
 //!   inside the store's event loop; when it fires the request fails, and the
 //!   instance takes no more requests and ends, the expired task with it, as
