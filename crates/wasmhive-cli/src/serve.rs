@@ -804,9 +804,11 @@ impl Server {
                 // two (hello-p3: 2.0 `writev` calls per request down to
                 // 1.2). A yielded task waits until its thread runs out of
                 // other work, though, so not while requests queue for an
-                // instance: then the thread has better things to run, and
-                // the head would wait behind them.
-                if !response.body().is_end_stream() && handler.queued_requests() == 0 {
+                // instance or guests compute on every running place: then
+                // the thread has better things to run, and the head would
+                // wait behind them (up to 28 ms at the 99th percentile in
+                // the overload scenario).
+                if !response.body().is_end_stream() && handler.has_room_to_run() {
                     tokio::task::yield_now().await;
                 }
                 response

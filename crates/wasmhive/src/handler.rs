@@ -186,11 +186,13 @@ impl<S: HandlerState> ProxyHandler<S> {
         }
     }
 
-    /// Requests waiting in the queue right now: [`Stats::queued_requests`]
-    /// alone, without the rest of [`Self::stats`]'s snapshot, for a caller
-    /// on the request path.
-    pub fn queued_requests(&self) -> usize {
-        self.dispatcher.pool.occupancy().queued
+    /// Whether a request would start at once: none is queued, and fewer
+    /// than [`PoolLimits::max_running`] instances run guest code. For a
+    /// caller on the request path deciding whether to give way to other
+    /// tasks: when this is `false`, guests have the CPU and what gives way
+    /// waits behind them.
+    pub fn has_room_to_run(&self) -> bool {
+        self.dispatcher.pool.has_room_to_run()
     }
 
     /// Stops admitting requests: new ones fail with [`Error::ShuttingDown`].

@@ -447,6 +447,13 @@ impl<J: Sheddable> Pool<J> {
         self.lock().closed
     }
 
+    /// Whether a job would start at once: none waits, and fewer than
+    /// `max_running` workers run.
+    pub(crate) fn has_room_to_run(&self) -> bool {
+        let state = self.lock();
+        state.queue.is_empty() && state.running < self.limits.max_running
+    }
+
     pub(crate) fn occupancy(&self) -> Occupancy {
         let state = self.lock();
         Occupancy {
