@@ -49,6 +49,35 @@ fn h2_request(method: &str, addr: SocketAddr, path: &str) -> http::Request<()> {
         .unwrap()
 }
 
+/// Sends `GET path` on `sender`'s connection once it has room for a stream;
+/// the stream is reset when the returned future is dropped unanswered.
+async fn send(
+    sender: &h2::client::SendRequest<Bytes>,
+    addr: SocketAddr,
+    path: &str,
+) -> h2::client::ResponseFuture {
+    let mut ready = sender.clone().ready().await.unwrap();
+    ready
+        .send_request(h2_request("GET", addr, path), true)
+        .unwrap()
+        .0
+}
+
+/// `sleep-p3` on 4 instances, with a 500 ms queue timeout, metrics, and
+/// `flags`.
+fn four_sleepers(flags: &[&str]) -> Server {
+    let args = [
+        guests::SLEEP_P3.path,
+        "--max-instances",
+        "4",
+        "--queue-timeout",
+        "500ms",
+        "--admin-addr",
+        "127.0.0.1:0",
+    ];
+    Server::start(&args.iter().chain(flags).copied().collect::<Vec<_>>())
+}
+
 /// `n` requests at once from the bystander's address, each on its own
 /// HTTP/1.1 connection; their statuses (or why there was none), each
 /// within 10 s.
@@ -288,34 +317,18 @@ async fn streams_reset_after_they_started_free_their_instances() {
 async fn streams_reset_beside_kept_ones_leave_the_instances_to_others() {
     let _heavy = HEAVY.lock().await;
     // 4 instances x 16 requests: 64 places, 32 per client.
-    let server = Server::start(&[
-        guests::SLEEP_P3.path,
-        "--max-instances",
-        "4",
-        "--queue-timeout",
-        "500ms",
-        "--admin-addr",
-        "127.0.0.1:0",
-    ]);
+    let server = four_sleepers(&[]);
     let (addr, admin) = (server.addr, server.admin_addr().await);
     // Pairs of a request kept for a minute and one reset once a guest has
     // it. A reset used to retire its instance, which then lived until the
     // kept request ended: within 8 pairs every instance was held (by at
     // most 8 requests of the attacker's share of 32), and the next pair
     // never started.
-    let mut sender = h2_from(ATTACKER, addr, 65_535).await;
+    let sender = h2_from(ATTACKER, addr, 65_535).await;
     let mut kept = Vec::new();
     for pair in 1..=8 {
-        sender = sender.ready().await.unwrap();
-        kept.push(
-            sender
-                .send_request(h2_request("GET", addr, "/?ms=60000"), true)
-                .unwrap(),
-        );
-        sender = sender.ready().await.unwrap();
-        let reset = sender
-            .send_request(h2_request("GET", addr, "/?ms=60000"), true)
-            .unwrap();
+        kept.push(send(&sender, addr, "/?ms=60000").await);
+        let reset = send(&sender, addr, "/?ms=60000").await;
         wait_until_metric(
             admin,
             "wasmhive_requests_started_total",
@@ -337,32 +350,17 @@ async fn requests_keeping_retired_instances_are_charged_for_them() {
     let _heavy = HEAVY.lock().await;
     // 4 instances x 2 requests (an instance retires once it took 2): 8
     // places, 4 per client.
-    let server = Server::start(&[
-        guests::SLEEP_P3.path,
-        "--max-instances",
-        "4",
-        "--max-reuse",
-        "2",
-        "--queue-timeout",
-        "500ms",
-        "--admin-addr",
-        "127.0.0.1:0",
-    ]);
+    let server = four_sleepers(&["--max-reuse", "2"]);
     let (addr, admin) = (server.addr, server.admin_addr().await);
     // Per instance, a request kept for a minute and a quick one beside it:
     // the instance has taken its 2 and retires, but lives on for the kept
     // one. Each kept request used to count as one place: with 4 of them the
     // attacker held every instance, and others got `503`. Now a request
     // keeping a retired instance alone is charged its 2 places.
-    let mut sender = h2_from(ATTACKER, addr, 65_535).await;
+    let sender = h2_from(ATTACKER, addr, 65_535).await;
     let mut kept = Vec::new();
     for pair in 1..=2 {
-        sender = sender.ready().await.unwrap();
-        kept.push(
-            sender
-                .send_request(h2_request("GET", addr, "/?ms=60000"), true)
-                .unwrap(),
-        );
+        kept.push(send(&sender, addr, "/?ms=60000").await);
         wait_until_metric(
             admin,
             "wasmhive_requests_started_total",
@@ -370,11 +368,7 @@ async fn requests_keeping_retired_instances_are_charged_for_them() {
             Duration::from_secs(20),
         )
         .await;
-        sender = sender.ready().await.unwrap();
-        let (quick, _) = sender
-            .send_request(h2_request("GET", addr, "/?ms=1"), true)
-            .unwrap();
-        let quick = quick.await.unwrap();
+        let quick = send(&sender, addr, "/?ms=1").await.await.unwrap();
         assert_eq!(quick.status(), 200);
         let mut body = quick.into_body();
         while let Some(chunk) = body.data().await {
@@ -390,10 +384,7 @@ async fn requests_keeping_retired_instances_are_charged_for_them() {
         .await;
     }
     // Two instances kept, four places: the attacker is at its share.
-    sender = sender.ready().await.unwrap();
-    let (third, _) = sender
-        .send_request(h2_request("GET", addr, "/?ms=60000"), true)
-        .unwrap();
+    let third = send(&sender, addr, "/?ms=60000").await;
     assert_eq!(third.await.unwrap().status(), 503);
 
     let seen = bystanders(addr, "GET", "/?ms=200", 4).await;
