@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use wasmhive::{ExitReason, Outcome, PoolLimits};
-use wasmhive_tests::{get, guests, handler, read_body};
+use wasmhive_tests::{get, guests, handler, pending, read_body};
 
 #[tokio::test]
 async fn dropped_queued_requests_never_reach_a_guest() {
@@ -139,12 +139,7 @@ async fn abandoned_beside(
             ..PoolLimits::default()
         },
     );
-    let mut abandoned = Box::pin(handler.handle(1, abandoned));
-    assert!(
-        futures::future::poll_immediate(&mut abandoned)
-            .await
-            .is_none()
-    );
+    let abandoned = pending(&handler, 1, abandoned).await;
     let other = tokio::spawn({
         let (handler, other) = (handler.clone(), get(other));
         async move { handler.handle(2, other).await }
@@ -164,12 +159,7 @@ async fn an_abandoned_request_ends_its_instance_while_the_guest_computes() {
         |l| l.request_timeout = Duration::from_secs(600),
         PoolLimits::default(),
     );
-    let mut spinning = Box::pin(handler.handle(1, get("/spin")));
-    assert!(
-        futures::future::poll_immediate(&mut spinning)
-            .await
-            .is_none()
-    );
+    let spinning = pending(&handler, 1, get("/spin")).await;
     wasmhive_tests::wait_for_stats(&handler, |s| s.requests_started >= 1).await;
     drop(spinning);
     let ended = tokio::time::timeout(

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 use wasmhive::{Occupant, PoolLimits};
-use wasmhive_tests::{get, guests, handler, read_body};
+use wasmhive_tests::{get, guests, handler, pending, read_body};
 
 /// Records what it is told.
 #[derive(Default)]
@@ -73,12 +73,7 @@ async fn requests_keeping_a_retired_instance_hear_how_many_keep_it() {
         Arc::new(Told::default()),
         Arc::new(Told::default()),
     );
-    let mut kept_call = Box::pin(handler.handle(1, occupying("/?ms=600000", &kept)));
-    assert!(
-        futures::future::poll_immediate(&mut kept_call)
-            .await
-            .is_none()
-    );
+    let kept_call = pending(&handler, 1, occupying("/?ms=600000", &kept)).await;
     let slower_call = tokio::spawn({
         let (handler, request) = (handler.clone(), occupying("/?ms=300", &slower));
         async move { read_body(handler.handle(2, request).await.unwrap()).await }

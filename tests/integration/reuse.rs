@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use wasmhive::{ExitReason, PoolLimits};
-use wasmhive_tests::{get, guests, handler, read_body};
+use wasmhive_tests::{get, guests, handler, pending, read_body};
 
 async fn counts(handler: &wasmhive::ProxyHandler<wasmhive::App>, n: usize) -> Vec<String> {
     let mut counts = Vec::new();
@@ -139,10 +139,8 @@ async fn a_computing_guest_sends_a_body_before_it_takes_the_next_request() {
         },
     );
     // Some 20 ms of computing, then some 10 minutes queued behind it.
-    let mut first = Box::pin(handler.handle(1, get("/?iters=20000000")));
-    assert!(futures::future::poll_immediate(&mut first).await.is_none());
-    let mut second = Box::pin(handler.handle(2, get("/?iters=600000000000")));
-    assert!(futures::future::poll_immediate(&mut second).await.is_none());
+    let first = pending(&handler, 1, get("/?iters=20000000")).await;
+    let second = pending(&handler, 2, get("/?iters=600000000000")).await;
     let body = tokio::time::timeout(Duration::from_secs(10), async {
         read_body(first.await.expect("the first request succeeds")).await
     })

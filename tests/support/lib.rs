@@ -81,6 +81,22 @@ pub fn get(path: &str) -> Request {
     request("GET", path, Bytes::new())
 }
 
+/// Starts `request` on `handler` and polls it once: it must not be answered
+/// at once (it is queued, or a guest works on it). The call goes on when
+/// the returned future is polled again, and is given up when it is dropped.
+pub async fn pending(
+    handler: &ProxyHandler<App>,
+    id: u64,
+    request: Request,
+) -> std::pin::Pin<Box<impl Future<Output = Result<wasmhive::Response, wasmhive::Error>> + '_>> {
+    let mut call = Box::pin(handler.handle(id, request));
+    assert!(
+        futures::future::poll_immediate(&mut call).await.is_none(),
+        "request {id} was answered at once"
+    );
+    call
+}
+
 /// Reads a whole body.
 pub async fn read_body(response: wasmhive::Response) -> Bytes {
     response
