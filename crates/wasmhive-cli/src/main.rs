@@ -30,13 +30,6 @@ use clap::Parser as _;
 
 use crate::args::{Cli, Command, CompileArgs};
 
-/// Every request allocates and frees hyper's read buffer, its head and the
-/// store's resources: in a hello-p3 profile glibc's `malloc` and `free`
-/// took ~10% of the server's CPU (much of it consolidating free lists, for
-/// hyper's 8 KiB read buffer), mimalloc's ~6%.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     // wasmtime makes `anyhow` errors on routine paths (a client's bad body,
     // a store dropped with a suspended fiber). With RUST_BACKTRACE=1, common

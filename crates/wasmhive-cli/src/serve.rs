@@ -60,13 +60,6 @@ const MAX_HEAD_SIZE: usize = 64 * 1024;
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let _logs = telemetry::init_logging(args.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        // A worker thread polls for I/O between tasks only every
-        // `event_interval` tasks, or when it runs out of them. Under
-        // overload every thread runs a guest that yields at each epoch tick,
-        // so at tokio's default (61) new requests, 503s and finished
-        // responses waited for tens of guest slices: the overload bench's
-        // admitted p99 went from 14-16 ms to 8.5-8.9 ms with 1, 2 or 4.
-        .event_interval(4)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
