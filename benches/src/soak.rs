@@ -3,7 +3,8 @@
 //! RSS over time. `wasmhive-bench soak --requests 1000000` is the long form;
 //! the README test command runs a 20-second one. The server runs with its
 //! defaults except one request at a time per instance (instances are still
-//! reused, up to 128 requests each) and a pool of [`SOAK_INSTANCES`].
+//! reused, up to 128 requests each) and as many instances as client
+//! connections.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -61,16 +62,6 @@ impl Kind {
 }
 
 const ECHO: usize = 64 * 1024;
-
-/// The soak server's `--max-instances`. Every pool slot an instance has used
-/// keeps its first pages resident (the pool's `keep_resident`), so RSS
-/// follows the most instances ever alive at once, counting ended ones whose
-/// slots wait in the pool's decommit batch. With the default of 256 that
-/// high-water mark crept up a slot or a few at a time for as long as the
-/// soak ran (21 slots at 5 s, 27 at 40 s, 1 MiB each), which the RSS check
-/// cannot tell from a leak. A small pool is filled within warm-up, so growth
-/// after it is the server's own.
-const SOAK_INSTANCES: usize = 24;
 
 /// What a soak saw.
 #[derive(Debug)]
@@ -140,8 +131,18 @@ pub async fn run(binaries: &Binaries, options: &SoakOptions) -> anyhow::Result<S
             wasmhive_extra: vec![
                 "--admin-addr".into(),
                 "127.0.0.1:0".into(),
+                // Every pool slot an instance has used keeps its first pages
+                // resident (the pool's `keep_resident`), so RSS follows the
+                // most instances ever alive at once, counting ended ones
+                // whose slots wait in the pool's decommit batch. With room
+                // for 256 or 24, that high-water mark crept up a slot (1 MiB
+                // here) or a few at a time through the run (21 slots at 5 s,
+                // 27 at 40 s), which the RSS check cannot tell from a leak.
+                // One slot per client connection (each has one request at a
+                // time, each instance takes one) are all used in the first
+                // second, so growth after warm-up is the server's own.
                 "--max-instances".into(),
-                SOAK_INSTANCES.to_string(),
+                options.connections.to_string(),
             ],
             ..Settings::default()
         },
