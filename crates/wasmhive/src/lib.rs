@@ -83,7 +83,11 @@
 //!   itself for I/O it routes and for tokio's budget, and a guest may
 //!   yield, resume and finish within one poll. The worker talks to the
 //!   dispatcher only through the `Supervisor` trait that `worker.rs`
-//!   defines.
+//!   defines. A yield at a tick ends the worker's poll, so a running guest
+//!   is one tokio task among others every tick; a tokio thread polls for
+//!   I/O only every `event_interval` tasks, which the binary sets to 4
+//!   (tokio's 61 let an overloaded server's answers wait out tens of
+//!   guest slices).
 //! * **Acceptance.** After each event the worker asks
 //!   [`WorkerState::should_accept_request`]: `Yes` (advertise capacity),
 //!   `No` (not now), `Never` (this instance is done). The concurrent count
