@@ -56,21 +56,10 @@ const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
 /// more per field); beyond it the answer is `431`.
 const MAX_HEAD_SIZE: usize = 64 * 1024;
 
-/// Tasks a runtime thread runs between two polls for I/O: see [`run`]. In
-/// single rounds of the overload bench (alternated), 1, 2 and 4 gave a
-/// settled admitted p99 of 8.5-8.9 ms against 14-16 ms at tokio's 61.
-const IO_POLL_INTERVAL: u32 = 4;
-
 /// Runs the server until it has drained after a signal.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let _logs = telemetry::init_logging(args.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        // A worker thread polls for I/O between tasks only every
-        // `event_interval` tasks, or when it runs out of them. Under
-        // overload every thread runs a guest that yields at each epoch tick,
-        // so at tokio's default (61) new requests, 503s and finished
-        // responses waited out tens of guest slices.
-        .event_interval(IO_POLL_INTERVAL)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

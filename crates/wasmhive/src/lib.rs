@@ -74,20 +74,20 @@
 //!   instances are created ahead of demand and refilled in the background
 //!   whenever one is taken or ends.
 //! * **Running and parked.** The worker sets the store's epoch callback,
-//!   which notes each yield at an engine tick, and wraps the event loop's
-//!   waker. A poll that leaves the loop `Pending` having yielded at a tick
-//!   and woken itself leaves a guest still computing: running. Any other
-//!   `Pending` means every guest task waits (on I/O, a timer, its client),
-//!   and the worker tells the dispatcher it parked (the next queued request
-//!   may start elsewhere). Neither sign alone will do: the loop wakes
-//!   itself for I/O it routes and for tokio's budget, and a guest may
+//!   which suspends the guest at each engine tick in
+//!   `tokio::task::yield_now`: tokio resumes it only after the thread has
+//!   run its other ready tasks and polled for I/O, so a computing guest
+//!   cannot hold back accepts, `503`s and finished responses (wasmtime's
+//!   own yield resumes it at once, and a thread polls for I/O only every
+//!   61 tasks). A poll that leaves the loop `Pending` with the guest
+//!   suspended at a tick leaves a guest still computing: running. Any
+//!   other `Pending` means every guest task waits (on I/O, a timer, its
+//!   client), and the worker tells the dispatcher it parked (the next
+//!   queued request may start elsewhere). Wakes are no sign: the loop
+//!   wakes itself for I/O it routes and for tokio's budget, and a guest may
 //!   yield, resume and finish within one poll. The worker talks to the
 //!   dispatcher only through the `Supervisor` trait that `worker.rs`
-//!   defines. A yield at a tick ends the worker's poll, so a running guest
-//!   is one tokio task among others every tick; a tokio thread polls for
-//!   I/O only every `event_interval` tasks, which the binary sets to 4
-//!   (tokio's 61 let an overloaded server's answers wait out tens of
-//!   guest slices).
+//!   defines.
 //! * **Acceptance.** After each event the worker asks
 //!   [`WorkerState::should_accept_request`]: `Yes` (advertise capacity),
 //!   `No` (not now), `Never` (this instance is done). The concurrent count

@@ -16,10 +16,10 @@
 //! off, and the request's deadline no longer applies to it.
 //!
 //! Concurrency is earned: taking a job clears `accept_more`, assuming the new
-//! task is CPU-bound. Only when the event loop returns `Pending` without
-//! having woken itself (every task waits on I/O, as opposed to a guest
-//! yielding at an epoch tick) does the outer loop set it again and let the
-//! inner loop advertise. A CPU-bound guest so never hoards requests. An
+//! task is CPU-bound. Only when the event loop returns `Pending` with the
+//! guest not suspended at an epoch tick (every task waits on I/O, as
+//! opposed to a guest computing: see `Activity`) does the outer loop set it
+//! again and let the inner loop advertise. A CPU-bound guest so never hoards requests. An
 //! instance with no call in hand may take one without earning it, unless
 //! its guest computes and still has a response body to write: wasmtime
 //! keeps resuming a computing task, so the next request would hold that
@@ -38,11 +38,10 @@ use std::panic::AssertUnwindSafe;
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures::stream::FuturesUnordered;
-use futures::task::AtomicWaker;
 use futures::{FutureExt as _, StreamExt as _};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -281,58 +280,54 @@ impl<S: HandlerState, D: Supervisor<S>> Drop for ExitGuard<S, D> {
 }
 
 /// Tells a guest that computes from one that waits (on I/O, a timer, its
-/// client). It is computing when a poll of the event loop leaves it
-/// pending having yielded at an epoch tick (the store's tick callback,
-/// which the worker sets, notes that) *and* having woken itself (the
-/// yielded guest is still to be resumed). Either alone misleads: the loop
-/// wakes itself for I/O it routes (a request body's next piece reaching the
+/// client), and makes a computing guest give way to the server's I/O.
+///
+/// At every epoch tick the store's deadline callback, which the worker
+/// sets, suspends the guest in [`tokio::task::yield_now`]: a wake that
+/// tokio defers until the thread has run its other ready tasks and polled
+/// for I/O. (wasmtime's own yield wakes the task at once, and a thread
+/// polls for I/O only every `event_interval` tasks, 61 by default: under
+/// overload, with a computing guest on every thread, new requests, `503`s
+/// and finished responses waited out tens of guest slices.)
+///
+/// The guest is computing when a poll of the event loop leaves it pending
+/// while it is suspended at a tick. Other signs mislead: the loop wakes
+/// itself for I/O it routes (a request body's next piece reaching the
 /// guest's stream) and for tokio's cooperative budget, so a client
 /// streaming tiny pieces kept its instance "running" and two of them left
 /// no room for any other request; and a guest may yield and be resumed
 /// within one poll, then finish and wait, idle but not parked.
 #[derive(Default)]
 struct Activity {
-    yielded: AtomicBool,
-    woken: AtomicBool,
-    waker: AtomicWaker,
+    at_tick: Arc<AtomicBool>,
 }
 
 impl Activity {
     /// Makes `store` yield at every epoch tick, noting it here.
-    fn watch<T: 'static>(self: &Arc<Self>, store: &mut wasmtime::Store<T>) {
-        let activity = self.clone();
+    fn watch<T: 'static>(&self, store: &mut wasmtime::Store<T>) {
+        let at_tick = self.at_tick.clone();
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
-            activity.yielded.store(true, Relaxed);
-            Ok(wasmtime::UpdateDeadline::Yield(1))
+            at_tick.store(true, Relaxed);
+            let at_tick = at_tick.clone();
+            Ok(wasmtime::UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(async move {
+                    tokio::task::yield_now().await;
+                    at_tick.store(false, Relaxed);
+                }),
+            ))
         });
     }
 
-    /// Polls `event_loop` with `cx`'s waker wrapped in `waker` (this
-    /// activity's); then whether the guest is computing.
+    /// Polls `event_loop` with `cx`; then whether the guest is computing.
     fn poll<F: Future>(
-        self: &Arc<Self>,
+        &self,
         event_loop: Pin<&mut F>,
-        waker: &Waker,
-        cx: &Context<'_>,
+        cx: &mut Context<'_>,
     ) -> (Poll<F::Output>, bool) {
-        self.waker.register(cx.waker());
-        self.woken.store(false, Relaxed);
-        self.yielded.store(false, Relaxed);
-        let poll = event_loop.poll(&mut Context::from_waker(waker));
-        let computing = self.woken.load(Relaxed) && self.yielded.load(Relaxed);
-        (poll, computing)
-    }
-}
-
-impl Wake for Activity {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.store(true, Relaxed);
-        self.waker.wake();
+        let poll = event_loop.poll(cx);
+        (poll, self.at_tick.load(Relaxed))
     }
 }
 
@@ -498,7 +493,7 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
         .await
     };
 
-    let activity = Arc::new(Activity::default());
+    let activity = Activity::default();
     activity.watch(store);
     let ending = drive(
         pin!(store.run_concurrent(inner)),
@@ -880,15 +875,14 @@ impl Shared {
 async fn drive<S: HandlerState, D: Supervisor<S>>(
     mut event_loop: Pin<&mut impl Future<Output = wasmtime::Result<wasmtime::Result<Finished>>>>,
     mut expiration: Pin<&mut S::WorkerExpiration>,
-    activity: &Arc<Activity>,
+    activity: &Activity,
     shared: &Shared,
     supervisor: &Arc<D>,
     id: WorkerId,
     prewarmed: bool,
 ) -> Ending {
-    let waker = Waker::from(activity.clone());
     poll_fn(|cx| {
-        let (mut poll, computing) = activity.poll(event_loop.as_mut(), &waker, cx);
+        let (mut poll, computing) = activity.poll(event_loop.as_mut(), cx);
         if poll.is_pending() {
             let (mut current, mut since) = shared.status();
             // A p2 guest blocked in a host call after sending its head keeps
@@ -924,7 +918,7 @@ async fn drive<S: HandlerState, D: Supervisor<S>>(
                     supervisor.park(id);
                 }
                 if !shared.accept_more.swap(true, Relaxed) {
-                    (poll, _) = activity.poll(event_loop.as_mut(), &waker, cx);
+                    (poll, _) = activity.poll(event_loop.as_mut(), cx);
                 }
             }
         }
