@@ -362,6 +362,16 @@ async fn requests_keeping_retired_instances_are_charged_for_them() {
             Duration::from_secs(20),
         )
         .await;
+        // The kept request's instance offers room again once its guest
+        // sleeps; the quick one must go to it, not to a new instance (the
+        // retired one offers none).
+        wait_until_metric(
+            admin,
+            "wasmhive_instances_available",
+            |n| n >= 1.0,
+            Duration::from_secs(20),
+        )
+        .await;
         let quick = send(&sender, addr, "/?ms=1").await.await.unwrap();
         assert_eq!(quick.status(), 200);
         let mut body = quick.into_body();
