@@ -135,12 +135,13 @@ pub async fn run(binaries: &Binaries, options: &SoakOptions) -> anyhow::Result<S
                 // resident (the pool's `keep_resident`), so RSS follows the
                 // most instances ever alive at once, counting ended ones
                 // whose slots wait in the pool's decommit batch. With room
-                // for 256 or 24, that high-water mark crept up a slot (1 MiB
-                // here) or a few at a time through the run (21 slots at 5 s,
-                // 27 at 40 s), which the RSS check cannot tell from a leak.
-                // One slot per client connection (each has one request at a
-                // time, each instance takes one) are all used in the first
-                // second, so growth after warm-up is the server's own.
+                // for 256 (or 24), that high-water mark crept up a slot
+                // (1 MiB here) or a few at a time through the run (21 slots
+                // at 5 s, 27 at 40 s), which the RSS check cannot tell from
+                // a leak. With one slot per client connection (each has one
+                // request at a time, each instance takes one), all of them
+                // are in use within the first second, so growth after
+                // warm-up is the server's own.
                 "--max-instances".into(),
                 options.connections.to_string(),
             ],

@@ -19,11 +19,12 @@
 //! task is CPU-bound. Only when the event loop returns `Pending` with the
 //! guest not suspended at an epoch tick (every task waits on I/O, as
 //! opposed to a guest computing: see `Activity`) does the outer loop set it
-//! again and let the inner loop advertise. A CPU-bound guest so never hoards requests. An
-//! instance with no call in hand may take one without earning it, unless
-//! its guest computes and still has a response body to write: wasmtime
-//! keeps resuming a computing task, so the next request would hold that
-//! body back for its whole computation ([`InHand::is_free`]).
+//! again and let the inner loop advertise. A CPU-bound guest so never
+//! hoards requests. An instance with no call in hand may take one without
+//! earning it, unless its guest computes and still has a response body to
+//! write: wasmtime keeps resuming a computing task, so the next request
+//! would hold that body back for its whole computation
+//! ([`InHand::is_free`]).
 //!
 //! The same observation tells the [`Supervisor`] whether this worker is
 //! *running* (instantiating, or its guest computing) or *parked* (waiting on
