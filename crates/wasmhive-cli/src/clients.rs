@@ -11,8 +11,9 @@
 //! resets them once they reached a guest pins at most its share of
 //! instances. A request that keeps a retired instance alive (one that takes
 //! no more requests but still writes its response) is charged its part of
-//! that instance's places, so that streams kept on retired instances pin no
-//! more than the share either. The surplus waits in line
+//! that instance's places (what the share has free, then the next places
+//! it frees, ahead of requests waiting for one), so that streams kept on
+//! retired instances pin no more than the share either. The surplus waits in line
 //! like a queued request: up to `--queue-timeout`, and no more than
 //! `--queue-len` requests wait so at once; beyond either, `503`.
 //!
@@ -37,6 +38,7 @@ use tokio::time::Instant;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::AbortHandle;
 use wasmhive::Occupant;
 
 /// Resets a connection may make of requests that reached the server before
@@ -246,7 +248,31 @@ struct Held {
     share: Arc<Semaphore>,
     /// The places charged on top of this one while the request keeps a
     /// retired instance alive.
-    retired: Mutex<Option<OwnedSemaphorePermit>>,
+    retired: Mutex<Charge>,
+}
+
+/// The places a request is charged on top of its own, and the wait for
+/// those its client's share did not have free when they became owed.
+#[derive(Default)]
+struct Charge {
+    taken: Option<OwnedSemaphorePermit>,
+    /// Counts the charges made: a wait that ends after a newer charge was
+    /// made has nothing left to take.
+    made: u64,
+    waiting: Option<AbortHandle>,
+}
+
+impl Charge {
+    fn places(&self) -> usize {
+        self.taken.as_ref().map_or(0, |p| p.num_permits())
+    }
+
+    fn add(&mut self, more: OwnedSemaphorePermit) {
+        match self.taken.as_mut() {
+            Some(taken) => taken.merge(more),
+            None => self.taken = Some(more),
+        }
+    }
 }
 
 impl Place {
@@ -269,36 +295,69 @@ impl Place {
 }
 
 impl Held {
-    /// Holds `owed` places on top of this one: gives back any beyond, and
-    /// takes what the share has free towards the rest.
-    fn charge(&self, owed: usize) {
-        let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
-        let held = retired.as_ref().map_or(0, |p| p.num_permits());
+    /// Holds `owed` places on top of this one: gives back any beyond, takes
+    /// what the share has free towards the rest, and waits in line (ahead
+    /// of requests that come later) for what is still missing. The other
+    /// requests keeping the instance often give their places back only
+    /// after their instance has let them go (their client still reads the
+    /// response), and the place each frees is owed to this one.
+    fn charge(self: &Arc<Self>, owed: usize) {
+        let mut charge = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        charge.made += 1;
+        if let Some(waiting) = charge.waiting.take() {
+            waiting.abort();
+        }
+        let held = charge.places();
         if owed < held {
-            match retired.as_mut() {
-                Some(permit) if owed > 0 => drop(permit.split(held - owed)),
-                _ => *retired = None,
+            match charge.taken.as_mut() {
+                Some(taken) if owed > 0 => drop(taken.split(held - owed)),
+                _ => charge.taken = None,
             }
         } else if owed > held {
-            let more = (owed - held).min(self.share.available_permits());
-            let taken = u32::try_from(more)
-                .ok()
-                .and_then(|more| self.share.clone().try_acquire_many_owned(more).ok());
-            match (retired.as_mut(), taken) {
-                (Some(permit), Some(taken)) => permit.merge(taken),
-                (None, Some(taken)) => *retired = Some(taken),
-                (_, None) => {}
+            let free = (owed - held).min(self.share.available_permits());
+            if free > 0
+                && let Ok(taken) = self.share.clone().try_acquire_many_owned(free as u32)
+            {
+                charge.add(taken);
             }
         }
-        let now = retired.as_ref().map_or(0, |p| p.num_permits());
+        let now = charge.places();
         retired_places_moved(held, now);
+        if owed > now {
+            let made = charge.made;
+            // Polled once here to join the line now, not when the task
+            // first runs.
+            let mut wait = Box::pin(self.share.clone().acquire_many_owned((owed - now) as u32));
+            let noop = &mut Context::from_waker(std::task::Waker::noop());
+            if let Poll::Ready(Ok(taken)) = wait.as_mut().poll(noop) {
+                charge.add(taken);
+                retired_places_moved(now, owed);
+                return;
+            }
+            let this = Arc::downgrade(self);
+            let waiting = tokio::spawn(async move {
+                let Ok(taken) = wait.await else { return };
+                let Some(this) = this.upgrade() else { return };
+                let mut charge = this.retired.lock().unwrap_or_else(|e| e.into_inner());
+                if charge.made == made {
+                    let before = charge.places();
+                    charge.add(taken);
+                    charge.waiting = None;
+                    retired_places_moved(before, charge.places());
+                }
+            });
+            charge.waiting = Some(waiting.abort_handle());
+        }
     }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        let retired = self.retired.get_mut().unwrap_or_else(|e| e.into_inner());
-        retired_places_moved(retired.as_ref().map_or(0, |p| p.num_permits()), 0);
+        let charge = self.retired.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(waiting) = charge.waiting.take() {
+            waiting.abort();
+        }
+        retired_places_moved(charge.places(), 0);
     }
 }
 
@@ -319,9 +378,9 @@ struct Occupying {
 impl Occupant for Occupying {
     /// The instance's room is lost to everyone else until the requests
     /// keeping it are done, so they hold it between them: each is charged
-    /// its part of the instance's places, as far as its client's share has
-    /// them free (a client at its share gets no more in, which is the
-    /// point).
+    /// its part of the instance's places: those its client's share has
+    /// free at once, and the next ones it frees (a client at its share gets
+    /// no more in, which is the point).
     fn keeps_retired(&self, holders: usize) {
         let part = self.per_instance.div_ceil(holders.max(1));
         self.place.0.charge(part.saturating_sub(1));
@@ -445,7 +504,11 @@ mod tests {
         let other = connection.request_place().await.unwrap();
         occupant.keeps_retired(1);
         assert_eq!(free(), 0);
+        // The place the other request frees goes to the charge, not back
+        // to the share.
         drop(other);
+        assert_eq!(free(), 0);
+        assert!(connection.request_place().await.is_none());
         occupant.keeps_retired(2);
         assert_eq!(free(), 2, "gives back what it no longer owes");
         // Its place and charge go with the last of the request's holds.
