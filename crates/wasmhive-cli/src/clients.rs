@@ -12,10 +12,11 @@
 //! instances. A request that keeps a retired instance alive (one that takes
 //! no more requests but still writes its response) is charged its part of
 //! that instance's places (what the share has free, then the next places
-//! it frees, ahead of requests waiting for one), so that streams kept on
-//! retired instances pin no more than the share either. The surplus waits in line
-//! like a queued request: up to `--queue-timeout`, and no more than
-//! `--queue-len` requests wait so at once; beyond either, `503`.
+//! it frees, in line ahead of requests that wait for one later), so that
+//! streams kept on retired instances pin no more than the share either. The
+//! surplus waits in line like a queued request: up to `--queue-timeout`,
+//! and no more than `--queue-len` requests wait so at once; beyond either,
+//! `503`.
 //!
 //! Per connection, on top: HTTP/2 streams are capped (`--max-streams-per-connection`, refused with
 //! `REFUSED_STREAM` by the protocol layer), and a connection whose client
@@ -37,7 +38,7 @@ use tokio::time::Instant;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{AcquireError, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::AbortHandle;
 use wasmhive::Occupant;
 
@@ -251,27 +252,68 @@ struct Held {
     retired: Mutex<Charge>,
 }
 
-/// The places a request is charged on top of its own, and the wait for
-/// those its client's share did not have free when they became owed.
+/// The places a request is charged on top of its own, and the waits in its
+/// client's share's line for those the share did not have free when they
+/// became owed.
 #[derive(Default)]
 struct Charge {
     taken: Option<OwnedSemaphorePermit>,
-    /// Counts the charges made: a wait that ends after a newer charge was
-    /// made has nothing left to take.
-    made: u64,
-    waiting: Option<AbortHandle>,
+    /// Oldest first. A wait stays in line while more becomes owed (the
+    /// increase waits behind it), so that requests coming later cannot
+    /// overtake it.
+    waiting: Vec<Waiting>,
+    next_id: u64,
+}
+
+/// A wait for places in the share's line. The semaphore hands places to
+/// it without it being polled; its task polls it (through [`Charge`]) to
+/// move them into the charge. Dropping it gives back any it was handed.
+struct Waiting {
+    id: u64,
+    places: usize,
+    wait: Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>,
+    task: AbortHandle,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 impl Charge {
+    /// Places held.
     fn places(&self) -> usize {
         self.taken.as_ref().map_or(0, |p| p.num_permits())
     }
 
+    /// Places held or waited for.
+    fn owed(&self) -> usize {
+        self.places() + self.waiting.iter().map(|w| w.places).sum::<usize>()
+    }
+
     fn add(&mut self, more: OwnedSemaphorePermit) {
+        let before = self.places();
         match self.taken.as_mut() {
             Some(taken) => taken.merge(more),
             None => self.taken = Some(more),
         }
+        retired_places_moved(before, self.places());
+    }
+
+    /// Polls the wait `id`: ready once it is gone, its places taken.
+    fn poll_wait(&mut self, id: u64, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(at) = self.waiting.iter().position(|w| w.id == id) else {
+            return Poll::Ready(());
+        };
+        let Poll::Ready(result) = self.waiting[at].wait.as_mut().poll(cx) else {
+            return Poll::Pending;
+        };
+        self.waiting.remove(at);
+        if let Ok(taken) = result {
+            self.add(taken);
+        }
+        Poll::Ready(())
     }
 }
 
@@ -295,68 +337,71 @@ impl Place {
 }
 
 impl Held {
-    /// Holds `owed` places on top of this one: gives back any beyond, takes
-    /// what the share has free towards the rest, and waits in line (ahead
-    /// of requests that come later) for what is still missing. The other
-    /// requests keeping the instance often give their places back only
-    /// after their instance has let them go (their client still reads the
-    /// response), and the place each frees is owed to this one.
+    /// Holds `owed` places on top of this one: gives back any beyond
+    /// (the latest waits first), takes what the share has free towards the
+    /// rest, and waits in line (ahead of requests that come later, behind
+    /// its own earlier waits) for what is still missing. The other requests
+    /// keeping the instance often give their places back only after their
+    /// instance has let them go (their client still reads the response),
+    /// and the place each frees is owed to this one.
     fn charge(self: &Arc<Self>, owed: usize) {
         let mut charge = self.retired.lock().unwrap_or_else(|e| e.into_inner());
-        charge.made += 1;
-        if let Some(waiting) = charge.waiting.take() {
-            waiting.abort();
-        }
+        // A wait cannot ask for fewer: one that asks for more than is still
+        // owed goes, and the difference is asked for again below.
+        while charge.owed() > owed && charge.waiting.pop().is_some() {}
         let held = charge.places();
-        if owed < held {
+        if held > owed {
             match charge.taken.as_mut() {
                 Some(taken) if owed > 0 => drop(taken.split(held - owed)),
                 _ => charge.taken = None,
             }
-        } else if owed > held {
-            let free = (owed - held).min(self.share.available_permits());
-            if free > 0
-                && let Ok(taken) = self.share.clone().try_acquire_many_owned(free as u32)
-            {
-                charge.add(taken);
-            }
+            retired_places_moved(held, owed);
         }
-        let now = charge.places();
-        retired_places_moved(held, now);
-        if owed > now {
-            let made = charge.made;
-            // Polled once here to join the line now, not when the task
-            // first runs.
-            let mut wait = Box::pin(self.share.clone().acquire_many_owned((owed - now) as u32));
-            let noop = &mut Context::from_waker(std::task::Waker::noop());
-            if let Poll::Ready(Ok(taken)) = wait.as_mut().poll(noop) {
-                charge.add(taken);
-                retired_places_moved(now, owed);
-                return;
-            }
-            let this = Arc::downgrade(self);
-            let waiting = tokio::spawn(async move {
-                let Ok(taken) = wait.await else { return };
-                let Some(this) = this.upgrade() else { return };
-                let mut charge = this.retired.lock().unwrap_or_else(|e| e.into_inner());
-                if charge.made == made {
-                    let before = charge.places();
-                    charge.add(taken);
-                    charge.waiting = None;
-                    retired_places_moved(before, charge.places());
-                }
-            });
-            charge.waiting = Some(waiting.abort_handle());
+        let mut missing = owed.saturating_sub(charge.owed());
+        let free = missing.min(self.share.available_permits());
+        if free > 0
+            && let Ok(taken) = self.share.clone().try_acquire_many_owned(free as u32)
+        {
+            charge.add(taken);
+            missing -= free;
         }
+        if missing == 0 {
+            return;
+        }
+        let mut wait = Box::pin(self.share.clone().acquire_many_owned(missing as u32));
+        // Polled once here to join the line now, not when its task first
+        // runs.
+        let noop = &mut Context::from_waker(std::task::Waker::noop());
+        if let Poll::Ready(Ok(taken)) = wait.as_mut().poll(noop) {
+            charge.add(taken);
+            return;
+        }
+        let id = charge.next_id;
+        charge.next_id += 1;
+        let this = Arc::downgrade(self);
+        let task = tokio::spawn(std::future::poll_fn(move |cx| {
+            let Some(held) = this.upgrade() else {
+                return Poll::Ready(());
+            };
+            let mut charge = held.retired.lock().unwrap_or_else(|e| e.into_inner());
+            let poll = charge.poll_wait(id, cx);
+            // Before `held`, which may be the last hold on it.
+            drop(charge);
+            poll
+        }));
+        charge.waiting.push(Waiting {
+            id,
+            places: missing,
+            wait,
+            task: task.abort_handle(),
+        });
     }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
         let charge = self.retired.get_mut().unwrap_or_else(|e| e.into_inner());
-        if let Some(waiting) = charge.waiting.take() {
-            waiting.abort();
-        }
+        charge.waiting.clear();
         retired_places_moved(charge.places(), 0);
     }
 }
@@ -380,7 +425,8 @@ impl Occupant for Occupying {
     /// keeping it are done, so they hold it between them: each is charged
     /// its part of the instance's places: those its client's share has
     /// free at once, and the next ones it frees (a client at its share gets
-    /// no more in, which is the point).
+    /// no more in, which is the point; nor does one whose share is smaller
+    /// than the part, until the instance is gone).
     fn keeps_retired(&self, holders: usize) {
         let part = self.per_instance.div_ceil(holders.max(1));
         self.place.0.charge(part.saturating_sub(1));
@@ -515,6 +561,47 @@ mod tests {
         drop(place);
         assert_eq!(free(), 2);
         drop(occupant);
+        assert_eq!(free(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_charge_keeps_its_place_in_line_as_it_grows() {
+        let clients = Clients::new(1, 4, Duration::from_secs(60), 8);
+        let connection = Arc::new(clients.connect("127.0.0.1".parse().unwrap()).unwrap());
+        let free = || connection.requests.available_permits();
+        let place = connection.request_place().await.unwrap();
+        let mut others = Vec::new();
+        for _ in 0..3 {
+            others.push(connection.request_place().await.unwrap());
+        }
+        // The share is full: the charge waits for 1 place, then a later
+        // request waits, then the charge grows by 2.
+        let occupant = place.occupant(4);
+        occupant.keeps_retired(2);
+        let later = tokio::spawn({
+            let connection = connection.clone();
+            async move { connection.request_place().await }
+        });
+        while clients.waiting.load(Relaxed) == 0 {
+            tokio::task::yield_now().await;
+        }
+        occupant.keeps_retired(1);
+        // The next place freed goes to the charge's first wait, ahead of
+        // the later request; the increase waits behind that request.
+        drop(others.pop());
+        tokio::task::yield_now().await;
+        assert_eq!(free(), 0);
+        assert!(!later.is_finished(), "a later request overtook the charge");
+        assert_eq!(place.0.retired.lock().unwrap().places(), 1);
+        drop(others.pop());
+        let got = later.await.unwrap().expect("the later request's place");
+        drop(others.pop());
+        drop(got);
+        tokio::task::yield_now().await;
+        assert_eq!(place.0.retired.lock().unwrap().places(), 3);
+        assert_eq!(free(), 0);
+        // The charge goes with the last of the request's holds.
+        drop((place, occupant));
         assert_eq!(free(), 4);
     }
 
