@@ -203,7 +203,7 @@ async fn drain(
     );
     tokio::spawn(async move {
         shutdown.recv().await;
-        eprintln!("second signal: exiting without draining");
+        telemetry::announce_warning("second signal: exiting without draining");
         std::process::exit(130);
     });
     let drained = async {

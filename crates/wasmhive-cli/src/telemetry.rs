@@ -34,6 +34,12 @@ pub fn announce_address(addr: std::net::SocketAddr, tls: bool) {
     });
 }
 
+/// Writes a warning the process exits right after, as [`announce`] does
+/// (the log's writer may not get to flush).
+pub fn announce_warning(line: &str) {
+    write_line("WARN", line, line);
+}
+
 /// Writes the error a command ends with, as [`announce`] does.
 pub fn announce_error(error: &anyhow::Error) {
     let message = format!("{error:#}");
