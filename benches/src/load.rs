@@ -50,6 +50,11 @@ impl Target {
 pub struct Measured {
     /// Latencies of successful (2xx) answers, in microseconds.
     pub ok: Histogram<u64>,
+    /// The same answers' latencies from when the client sent the request,
+    /// not from when it was due: without an open loop's own lateness (its
+    /// timer's 1 ms granularity, its threads waiting for a core), which
+    /// the closed loops do not have.
+    pub ok_from_send: Histogram<u64>,
     /// Latencies of `503` answers, in microseconds.
     pub shed: Histogram<u64>,
     /// Answers by status.
@@ -71,6 +76,7 @@ impl Measured {
     fn new() -> Measured {
         Measured {
             ok: histogram(),
+            ok_from_send: histogram(),
             shed: histogram(),
             statuses: BTreeMap::new(),
             errors: 0,
@@ -83,6 +89,9 @@ impl Measured {
 
     fn merge(&mut self, other: &Measured) {
         self.ok.add(&other.ok).expect("same bounds");
+        self.ok_from_send
+            .add(&other.ok_from_send)
+            .expect("same bounds");
         self.shed.add(&other.shed).expect("same bounds");
         for (status, n) in &other.statuses {
             *self.statuses.entry(*status).or_default() += n;
@@ -91,15 +100,18 @@ impl Measured {
         self.not_sent += other.not_sent;
     }
 
-    fn record(&mut self, status: Option<u16>, latency: Duration) {
-        let us = (latency.as_micros() as u64).max(1);
+    /// Records an answer (`None`: no answer) `latency` after the request
+    /// was due and `from_send` after it was sent.
+    fn record(&mut self, status: Option<u16>, latency: Duration, from_send: Duration) {
+        let us = |d: Duration| (d.as_micros() as u64).max(1);
         match status {
             Some(status) => {
                 *self.statuses.entry(status).or_default() += 1;
                 if (200..300).contains(&status) {
-                    self.ok.saturating_record(us);
+                    self.ok.saturating_record(us(latency));
+                    self.ok_from_send.saturating_record(us(from_send));
                 } else if status == 503 {
-                    self.shed.saturating_record(us);
+                    self.shed.saturating_record(us(latency));
                 }
             }
             None => self.errors += 1,
@@ -114,6 +126,12 @@ impl Measured {
     /// A percentile of successful answers, in milliseconds.
     pub fn ok_ms(&self, percentile: f64) -> f64 {
         self.ok.value_at_percentile(percentile) as f64 / 1000.0
+    }
+
+    /// A percentile of successful answers counted from when they were
+    /// sent, in milliseconds.
+    pub fn ok_from_send_ms(&self, percentile: f64) -> f64 {
+        self.ok_from_send.value_at_percentile(percentile) as f64 / 1000.0
     }
 }
 
@@ -195,7 +213,8 @@ pub async fn closed_loop(
                         if status.is_none() {
                             sender = None;
                         }
-                        measured.record(status, started.elapsed());
+                        let latency = started.elapsed();
+                        measured.record(status, latency, latency);
                     }
                     measured
                 })
@@ -225,8 +244,9 @@ pub struct OpenLoop {
 
 /// Offers `rate` requests per second for `duration`, each on a connection
 /// of its own pool, with at most `max_outstanding` in flight (more are
-/// counted as not sent). Latency counts from when a request was due; no
-/// answer within [`ANSWER_DEADLINE`] counts as an error.
+/// counted as not sent). Latency counts from when a request was due (and,
+/// in [`Measured::ok_from_send`], from when it was sent); no answer within
+/// [`ANSWER_DEADLINE`] counts as an error.
 pub async fn open_loop(
     target: &Target,
     rate: f64,
@@ -253,6 +273,7 @@ pub async fn open_loop(
             let (target, results, idle) = (target.clone(), results.clone(), idle.clone());
             let settled = (due >= start + settle).then(|| settled.clone());
             tasks.push(tokio::spawn(async move {
+                let sent = Instant::now();
                 let attempt = async {
                     let pooled = idle.lock().unwrap().pop();
                     let mut sender = match pooled {
@@ -270,10 +291,10 @@ pub async fn open_loop(
                     .await
                     .ok()
                     .flatten();
-                let latency = due.elapsed();
-                results.lock().unwrap().record(status, latency);
+                let (latency, from_send) = (due.elapsed(), sent.elapsed());
+                results.lock().unwrap().record(status, latency, from_send);
                 if let Some(settled) = settled {
-                    settled.lock().unwrap().record(status, latency);
+                    settled.lock().unwrap().record(status, latency, from_send);
                 }
                 drop(permit);
             }));
@@ -328,7 +349,7 @@ pub async fn burst(target: &Target, n: usize) -> Measured {
     let mut measured = Measured::new();
     for task in tasks {
         let (status, latency) = task.await.expect("burst task");
-        measured.record(status, latency);
+        measured.record(status, latency, latency);
     }
     measured
 }
