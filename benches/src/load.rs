@@ -125,14 +125,13 @@ impl Measured {
 
     /// A percentile of successful answers, in milliseconds.
     pub fn ok_ms(&self, percentile: f64) -> f64 {
-        self.ok.value_at_percentile(percentile) as f64 / 1000.0
+        percentile_ms(&self.ok, percentile)
     }
+}
 
-    /// A percentile of successful answers counted from when they were
-    /// sent, in milliseconds.
-    pub fn ok_from_send_ms(&self, percentile: f64) -> f64 {
-        self.ok_from_send.value_at_percentile(percentile) as f64 / 1000.0
-    }
+/// A percentile of one of [`Measured`]'s histograms, in milliseconds.
+pub fn percentile_ms(latencies: &Histogram<u64>, percentile: f64) -> f64 {
+    latencies.value_at_percentile(percentile) as f64 / 1000.0
 }
 
 fn histogram() -> Histogram<u64> {

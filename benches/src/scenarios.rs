@@ -343,25 +343,22 @@ pub async fn run_one(
                 "shed_share".into(),
                 m.shed.len() as f64 / answered.max(1) as f64,
             );
-            figures.insert(
-                "shed_p99_ms".into(),
-                m.shed.value_at_percentile(99.0) as f64 / 1000.0,
-            );
+            figures.insert("shed_p99_ms".into(), load::percentile_ms(&m.shed, 99.0));
             figures.insert("settled_admitted_p50_ms".into(), settled.ok_ms(50.0));
             figures.insert("settled_admitted_p90_ms".into(), settled.ok_ms(90.0));
             figures.insert("settled_admitted_p99_ms".into(), settled.ok_ms(99.0));
             // The same, without the load generator's own lateness.
             figures.insert(
                 "settled_admitted_from_send_p50_ms".into(),
-                settled.ok_from_send_ms(50.0),
+                load::percentile_ms(&settled.ok_from_send, 50.0),
             );
             figures.insert(
                 "settled_admitted_from_send_p99_ms".into(),
-                settled.ok_from_send_ms(99.0),
+                load::percentile_ms(&settled.ok_from_send, 99.0),
             );
             figures.insert(
                 "settled_shed_p99_ms".into(),
-                settled.shed.value_at_percentile(99.0) as f64 / 1000.0,
+                load::percentile_ms(&settled.shed, 99.0),
             );
             figures.insert("client_cpu".into(), m.client_cpu);
             figures.insert("not_sent".into(), m.not_sent as f64);
