@@ -16,7 +16,7 @@ use crate::circuit::{Circuit, Failure};
 use crate::error::AtCapacity;
 use crate::metrics::{ExitReason, InstanceReport, Recorder};
 use crate::policy::{HandlerState, Instance};
-use crate::pool::{Mailbox, Pool, PoolLimits, Sheddable, Starts, WorkerId};
+use crate::pool::{ClientKey, Mailbox, Pool, PoolLimits, Resume, Sheddable, Starts, WorkerId};
 use crate::worker::{self, InstantiationFailure, Job, Supervisor};
 use crate::{InstantiationError, Overloaded};
 
@@ -41,6 +41,7 @@ pub(crate) struct Counters {
     pub(crate) instantiation_failures: AtomicU64,
     pub(crate) requests_started: AtomicU64,
     pub(crate) overloaded: AtomicU64,
+    pub(crate) yields: AtomicU64,
     pub(crate) exits: [AtomicU64; ExitReason::ALL.len()],
 }
 
@@ -55,6 +56,10 @@ impl<S: HandlerState> Sheddable for Job<S> {
 
     fn shed(self) {
         Job::<S>::reply_early(self.tx, Overloaded::new(Duration::from_secs(1)).into());
+    }
+
+    fn client(&self) -> Option<ClientKey> {
+        self.client
     }
 }
 
@@ -271,6 +276,18 @@ impl<S: HandlerState> Supervisor<S> for Dispatcher<S> {
 
     fn unpark(&self, id: WorkerId) {
         self.pool.unpark(id);
+    }
+
+    fn yield_place(self: &Arc<Self>, id: WorkerId) -> Option<Resume> {
+        let (resume, starts) = self.pool.yield_place(id, now())?;
+        self.counters.yields.fetch_add(1, Relaxed);
+        tracing::debug!("time slice over: yielded the running place to another client");
+        self.spawn_all(starts);
+        Some(resume)
+    }
+
+    fn time_slice(&self) -> Duration {
+        self.pool.limits().time_slice
     }
 
     fn started(&self) {

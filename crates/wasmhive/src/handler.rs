@@ -12,7 +12,7 @@ use crate::adaptive::{Limiter, Permit};
 use crate::dispatch::Dispatcher;
 use crate::metrics::{NoRecorder, Outcome, Recorder, RequestReport, Stats};
 use crate::policy::{HandlerState, WorkerState};
-use crate::pool::{Admission, Pool, PoolLimits, Ticket};
+use crate::pool::{Admission, ClientKey, Pool, PoolLimits, Ticket};
 use crate::reply::{Acceptance, Answer, Reply};
 use crate::worker::Job;
 use crate::{Error, Overloaded, Request, Response, ShuttingDown, TrapOrPanicError};
@@ -93,7 +93,9 @@ impl<S: HandlerState> ProxyHandler<S> {
     /// request holds on its client's behalf (a place in a per-client share),
     /// so that going away does not give it back while a guest still works
     /// for that client. An [`Occupant`](crate::Occupant) there hears when the
-    /// request keeps a retired instance alive. (The
+    /// request keeps a retired instance alive. A [`ClientKey`] there says
+    /// whose request it is, for sharing running places among clients (see
+    /// [`PoolLimits::time_slice`]). (The
     /// [`PoolLimits::adaptive_concurrency`] limit is
     /// the handler's own, held by this future: an abandoned request leaves
     /// it at once.)
@@ -122,6 +124,7 @@ impl<S: HandlerState> ProxyHandler<S> {
         let (tx, mut rx) = oneshot::channel();
         let job = Job {
             admitted,
+            client: request.extensions().get::<ClientKey>().copied(),
             data,
             request,
             tx,
@@ -177,10 +180,12 @@ impl<S: HandlerState> ProxyHandler<S> {
             running_instances: occupancy.running,
             available_instances: occupancy.advertised,
             queued_requests: occupancy.queued,
+            suspended_instances: occupancy.suspended,
             instantiations: counters.instantiations.load(Relaxed),
             instantiation_failures: counters.instantiation_failures.load(Relaxed),
             requests_started: counters.requests_started.load(Relaxed),
             overloaded: counters.overloaded.load(Relaxed),
+            yields: counters.yields.load(Relaxed),
             concurrency_limit: self.limiter.as_deref().map(Limiter::limit),
             exits: std::array::from_fn(|i| counters.exits[i].load(Relaxed)),
         }

@@ -88,6 +88,22 @@
 //!   yield, resume and finish within one poll. The worker talks to the
 //!   dispatcher only through the `Supervisor` trait that `worker.rs`
 //!   defines.
+//! * **Time slices.** Each job carries the [`ClientKey`] its server put in
+//!   the request's extensions (none: one anonymous client), and the pool
+//!   counts running places per client. A guest that has computed for
+//!   [`PoolLimits::time_slice`] since its request started or it last
+//!   waited asks, at each tick, to yield its place
+//!   (`Supervisor::yield_place`); the pool agrees only if a request of a
+//!   client holding fewer running places waits, suspended or queued. Then
+//!   the epoch callback's future waits until the pool resumes the worker,
+//!   and its place goes to that waiter meanwhile. A free place goes to the
+//!   waiter, suspended or the queued request next in line, whose client
+//!   holds the fewest places, the longest waiting first. The whole store
+//!   stalls while suspended (its other requests too); the level-two
+//!   expiration still runs, so `request_timeout` still retires an
+//!   instance suspended too long. One client's requests never suspend each
+//!   other, so a single client's load is scheduled as if time slices did
+//!   not exist.
 //! * **Acceptance.** After each event the worker asks
 //!   [`WorkerState::should_accept_request`]: `Yes` (advertise capacity),
 //!   `No` (not now), `Never` (this instance is done). The concurrent count
@@ -211,7 +227,7 @@ pub use policy::{
     HandlerState, Instance, Proxy, RequestDeadline, ShouldAccept, WorkerExpiration, WorkerState,
     WorkerStatus,
 };
-pub use pool::PoolLimits;
+pub use pool::{ClientKey, PoolLimits};
 pub use runtime::{LoadError, Runtime, RuntimeConfig};
 pub use world::World;
 

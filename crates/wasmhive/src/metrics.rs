@@ -180,6 +180,10 @@ pub struct Stats {
     pub available_instances: usize,
     /// Requests waiting in the queue.
     pub queued_requests: usize,
+    /// Instances whose guest yielded its running place at the end of a
+    /// time slice and waits to run again (see
+    /// [`PoolLimits::time_slice`](crate::PoolLimits::time_slice)).
+    pub suspended_instances: usize,
     /// Successful instantiations so far.
     pub instantiations: u64,
     /// Failed instantiation attempts so far (each retry counts).
@@ -188,6 +192,8 @@ pub struct Stats {
     pub requests_started: u64,
     /// Requests rejected with [`Overloaded`](crate::Overloaded) so far.
     pub overloaded: u64,
+    /// Time slices at whose end a guest yielded its running place so far.
+    pub yields: u64,
     /// The adaptive in-flight limit in force, when
     /// [`PoolLimits::adaptive_concurrency`](crate::PoolLimits::adaptive_concurrency)
     /// is on.
@@ -215,10 +221,12 @@ impl std::ops::Add for Stats {
             running_instances: self.running_instances + other.running_instances,
             available_instances: self.available_instances + other.available_instances,
             queued_requests: self.queued_requests + other.queued_requests,
+            suspended_instances: self.suspended_instances + other.suspended_instances,
             instantiations: self.instantiations + other.instantiations,
             instantiation_failures: self.instantiation_failures + other.instantiation_failures,
             requests_started: self.requests_started + other.requests_started,
             overloaded: self.overloaded + other.overloaded,
+            yields: self.yields + other.yields,
             concurrency_limit: match (self.concurrency_limit, other.concurrency_limit) {
                 (Some(a), Some(b)) => Some(a + b),
                 (a, b) => a.or(b),

@@ -19,6 +19,25 @@
 //! blocks on I/O parks and so lets the next request start, which keeps
 //! I/O-bound apps at full throughput.
 //!
+//! Running to completion must not let one client's long requests hold
+//! every running place while another's wait. A guest that has computed for
+//! [`PoolLimits::time_slice`] without a break asks to yield its place
+//! ([`Pool::yield_place`]). It does so only to a waiter of a client
+//! ([`ClientKey`]) holding fewer running places than the yielder's: a
+//! queued request a worker can take, or a worker itself suspended so. Then
+//! it is *suspended* at its epoch tick and waits for a place in turn. Every
+//! free place goes to the waiter, suspended or the queued request next in
+//! line, whose client holds the fewest running places, and of those to
+//! the one waiting longest (a suspended worker waits from its suspension).
+//! Requests of one client (and those without a key, which count as one
+//! client) never suspend each other, so a single client's load runs as
+//! before. Clients with long computations so take turns by the slice,
+//! a client with nothing running ahead of those with more. What slices do
+//! not share: the queue (requests that end within a slice run in line
+//! order, whoever sent them, and an overloaded queue sheds without regard
+//! to clients), and a suspended instance's other requests, which stall
+//! with it.
+//!
 //! # The queue
 //!
 //! A CoDel-managed queue with adaptive LIFO (as in Facebook's Wangle): the
@@ -64,18 +83,21 @@
 //!
 //! Invariant, checked by the tests: if the queue is not empty, either
 //! `max_running` workers are running, or no worker is advertised and none
-//! may start. Every event that could change that (a worker parking,
-//! advertising or exiting) looks at the queue under the same lock.
+//! may start; and if a worker is suspended, `max_running` are running.
+//! Every event that could change that (a worker parking, advertising,
+//! yielding or exiting) looks at the queue and the suspended workers under
+//! the same lock.
 //!
 //! The pool only decides; the dispatcher acts on its answers (spawning
 //! workers, failing requests). Jobs are generic so that the logic is tested
 //! fast and hard without compiling a component.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 /// The limits of the worker pool behind a [`ProxyHandler`](crate::ProxyHandler).
 ///
@@ -136,6 +158,12 @@ pub struct PoolLimits {
     /// How long the circuit stays open before one instantiation is tried
     /// again. Default: 5 s.
     pub circuit_cooldown: Duration,
+    /// How long a guest computes without a break before it yields its
+    /// running place to a waiting request of a client holding fewer places
+    /// (see [`ClientKey`]); it waits for a place again in turn, a client
+    /// with fewer places first. Requests of one client never yield to each
+    /// other. Zero yields at every epoch tick. Default: 50 ms.
+    pub time_slice: Duration,
     /// An adaptive limit on the requests in flight across the pool, below
     /// the limits above: it settles where latency stays near its best and
     /// answers the surplus with [`Overloaded`](crate::Overloaded) at once.
@@ -159,8 +187,31 @@ impl Default for PoolLimits {
             circuit_failures: 20,
             circuit_window: Duration::from_secs(10),
             circuit_cooldown: Duration::from_secs(5),
+            time_slice: Duration::from_millis(50),
             adaptive_concurrency: None,
         }
+    }
+}
+
+/// The client a request is for, as far as sharing running places goes: a
+/// peer address, a tenant, an API key.
+///
+/// Put one in a request's extensions before
+/// [`ProxyHandler::handle`](crate::ProxyHandler::handle). A guest that
+/// computes past [`PoolLimits::time_slice`] yields its place to a waiting
+/// request of a client that holds fewer running places, so one client's
+/// long requests cannot keep every other client's out. Requests without a
+/// key count as one client.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct ClientKey(u64);
+
+impl ClientKey {
+    /// The key of whatever identifies a client: equal values give equal
+    /// keys (a 64-bit hash, fixed for the process).
+    pub fn of(client: &impl Hash) -> Self {
+        let mut hasher = DefaultHasher::new();
+        client.hash(&mut hasher);
+        ClientKey(hasher.finish())
     }
 }
 
@@ -182,7 +233,13 @@ pub(crate) trait Sheddable {
     fn admitted(&self) -> Instant;
     /// Fails the job's request as overloaded.
     fn shed(self);
+    /// The client its request is for, if it said.
+    fn client(&self) -> Option<ClientKey>;
 }
+
+/// What a worker suspended by [`Pool::yield_place`] waits for: it may run
+/// again when this resolves (or, if its sender is dropped, it exited).
+pub(crate) type Resume = oneshot::Receiver<()>;
 
 /// Identifies a queued job, to take it out again. Ordered like the queue.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
@@ -211,6 +268,7 @@ pub(crate) struct Occupancy {
     pub running: usize,
     pub advertised: usize,
     pub queued: usize,
+    pub suspended: usize,
 }
 
 pub(crate) struct Pool<J> {
@@ -224,6 +282,33 @@ struct Queued<J> {
     since: Instant,
 }
 
+/// What the pool knows of a live worker.
+struct Slot {
+    running: bool,
+    /// The client of the last job given to it, which its running place is
+    /// counted for.
+    client: Option<ClientKey>,
+}
+
+/// Who gets a free running place: the suspended worker at an index, or
+/// the queued job at an index.
+enum Turn {
+    Resume(usize),
+    Start(usize),
+}
+
+/// A worker waiting to run again after yielding its place.
+struct Suspended<J> {
+    id: WorkerId,
+    /// When it yielded: its turn counts from then, like a queued job's
+    /// from its admission.
+    since: Instant,
+    resume: oneshot::Sender<()>,
+    /// Its advertisement, if it had one: no job goes to a suspended worker
+    /// (it would wait for the whole suspension).
+    mailbox: Option<Mailbox<J>>,
+}
+
 struct State<J> {
     /// Sorted by ticket: pushed at the back with increasing tickets, at the
     /// front (jobs returned by workers) with decreasing ones.
@@ -233,9 +318,13 @@ struct State<J> {
     /// Workers with spare capacity, most recent last: hand-off is LIFO, so
     /// the busiest instances stay warm and surplus ones idle out.
     advertised: Vec<(WorkerId, Mailbox<J>)>,
-    /// Live workers (started, not exited) and whether each is running.
-    workers: HashMap<WorkerId, bool>,
+    /// Live workers (started, not exited).
+    workers: HashMap<WorkerId, Slot>,
     running: usize,
+    /// Running workers per client of the request they were last given.
+    running_for: HashMap<Option<ClientKey>, usize>,
+    /// Workers that yielded their place, oldest first.
+    suspended: VecDeque<Suspended<J>>,
     /// Prewarm workers started but not yet advertised.
     prewarming: Vec<WorkerId>,
     /// After an instantiation failed for lack of capacity (pool slots,
@@ -261,6 +350,8 @@ impl<J: Sheddable> Pool<J> {
                 advertised: Vec::new(),
                 workers: HashMap::new(),
                 running: 0,
+                running_for: HashMap::new(),
+                suspended: VecDeque::new(),
                 prewarming: Vec::new(),
                 at_capacity: false,
                 next_worker: 1,
@@ -289,7 +380,7 @@ impl<J: Sheddable> Pool<J> {
         if state.closed {
             return Admission::Closed(job);
         }
-        if state.queue.is_empty() && state.running < limits.max_running {
+        if state.has_room_to_run(limits) {
             let may_enter = !state.at_capacity;
             state.codel.observe(Duration::ZERO, now, may_enter, 0);
             let job = match state.hand_off(job) {
@@ -297,7 +388,7 @@ impl<J: Sheddable> Pool<J> {
                 Err(job) => job,
             };
             if state.may_start(limits) {
-                return Admission::Start(state.start_worker(), job);
+                return Admission::Start(state.start_worker(job.client()), job);
             }
             return state.enqueue(job, now, limits);
         }
@@ -314,11 +405,19 @@ impl<J: Sheddable> Pool<J> {
         let mut state = self.lock();
         state.prewarming.retain(|&w| w != id);
         state.set_running(id, false);
-        if state.running < self.limits.max_running
-            && let Some(job) = state.next_job(now, &self.limits)
-        {
-            state.set_running(id, true);
-            return Some(job);
+        let limits = &self.limits;
+        while state.running < limits.max_running {
+            match state.next_turn(true, |_| true) {
+                Some(Turn::Resume(at)) => state.resume(at),
+                Some(Turn::Start(_)) => {
+                    // `None`: every queued job was shed as stale.
+                    if let Some(job) = state.next_job(now, limits) {
+                        state.occupy(id, job.client());
+                        return Some(job);
+                    }
+                }
+                None => break,
+            }
         }
         if !state.closed && !state.advertised.iter().any(|(w, _)| *w == id) {
             state.advertised.push((id, mailbox.clone()));
@@ -343,6 +442,60 @@ impl<J: Sheddable> Pool<J> {
     /// Worker `id` runs guest code again (its I/O completed).
     pub(crate) fn unpark(&self, id: WorkerId) {
         self.lock().set_running(id, true);
+    }
+
+    /// Running worker `id` has computed for a time slice: it yields its
+    /// place if a request of a client holding fewer running places than
+    /// its own waits, suspended or queued (and can start), and returns what
+    /// to wait on before it runs again, with the workers the caller must
+    /// start. `None`: it runs on.
+    pub(crate) fn yield_place(&self, id: WorkerId, now: Instant) -> Option<(Resume, Starts<J>)> {
+        let limits = &self.limits;
+        let mut state = self.lock();
+        if state.suspended.is_empty() && state.queue.is_empty() {
+            return None;
+        }
+        let slot = state.workers.get(&id).filter(|slot| slot.running)?;
+        let mine = slot.client;
+        let held = state.places_of(mine);
+        let taker = state.may_start(limits) || state.advertised.iter().any(|(w, _)| *w != id);
+        let turn = state.next_turn(taker, |client| {
+            client != mine && state.places_of(client) < held
+        })?;
+        let (resume, suspended) = oneshot::channel();
+        let mailbox = state
+            .advertised
+            .iter()
+            .position(|(w, _)| *w == id)
+            .map(|at| state.advertised.remove(at).1);
+        state.set_running(id, false);
+        state.suspended.push_back(Suspended {
+            id,
+            since: now,
+            resume,
+            mailbox,
+        });
+        let mut starts = Vec::new();
+        match turn {
+            Turn::Resume(at) => state.resume(at),
+            Turn::Start(at) => {
+                let queued = state.queue.remove(at).expect("found above");
+                state.codel.left += 1;
+                let length = state.queue.len();
+                state.codel.shrunk(length);
+                match state.hand_off(queued.job) {
+                    Ok(()) => {}
+                    Err(job) if state.may_start(limits) => {
+                        starts.push((state.start_worker(job.client()), job))
+                    }
+                    // Every advertised mailbox had closed: it waits again.
+                    Err(job) => state.push_front(job, now),
+                }
+            }
+        }
+        // Whatever place is still free (the worker woken above had gone).
+        starts.extend(state.fill(now, limits));
+        Some((suspended, starts))
     }
 
     /// Takes a queued job back out (its caller gave up or timed out).
@@ -428,7 +581,7 @@ impl<J: Sheddable> Pool<J> {
             .min(limits.max_running.saturating_sub(state.running));
         (0..wanted)
             .map(|_| {
-                let id = state.start_worker();
+                let id = state.start_worker(None);
                 state.prewarming.push(id);
                 id
             })
@@ -450,8 +603,7 @@ impl<J: Sheddable> Pool<J> {
     /// Whether a job would start at once: none waits, and fewer than
     /// `max_running` workers run.
     pub(crate) fn has_room_to_run(&self) -> bool {
-        let state = self.lock();
-        state.queue.is_empty() && state.running < self.limits.max_running
+        self.lock().has_room_to_run(&self.limits)
     }
 
     pub(crate) fn occupancy(&self) -> Occupancy {
@@ -461,6 +613,7 @@ impl<J: Sheddable> Pool<J> {
             running: state.running,
             advertised: state.advertised.len(),
             queued: state.queue.len(),
+            suspended: state.suspended.len(),
         }
     }
 }
@@ -470,34 +623,129 @@ impl<J: Sheddable> State<J> {
         !self.at_capacity && self.workers.len() < limits.max_instances
     }
 
-    fn set_running(&mut self, id: WorkerId, running: bool) {
-        if let Some(was) = self.workers.get_mut(&id)
-            && *was != running
-        {
-            *was = running;
-            if running {
-                self.running += 1;
-            } else {
-                self.running -= 1;
+    fn has_room_to_run(&self, limits: &PoolLimits) -> bool {
+        self.queue.is_empty() && self.suspended.is_empty() && self.running < limits.max_running
+    }
+
+    /// Whether a queued job could start now: an advertised worker takes
+    /// it, or a new one may start.
+    fn may_take_one(&self, limits: &PoolLimits) -> bool {
+        !self.advertised.is_empty() || self.may_start(limits)
+    }
+
+    /// Running places held for `client`'s requests.
+    fn places_of(&self, client: Option<ClientKey>) -> usize {
+        self.running_for.get(&client).copied().unwrap_or(0)
+    }
+
+    fn count_running(&mut self, client: Option<ClientKey>, running: bool) {
+        if running {
+            *self.running_for.entry(client).or_default() += 1;
+            self.running += 1;
+        } else {
+            if let Some(places) = self.running_for.get_mut(&client) {
+                *places -= 1;
+                if *places == 0 {
+                    self.running_for.remove(&client);
+                }
             }
+            self.running -= 1;
         }
+    }
+
+    fn set_running(&mut self, id: WorkerId, running: bool) {
+        if let Some(slot) = self.workers.get_mut(&id)
+            && slot.running != running
+        {
+            slot.running = running;
+            let client = slot.client;
+            self.count_running(client, running);
+        }
+    }
+
+    /// Worker `id` was given a job of `client`'s: it runs for that client.
+    fn occupy(&mut self, id: WorkerId, client: Option<ClientKey>) {
+        self.set_running(id, false);
+        if let Some(slot) = self.workers.get_mut(&id) {
+            slot.client = client;
+        }
+        self.set_running(id, true);
     }
 
     fn remove_worker(&mut self, id: WorkerId) {
         self.advertised.retain(|(w, _)| *w != id);
         self.prewarming.retain(|&w| w != id);
-        if self.workers.remove(&id) == Some(true) {
-            self.running -= 1;
+        self.suspended.retain(|s| s.id != id);
+        if let Some(slot) = self.workers.remove(&id)
+            && slot.running
+        {
+            self.count_running(slot.client, false);
         }
+    }
+
+    /// Lets the suspended worker at `at` run again, with its advertisement
+    /// back (unless it has gone).
+    fn resume(&mut self, at: usize) {
+        let Some(suspended) = self.suspended.remove(at) else {
+            return;
+        };
+        if suspended.resume.send(()).is_err() || !self.workers.contains_key(&suspended.id) {
+            return;
+        }
+        self.set_running(suspended.id, true);
+        if let Some(mailbox) = suspended.mailbox {
+            self.advertised.push((suspended.id, mailbox));
+        }
+    }
+
+    /// Who gets the next free running place, of the suspended workers and
+    /// the queued job next in line (if `taker`: a worker can take it) whose
+    /// client `may_have` it: the one whose client holds the fewest running
+    /// places, and of those the one waiting longest. The queued job next
+    /// in line is the oldest such, or while overloaded the newest.
+    fn next_turn(&self, taker: bool, may_have: impl Fn(Option<ClientKey>) -> bool) -> Option<Turn> {
+        let start = taker
+            .then(|| {
+                let mut eligible = (self.queue.iter().enumerate())
+                    .filter(|(_, queued)| may_have(queued.job.client()));
+                if self.codel.overloaded {
+                    eligible.next_back()
+                } else {
+                    eligible.next()
+                }
+            })
+            .flatten();
+        if self.suspended.is_empty() {
+            // The common case, with no ranking to do.
+            return start.map(|(at, _)| Turn::Start(at));
+        }
+        let rank = |client, since| (self.places_of(client), since);
+        let resume = (self.suspended.iter().enumerate())
+            .filter_map(|(at, suspended)| {
+                let client = self.workers.get(&suspended.id)?.client;
+                may_have(client).then(|| (rank(client, suspended.since), Turn::Resume(at)))
+            })
+            .min_by_key(|(rank, _)| *rank);
+        let start = start.map(|(at, queued)| {
+            let client = queued.job.client();
+            (rank(client, queued.since), Turn::Start(at))
+        });
+        // A suspended worker goes first among equals.
+        [resume, start]
+            .into_iter()
+            .flatten()
+            .min_by_key(|(rank, _)| *rank)
+            .map(|(_, turn)| turn)
     }
 
     /// Gives `job` to the most recently advertised worker whose mailbox is
     /// still open, which is running from now on; or hands the job back.
     fn hand_off(&mut self, mut job: J) -> Result<(), J> {
         while let Some((id, mailbox)) = self.advertised.pop() {
+            let client = job.client();
             match mailbox.send(job) {
                 Ok(()) => {
-                    self.set_running(id, true);
+                    self.occupy(id, client);
                     return Ok(());
                 }
                 // That worker is gone (it will report its exit); try the next.
@@ -507,21 +755,30 @@ impl<J: Sheddable> State<J> {
         Err(job)
     }
 
-    /// Starts queued jobs while fewer than `max_running` workers run and
-    /// some worker can take them.
+    /// Gives free running places, while fewer than `max_running` workers
+    /// run, to suspended workers and queued jobs some worker can take, in
+    /// [turn](Self::next_turn).
     fn fill(&mut self, now: Instant, limits: &PoolLimits) -> Starts<J> {
         let mut starts = Vec::new();
-        while self.running < limits.max_running
-            && (!self.advertised.is_empty() || self.may_start(limits))
-            && let Some(job) = self.next_job(now, limits)
-        {
-            match self.hand_off(job) {
-                Ok(()) => {}
-                Err(job) if self.may_start(limits) => starts.push((self.start_worker(), job)),
-                Err(job) => {
-                    self.push_front(job, now);
-                    break;
+        while self.running < limits.max_running {
+            match self.next_turn(self.may_take_one(limits), |_| true) {
+                Some(Turn::Resume(at)) => self.resume(at),
+                Some(Turn::Start(_)) => {
+                    // `None`: every queued job was shed as stale.
+                    let Some(job) = self.next_job(now, limits) else {
+                        continue;
+                    };
+                    match self.hand_off(job) {
+                        Ok(()) => {}
+                        Err(job) if self.may_start(limits) => {
+                            starts.push((self.start_worker(job.client()), job))
+                        }
+                        // Every advertised mailbox had closed, and no worker
+                        // may start: only suspended workers may run now.
+                        Err(job) => self.push_front(job, now),
+                    }
                 }
+                None => break,
             }
         }
         starts
@@ -611,11 +868,18 @@ impl<J: Sheddable> State<J> {
         self.codel.shrunk(self.queue.len());
     }
 
-    fn start_worker(&mut self) -> WorkerId {
+    /// A new worker, running for `client`.
+    fn start_worker(&mut self, client: Option<ClientKey>) -> WorkerId {
         let id = self.next_worker;
         self.next_worker += 1;
-        self.workers.insert(id, true);
-        self.running += 1;
+        self.workers.insert(
+            id,
+            Slot {
+                running: true,
+                client,
+            },
+        );
+        self.count_running(client, true);
         id
     }
 }

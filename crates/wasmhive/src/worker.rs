@@ -56,7 +56,7 @@ use crate::occupant::Occupants;
 use crate::policy::{
     HandlerState, Instance, Proxy, ShouldAccept, WorkerExpiration, WorkerState, WorkerStatus,
 };
-use crate::pool::{Mailbox, WorkerId};
+use crate::pool::{ClientKey, Mailbox, Resume, WorkerId};
 use crate::reply::{Acceptance, Fate, Progress, Reply, Responder};
 use crate::{Error, ExpirationError, Request, TrapOrPanicError};
 
@@ -66,6 +66,8 @@ type RequestData<S> = <<S as HandlerState>::WorkerState as WorkerState>::Request
 pub(crate) struct Job<S: HandlerState> {
     /// When the request was admitted.
     pub(crate) admitted: Instant,
+    /// Who the request is for, if its server said.
+    pub(crate) client: Option<ClientKey>,
     pub(crate) data: RequestData<S>,
     pub(crate) request: Request,
     pub(crate) tx: oneshot::Sender<Reply>,
@@ -135,6 +137,14 @@ pub(crate) trait Supervisor<S: HandlerState>: Send + Sync + Sized + 'static {
 
     /// Worker `id` runs guest code again.
     fn unpark(&self, id: WorkerId);
+
+    /// Worker `id`'s guest has computed for a time slice: yields its place
+    /// if another client's request should have it, returning what to wait
+    /// on before running again; `None` runs on.
+    fn yield_place(self: &Arc<Self>, id: WorkerId) -> Option<Resume>;
+
+    /// How long a guest computes before it asks to yield its place.
+    fn time_slice(&self) -> Duration;
 
     /// A worker handed a request to its guest.
     fn started(&self);
@@ -281,7 +291,9 @@ impl<S: HandlerState, D: Supervisor<S>> Drop for ExitGuard<S, D> {
 }
 
 /// Tells a guest that computes from one that waits (on I/O, a timer, its
-/// client), and makes a computing guest give way to the server's I/O.
+/// client), makes a computing guest give way to the server's I/O, and
+/// suspends one that computed for a whole time slice if another client's
+/// request should have its running place.
 ///
 /// At every epoch tick the store's deadline callback, which the worker
 /// sets, suspends the guest in [`tokio::task::yield_now`]: a wake that
@@ -289,7 +301,10 @@ impl<S: HandlerState, D: Supervisor<S>> Drop for ExitGuard<S, D> {
 /// for I/O. (wasmtime's own yield wakes the task at once, and a thread
 /// polls for I/O only every `event_interval` tasks, 61 by default: under
 /// overload, with a computing guest on every thread, new requests, `503`s
-/// and finished responses waited out tens of guest slices.)
+/// and finished responses waited out tens of guest slices.) Past the time
+/// slice, it asks the [`Supervisor`] instead whether to yield the place,
+/// and if so waits there until the pool lets it run again; the level-two
+/// expiration, polled outside the event loop, still applies meanwhile.
 ///
 /// The guest is computing when a poll of the event loop leaves it pending
 /// while it is suspended at a tick. Other signs mislead: the loop wakes
@@ -298,27 +313,61 @@ impl<S: HandlerState, D: Supervisor<S>> Drop for ExitGuard<S, D> {
 /// streaming tiny pieces kept its instance "running" and two of them left
 /// no room for any other request; and a guest may yield and be resumed
 /// within one poll, then finish and wait, idle but not parked.
-#[derive(Default)]
 struct Activity {
     at_tick: Arc<AtomicBool>,
+    /// Since when the guest has computed without a break: its last request
+    /// start, or the last poll that found every task waiting.
+    computing_since: Arc<Mutex<Instant>>,
 }
 
 impl Activity {
-    /// Makes `store` yield at every epoch tick, noting it here.
-    fn watch<T: 'static>(&self, store: &mut wasmtime::Store<T>) {
+    fn new(now: Instant) -> Self {
+        Activity {
+            at_tick: Arc::default(),
+            computing_since: Arc::new(Mutex::new(now)),
+        }
+    }
+
+    /// Makes `store` yield at every epoch tick, noting it here, and offer
+    /// worker `id`'s place at the end of each time slice.
+    fn watch<T: 'static, S: HandlerState, D: Supervisor<S>>(
+        &self,
+        store: &mut wasmtime::Store<T>,
+        supervisor: &Arc<D>,
+        id: WorkerId,
+    ) {
         let at_tick = self.at_tick.clone();
+        let since = self.computing_since.clone();
+        let supervisor = supervisor.clone();
+        let slice = supervisor.time_slice();
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
             at_tick.store(true, Relaxed);
             let at_tick = at_tick.clone();
+            let sliced = lock(&since).elapsed() >= slice;
+            let resume = sliced.then(|| supervisor.yield_place(id)).flatten();
+            let since = since.clone();
             Ok(wasmtime::UpdateDeadline::YieldCustom(
                 1,
                 Box::pin(async move {
-                    tokio::task::yield_now().await;
+                    match resume {
+                        Some(resume) => {
+                            // An error means the pool is gone: run on.
+                            let _ = resume.await;
+                            *lock(&since) = Instant::now();
+                        }
+                        None => tokio::task::yield_now().await,
+                    }
                     at_tick.store(false, Relaxed);
                 }),
             ))
         });
+    }
+
+    /// The guest starts its time slice afresh: it took a request, or every
+    /// task waited.
+    fn rest(&self) {
+        *lock(&self.computing_since) = Instant::now();
     }
 
     /// Polls `event_loop` with `cx`; then whether the guest is computing.
@@ -330,6 +379,10 @@ impl Activity {
         let poll = event_loop.poll(cx);
         (poll, self.at_tick.load(Relaxed))
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Start times of outstanding requests; the most recent one is what the
@@ -494,12 +547,10 @@ async fn serve<S: HandlerState, D: Supervisor<S>>(
         .await
     };
 
-    let activity = Activity::default();
-    activity.watch(store);
+    shared.activity.watch(store, supervisor, id);
     let ending = drive(
         pin!(store.run_concurrent(inner)),
         pin!(expiration),
-        &activity,
         &shared,
         supervisor,
         id,
@@ -554,6 +605,7 @@ impl<'w, S: HandlerState, D: Supervisor<S>> Starter<'w, S, D> {
         }
         let shared = self.shared;
         shared.accept_more.store(false, Relaxed);
+        shared.activity.rest();
         let taken = shared.served.fetch_add(1, Relaxed) + 1;
         let accepted_at = Instant::now();
         let responder = Responder::new(
@@ -801,8 +853,9 @@ struct Shared {
     /// again once every task waits on I/O, and only then may it advertise
     /// room for more.
     accept_more: AtomicBool,
-    /// Polls of the event loop that left the guest computing (see
-    /// [`Activity`]).
+    /// Whether the guest computes, and for how long (see [`Activity`]).
+    activity: Activity,
+    /// Polls of the event loop that left the guest computing.
     computing_polls: AtomicU64,
     /// Whether the supervisor counts this worker as running: it was started
     /// running, and every job it is given makes it running again.
@@ -827,6 +880,7 @@ impl Shared {
             blocking_calls: proxy.blocks_in_host_calls(),
             status: Mutex::new((WorkerStatus::Idle, born)),
             accept_more: AtomicBool::new(true),
+            activity: Activity::new(born),
             computing_polls: AtomicU64::new(0),
             running: AtomicBool::new(true),
             orphans: AtomicUsize::new(0),
@@ -876,12 +930,12 @@ impl Shared {
 async fn drive<S: HandlerState, D: Supervisor<S>>(
     mut event_loop: Pin<&mut impl Future<Output = wasmtime::Result<wasmtime::Result<Finished>>>>,
     mut expiration: Pin<&mut S::WorkerExpiration>,
-    activity: &Activity,
     shared: &Shared,
     supervisor: &Arc<D>,
     id: WorkerId,
     prewarmed: bool,
 ) -> Ending {
+    let activity = &shared.activity;
     poll_fn(|cx| {
         let (mut poll, computing) = activity.poll(event_loop.as_mut(), cx);
         if poll.is_pending() {
@@ -915,6 +969,7 @@ async fn drive<S: HandlerState, D: Supervisor<S>>(
                     supervisor.unpark(id);
                 }
             } else {
+                activity.rest();
                 if shared.running.swap(false, Relaxed) {
                     supervisor.park(id);
                 }

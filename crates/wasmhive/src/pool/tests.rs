@@ -20,6 +20,11 @@ impl Sheddable for u64 {
     fn shed(self) {
         SHED.with(|shed| shed.borrow_mut().push(self));
     }
+
+    /// The last digit is the client.
+    fn client(&self) -> Option<ClientKey> {
+        Some(ClientKey::of(&(self % 10)))
+    }
 }
 
 fn take_shed() -> Vec<u64> {
@@ -173,6 +178,7 @@ fn only_max_running_workers_start_requests_and_parking_lets_the_next_one_start()
     assert_eq!(
         pool.occupancy(),
         Occupancy {
+            suspended: 0,
             live: 3,
             running: 2,
             advertised: 1,
@@ -609,6 +615,8 @@ struct SimWorker {
     advertised: bool,
     /// Whether the pool should count it as running.
     busy: bool,
+    /// Yielded its place: waits for this before it runs again.
+    suspended: Option<Resume>,
 }
 
 struct Sim {
@@ -619,6 +627,7 @@ struct Sim {
     next_job: u64,
     max_instances: usize,
     max_running: usize,
+    yields: usize,
 }
 
 impl Sim {
@@ -633,6 +642,7 @@ impl Sim {
                 capacity,
                 advertised: false,
                 busy: true,
+                suspended: None,
             },
         );
         assert!(old.is_none(), "worker id {id} reused");
@@ -642,13 +652,26 @@ impl Sim {
         let occupancy = self.pool.occupancy();
         assert_eq!(occupancy.live, self.workers.len());
         assert!(occupancy.live <= self.max_instances);
-        // A job mailed to a worker makes it running at once.
+        // A job mailed to a worker, or a resume sent, makes it running at
+        // once.
         let busy = self
             .workers
             .values()
-            .filter(|w| w.busy || !w.inbox.is_empty())
+            .filter(|w| {
+                let resumed = w.suspended.as_ref().is_some_and(|r| !r.is_empty());
+                w.busy || !w.inbox.is_empty() || resumed
+            })
             .count();
         assert_eq!(occupancy.running, busy);
+        let suspended = self.workers.values().filter(|w| w.suspended.is_some());
+        let waiting = suspended.filter(|w| w.suspended.as_ref().unwrap().is_empty());
+        assert_eq!(occupancy.suspended, waiting.count());
+        if occupancy.suspended > 0 {
+            assert!(
+                occupancy.running >= self.max_running,
+                "a suspended worker waits while a place is free"
+            );
+        }
         if occupancy.queued > 0 && occupancy.running < self.max_running {
             assert_eq!(
                 occupancy.advertised, 0,
@@ -665,9 +688,26 @@ impl Sim {
     }
 
     fn step(&mut self, rng: &mut Rng) {
-        let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
+        // A suspended worker that was resumed runs again; it does nothing
+        // else while suspended.
+        for worker in self.workers.values_mut() {
+            if worker
+                .suspended
+                .as_mut()
+                .is_some_and(|r| r.try_recv().is_ok())
+            {
+                worker.suspended = None;
+                worker.busy = true;
+            }
+        }
+        let ids: Vec<WorkerId> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.suspended.is_none())
+            .map(|(id, _)| *id)
+            .collect();
         let some_worker = |rng: &mut Rng| (!ids.is_empty()).then(|| ids[rng.below(ids.len())]);
-        match rng.below(9) {
+        match rng.below(10) {
             0 | 1 => {
                 let job = self.next_job;
                 self.next_job += 1;
@@ -747,6 +787,22 @@ impl Sim {
                     }
                 }
             }
+            9 => {
+                // A computing worker reaches the end of its time slice.
+                if let Some(id) = some_worker(rng)
+                    && self.workers[&id].busy
+                    && self.workers[&id].inbox.is_empty()
+                    && let Some((resume, starts)) = self.pool.yield_place(id, now())
+                {
+                    self.yields += 1;
+                    let worker = self.workers.get_mut(&id).unwrap();
+                    worker.busy = false;
+                    worker.suspended = Some(resume);
+                    for (new_id, job) in starts {
+                        self.start(new_id, Some(job), 1 + rng.below(3));
+                    }
+                }
+            }
             6 => {
                 // An idle worker withdraws and exits (idle timeout, reuse spent).
                 if let Some(id) = some_worker(rng)
@@ -758,10 +814,12 @@ impl Sim {
             _ => {
                 // A worker crashes: its running jobs fail, its mailbox is
                 // returned unstarted. Rarer than the rest.
-                if rng.below(4) == 0
-                    && let Some(id) = some_worker(rng)
-                {
-                    self.exit(id, true);
+                if rng.below(4) == 0 {
+                    // Suspended ones too: a request deadline fires there.
+                    let all: Vec<WorkerId> = self.workers.keys().copied().collect();
+                    if !all.is_empty() {
+                        self.exit(all[rng.below(all.len())], true);
+                    }
                 }
             }
         }
@@ -793,6 +851,13 @@ impl Sim {
             let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
             for id in ids {
                 let worker = self.workers.get_mut(&id).unwrap();
+                if let Some(resume) = &mut worker.suspended {
+                    if resume.try_recv().is_err() {
+                        continue;
+                    }
+                    worker.suspended = None;
+                    worker.busy = true;
+                }
                 while let Ok(job) = worker.inbox.try_recv() {
                     worker.advertised = false;
                     worker.busy = true;
@@ -836,6 +901,7 @@ impl Sim {
 
 #[test]
 fn randomized_stress_loses_and_orphans_nothing() {
+    let mut yields = 0;
     for seed in 1..=40u64 {
         let max_instances = 1 + (seed as usize % 5);
         let max_running = 1 + (seed as usize % 3);
@@ -850,9 +916,10 @@ fn randomized_stress_loses_and_orphans_nothing() {
             next_job: 0,
             max_instances,
             max_running,
+            yields: 0,
         };
         let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
-        for _ in 0..5_000 {
+        for _ in 0..6_000 {
             sim.step(&mut rng);
         }
         sim.drain();
@@ -866,11 +933,13 @@ fn randomized_stress_loses_and_orphans_nothing() {
             .collect();
         assert!(pending.is_empty(), "seed {seed}: jobs lost: {pending:?}");
         assert!(sim.next_job > 1_000, "seed {seed}: too few jobs exercised");
+        yields += sim.yields;
         assert!(
             sim.fates.values().any(|f| *f == Fate::Completed),
             "seed {seed}: nothing completed"
         );
     }
+    assert!(yields > 100, "time slices yielded only {yields} times");
 }
 
 #[test]
@@ -1004,4 +1073,150 @@ fn a_closed_loop_whose_callers_time_out_and_send_again_is_still_not_overload() {
     // patience (2 s), and those that give up send again at once: many more
     // join than leave, for as long as it lasts, but the queue is no longer.
     assert!(closed_loop_of_the_onset_backlog(10) > 0, "nobody timed out");
+}
+
+/// Two running places, many instances: the time-slice tests' pool.
+fn two_places() -> Pool<u64> {
+    Pool::new(PoolLimits {
+        max_running: 2,
+        ..limits(8, 16)
+    })
+}
+
+#[test]
+fn a_guest_past_its_slice_yields_to_a_client_holding_fewer_places() {
+    let pool = two_places();
+    // Client 1 holds both places; client 2 waits.
+    assert!(matches!(pool.admit(1, now()), Admission::Start(1, 1)));
+    assert!(matches!(pool.admit(11, now()), Admission::Start(2, 11)));
+    assert!(matches!(pool.admit(2, now()), Admission::Queued(..)));
+    let (mut resume, starts) = pool.yield_place(1, now()).expect("yields to client 2");
+    assert_eq!(starts, vec![(3, 2)]);
+    let occupancy = pool.occupancy();
+    assert_eq!((occupancy.running, occupancy.suspended), (2, 1));
+    // Client 2's worker holds its one place now: worker 2 (client 1) has
+    // no one poorer to yield to.
+    assert!(pool.yield_place(2, now()).is_none());
+    // A place frees: the suspended worker runs before a later queued job of
+    // its client.
+    assert!(matches!(pool.admit(21, now()), Admission::Queued(..)));
+    assert!(resume.try_recv().is_err());
+    assert!(pool.park(3, now()).is_empty());
+    assert!(resume.try_recv().is_ok());
+    let occupancy = pool.occupancy();
+    assert_eq!(
+        (occupancy.running, occupancy.suspended, occupancy.queued),
+        (2, 0, 1)
+    );
+}
+
+#[test]
+fn one_clients_requests_never_suspend_each_other() {
+    let pool = two_places();
+    assert!(matches!(pool.admit(1, now()), Admission::Start(1, 1)));
+    assert!(matches!(pool.admit(11, now()), Admission::Start(2, 11)));
+    assert!(matches!(pool.admit(21, now()), Admission::Queued(..)));
+    assert!(pool.yield_place(1, now()).is_none());
+    // Nor does a worker with nothing waiting at all.
+    let pool = two_places();
+    assert!(matches!(pool.admit(1, now()), Admission::Start(1, 1)));
+    assert!(pool.yield_place(1, now()).is_none());
+}
+
+#[test]
+fn clients_with_a_place_each_take_turns_with_a_third() {
+    let pool = two_places();
+    assert!(matches!(pool.admit(1, now()), Admission::Start(1, 1)));
+    assert!(matches!(pool.admit(2, now()), Admission::Start(2, 2)));
+    assert!(matches!(pool.admit(3, now()), Admission::Queued(..)));
+    // One place each: client 3, with none, gets worker 1's.
+    let (mut first, starts) = pool.yield_place(1, now()).expect("yields to client 3");
+    assert_eq!(starts, vec![(3, 3)]);
+    // Client 1 now holds none: worker 2's slice goes to suspended worker 1.
+    let (mut second, starts) = pool.yield_place(2, now()).expect("yields to client 1");
+    assert!(starts.is_empty());
+    assert!(first.try_recv().is_ok());
+    assert!(second.try_recv().is_err());
+    // And back: worker 3 (client 3) yields to client 2's suspended worker.
+    let (_third, starts) = pool.yield_place(3, now()).expect("yields to client 2");
+    assert!(starts.is_empty());
+    assert!(second.try_recv().is_ok());
+    assert_eq!(pool.occupancy().suspended, 1);
+}
+
+#[test]
+fn a_suspended_worker_that_exits_leaves_the_line_and_its_place_is_kept() {
+    let pool = two_places();
+    assert!(matches!(pool.admit(1, now()), Admission::Start(1, 1)));
+    assert!(matches!(pool.admit(11, now()), Admission::Start(2, 11)));
+    assert!(matches!(pool.admit(2, now()), Admission::Queued(..)));
+    let (_resume, starts) = pool.yield_place(1, now()).expect("yields to client 2");
+    assert_eq!(starts, vec![(3, 2)]);
+    // Its request's deadline fires while it is suspended.
+    assert!(pool.exited(1, Vec::new(), now()).is_empty());
+    let occupancy = pool.occupancy();
+    assert_eq!(
+        (occupancy.live, occupancy.running, occupancy.suspended),
+        (2, 2, 0)
+    );
+}
+
+#[test]
+fn a_suspended_worker_gets_no_jobs_until_it_resumes() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let pool = two_places();
+    assert!(matches!(pool.admit(1, now()), Admission::Start(1, 1)));
+    assert!(matches!(pool.admit(11, now()), Admission::Start(2, 11)));
+    // Advertised while it waited on I/O, then computing again.
+    assert_eq!(pool.advertise(1, &tx, now()), None);
+    pool.unpark(1);
+    assert!(matches!(pool.admit(2, now()), Admission::Queued(..)));
+    let (mut resume, starts) = pool.yield_place(1, now()).expect("yields to client 2");
+    assert_eq!(starts, vec![(3, 2)]);
+    // Its advertisement is set aside: the next job waits rather than sit
+    // in the mailbox of a worker that is not running.
+    assert!(matches!(pool.admit(4, now()), Admission::Queued(..)));
+    assert!(rx.try_recv().is_err());
+    // A place frees: client 4's job goes first, as its client holds none
+    // and worker 1's still holds worker 2's.
+    assert_eq!(
+        pool.advertise(3, &mpsc::unbounded_channel().0, now()),
+        Some(4)
+    );
+    assert!(resume.try_recv().is_err());
+    // At the next, worker 1 resumes, with its advertisement back.
+    assert_eq!(pool.advertise(2, &mpsc::unbounded_channel().0, now()), None);
+    assert!(resume.try_recv().is_ok());
+    assert_eq!(pool.occupancy().advertised, 2);
+    assert!(rx.try_recv().is_err());
+}
+
+#[test]
+fn a_waiting_client_is_not_passed_over_by_suspended_ones() {
+    // Three clients with a long computation each take turns on two places;
+    // client 4 comes later and must get a turn too.
+    let pool = two_places();
+    let t0 = now();
+    assert!(matches!(pool.admit(1, t0), Admission::Start(1, 1)));
+    assert!(matches!(pool.admit(2, t0), Admission::Start(2, 2)));
+    assert!(matches!(pool.admit(3, t0), Admission::Queued(..)));
+    let (mut first, starts) = pool.yield_place(1, t0 + MS).expect("yields to client 3");
+    assert_eq!(starts, vec![(3, 3)]);
+    assert!(matches!(pool.admit(4, t0 + 2 * MS), Admission::Queued(..)));
+    // Worker 1, suspended before client 4 came, goes first.
+    let (_second, starts) = pool.yield_place(2, t0 + 3 * MS).expect("yields");
+    assert!(starts.is_empty());
+    assert!(first.try_recv().is_ok());
+    // Then client 4's job, which waited longer than suspended worker 2.
+    let (_third, starts) = pool.yield_place(3, t0 + 4 * MS).expect("yields");
+    assert_eq!(starts, vec![(4, 4)]);
+    let occupancy = pool.occupancy();
+    assert_eq!(
+        (occupancy.running, occupancy.suspended, occupancy.queued),
+        (2, 2, 0)
+    );
+    // A free place goes to the longest suspended of equals: worker 2.
+    assert!(pool.park(4, t0 + 5 * MS).is_empty());
+    let occupancy = pool.occupancy();
+    assert_eq!((occupancy.running, occupancy.suspended), (2, 1));
 }
