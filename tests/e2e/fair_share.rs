@@ -396,3 +396,45 @@ async fn requests_keeping_retired_instances_are_charged_for_them() {
     drop((kept, sender));
     server.finish().await;
 }
+
+/// A request for `cpu-p3` computing for about 100 s, sent from [`ATTACKER`]
+/// on its own HTTP/1.1 connection; dropping the stream abandons it.
+async fn long_computation(addr: SocketAddr) -> TcpStream {
+    let mut stream = connect_from(ATTACKER, addr).await;
+    tokio::io::AsyncWriteExt::write_all(
+        &mut stream,
+        b"GET /?iters=100000000000 HTTP/1.1\r\nhost: x\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    stream
+}
+
+#[tokio::test]
+async fn one_clients_long_computations_yield_their_places_to_another() {
+    // Two running places, both taken by the attacker's computations, which
+    // outlast the queue timeout many times over. At the end of a time
+    // slice one yields its place to the bystander, whose requests would
+    // otherwise wait 2 s in the queue and get `503`.
+    let _heavy = HEAVY.lock().await;
+    let server = Server::start(&[
+        guests::CPU_P3.path,
+        "--max-running",
+        "2",
+        "--admin-addr",
+        "127.0.0.1:0",
+    ]);
+    let (addr, admin) = (server.addr, server.admin_addr().await);
+    let held = vec![long_computation(addr).await, long_computation(addr).await];
+    let running = "wasmhive_instances_running";
+    wait_until_metric(admin, running, |n| n >= 2.0, Duration::from_secs(20)).await;
+
+    let seen = bystanders(addr, "GET", "/?iters=1000", 4).await;
+    assert!(seen.iter().all(|s| s == &Ok(200)), "{seen:?}");
+    let yielded = "wasmhive_time_slices_yielded_total";
+    wait_until_metric(admin, yielded, |n| n >= 1.0, Duration::from_secs(10)).await;
+    // The attacker's computations had their places back.
+    wait_until_metric(admin, running, |n| n >= 2.0, Duration::from_secs(10)).await;
+    drop(held);
+    server.finish().await;
+}

@@ -141,6 +141,14 @@ pub struct ServeArgs {
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_running: Option<u32>,
 
+    /// How long a guest may compute without a break while a request of a
+    /// client address holding fewer running places waits; then it yields
+    /// its place to that request and waits for one again, an address with
+    /// fewer places first. One address's requests never yield to each
+    /// other.
+    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+    pub time_slice: Duration,
+
     /// Client connections open at once; further clients wait to be
     /// accepted.
     #[arg(long, alias = "max-concurrent-connections", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]

@@ -167,6 +167,11 @@ impl ClientConnection {
         }
     }
 
+    /// The client's address.
+    pub fn ip(&self) -> IpAddr {
+        self.ip
+    }
+
     /// A request on this connection got its response head.
     pub fn finished(&self) {
         self.finished.fetch_add(1, Relaxed);

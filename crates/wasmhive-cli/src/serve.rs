@@ -33,8 +33,8 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument as _;
 use wasmhive::{
-    AdaptiveConcurrency, App, Error, HandlerState, Limits, MemoryBudget, PoolLimits, ProxyHandler,
-    Runtime, RuntimeConfig,
+    AdaptiveConcurrency, App, ClientKey, Error, HandlerState, Limits, MemoryBudget, PoolLimits,
+    ProxyHandler, Runtime, RuntimeConfig,
 };
 
 use crate::UsageError;
@@ -415,6 +415,7 @@ fn load_app(spec: AppSpec, budget: &MemoryBudget, workers: usize) -> anyhow::Res
         max_queue_len: args.queue_len,
         max_queue_wait: args.queue_timeout,
         prewarm: args.prewarm,
+        time_slice: args.time_slice,
         adaptive_concurrency: args.adaptive_concurrency.then(AdaptiveConcurrency::default),
         ..PoolLimits::default()
     };
@@ -728,9 +729,10 @@ impl Server {
         // The guest may outlive the client's interest in the request: the
         // place goes with it until the guest is done, and is charged for
         // an instance the request keeps alive after it retired.
-        request
-            .extensions_mut()
-            .insert(place.occupant(app.handler.state().requests_per_instance()));
+        let extensions = request.extensions_mut();
+        extensions.insert(place.occupant(app.handler.state().requests_per_instance()));
+        // Running places are shared out by address, like the rest.
+        extensions.insert(ClientKey::of(&client.ip()));
         let span = tracing::info_span!(
             "request",
             id,

@@ -246,6 +246,8 @@ pub fn record_stats(stats: &Stats, labels: &[Label]) {
     gauge!("wasmhive_instances_available", labels.to_vec()).set(stats.available_instances as f64);
     gauge!("wasmhive_requests_queued", labels.to_vec()).set(stats.queued_requests as f64);
     gauge!("wasmhive_instances_running", labels.to_vec()).set(stats.running_instances as f64);
+    gauge!("wasmhive_instances_suspended", labels.to_vec()).set(stats.suspended_instances as f64);
+    counter!("wasmhive_time_slices_yielded_total", labels.to_vec()).absolute(stats.yields);
     if let Some(limit) = stats.concurrency_limit {
         gauge!("wasmhive_concurrency_limit", labels.to_vec()).set(limit as f64);
     }
