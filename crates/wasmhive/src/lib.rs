@@ -92,13 +92,14 @@
 //!   the request's extensions (none: one anonymous client), and the pool
 //!   counts running places per client. A guest that has computed for
 //!   [`PoolLimits::time_slice`] since its request started or it last
-//!   waited asks, at each tick, to yield its place
-//!   (`Supervisor::yield_place`); the pool agrees only if a request of a
-//!   client holding fewer running places waits, suspended or queued. Then
-//!   the epoch callback's future waits until the pool resumes the worker,
-//!   and its place goes to that waiter meanwhile. A free place goes to the
-//!   waiter, suspended or the queued request next in line, whose client
-//!   holds the fewest places, the longest waiting first. The whole store
+//!   waited asks, at its next tick, to yield its place
+//!   (`Supervisor::yield_place`; refused, it asks again a slice later);
+//!   the pool agrees only if a request of a client holding fewer running
+//!   places waits, suspended or queued. Then the epoch callback's future
+//!   waits until the pool resumes the worker, and its place goes to a
+//!   waiter meanwhile. A free place goes to the waiter, suspended or the
+//!   queued request next in line, whose client holds the fewest running
+//!   places, then the fewest suspended, the longest waiting first. The whole store
 //!   stalls while suspended (its other requests too); the level-two
 //!   expiration still runs, so `request_timeout` still retires an
 //!   instance suspended too long. One client's requests never suspend each

@@ -27,16 +27,21 @@
 //! queued request a worker can take, or a worker itself suspended so. Then
 //! it is *suspended* at its epoch tick and waits for a place in turn. Every
 //! free place goes to the waiter, suspended or the queued request next in
-//! line, whose client holds the fewest running places, and of those to
-//! the one waiting longest (a suspended worker waits from its suspension).
-//! Requests of one client (and those without a key, which count as one
-//! client) never suspend each other, so a single client's load runs as
-//! before. Clients with long computations so take turns by the slice,
-//! a client with nothing running ahead of those with more. What slices do
-//! not share: the queue (requests that end within a slice run in line
-//! order, whoever sent them, and an overloaded queue sheds without regard
-//! to clients), and a suspended instance's other requests, which stall
-//! with it.
+//! line, whose client holds the fewest running places, then the fewest
+//! suspended ones, and of those to the one waiting longest (a suspended
+//! worker waits from its suspension). Requests of one client (and those
+//! without a key, which count as one client) never suspend each other, so
+//! a single client's load runs as before. Clients with long computations
+//! so take turns by the slice, and a client with nothing running or
+//! suspended gets a place at the next slice end of a client with more.
+//! What slices cost and do not share: a yield to a queued request starts
+//! it on another instance (parked or new) while the yielder keeps its own,
+//! so live instances grow with the clients taking turns, up to
+//! [`PoolLimits::max_instances`] (or the memory budget), where a newcomer
+//! waits for a computation to end; the queue (requests that end within a
+//! slice run in line order, whoever sent them, and an overloaded queue
+//! sheds without regard to clients); and a suspended instance's other
+//! requests, which stall with it.
 //!
 //! # The queue
 //!
@@ -162,7 +167,7 @@ pub struct PoolLimits {
     /// running place to a waiting request of a client holding fewer places
     /// (see [`ClientKey`]); it waits for a place again in turn, a client
     /// with fewer places first. Requests of one client never yield to each
-    /// other. Zero yields at every epoch tick. Default: 50 ms.
+    /// other. Zero asks at every epoch tick. Default: 50 ms.
     pub time_slice: Duration,
     /// An adaptive limit on the requests in flight across the pool, below
     /// the limits above: it settles where latency stays near its best and
@@ -428,7 +433,12 @@ impl<J: Sheddable> Pool<J> {
     /// Worker `id` no longer has capacity. A job handed to it before this
     /// call is still in its mailbox and is the worker's to run or return.
     pub(crate) fn withdraw(&self, id: WorkerId) {
-        self.lock().advertised.retain(|(w, _)| *w != id);
+        let mut state = self.lock();
+        state.advertised.retain(|(w, _)| *w != id);
+        // Nor may it advertise again when it resumes.
+        if let Some(suspended) = state.suspended.iter_mut().find(|s| s.id == id) {
+            suspended.mailbox = None;
+        }
     }
 
     /// Worker `id` waits on I/O (or has nothing to do) without advertising:
@@ -594,6 +604,9 @@ impl<J: Sheddable> Pool<J> {
         let mut state = self.lock();
         state.closed = true;
         state.advertised.clear();
+        for suspended in &mut state.suspended {
+            suspended.mailbox = None;
+        }
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -693,7 +706,9 @@ impl<J: Sheddable> State<J> {
             return;
         }
         self.set_running(suspended.id, true);
-        if let Some(mailbox) = suspended.mailbox {
+        if let Some(mailbox) = suspended.mailbox
+            && !self.closed
+        {
             self.advertised.push((suspended.id, mailbox));
         }
     }
@@ -701,8 +716,11 @@ impl<J: Sheddable> State<J> {
     /// Who gets the next free running place, of the suspended workers and
     /// the queued job next in line (if `taker`: a worker can take it) whose
     /// client `may_have` it: the one whose client holds the fewest running
-    /// places, and of those the one waiting longest. The queued job next
-    /// in line is the oldest such, or while overloaded the newest.
+    /// places, then the fewest suspended workers (a client new to the line
+    /// goes before those taking turns), then the one waiting longest. The
+    /// queued job next in line is the oldest such, or while overloaded the
+    /// newest. (The job [`Self::next_job`] then takes may differ, if that
+    /// one is shed or the queue's mode changes: a harmless slip.)
     fn next_turn(&self, taker: bool, may_have: impl Fn(Option<ClientKey>) -> bool) -> Option<Turn> {
         let start = taker
             .then(|| {
@@ -719,7 +737,16 @@ impl<J: Sheddable> State<J> {
             // The common case, with no ranking to do.
             return start.map(|(at, _)| Turn::Start(at));
         }
-        let rank = |client, since| (self.places_of(client), since);
+        let mut suspended_for = HashMap::new();
+        for suspended in &self.suspended {
+            if let Some(slot) = self.workers.get(&suspended.id) {
+                *suspended_for.entry(slot.client).or_insert(0_usize) += 1;
+            }
+        }
+        let rank = |client, since| {
+            let suspended = suspended_for.get(&client).copied().unwrap_or(0);
+            (self.places_of(client), suspended, since)
+        };
         let resume = (self.suspended.iter().enumerate())
             .filter_map(|(at, suspended)| {
                 let client = self.workers.get(&suspended.id)?.client;

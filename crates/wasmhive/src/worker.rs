@@ -315,8 +315,9 @@ impl<S: HandlerState, D: Supervisor<S>> Drop for ExitGuard<S, D> {
 /// within one poll, then finish and wait, idle but not parked.
 struct Activity {
     at_tick: Arc<AtomicBool>,
-    /// Since when the guest has computed without a break: its last request
-    /// start, or the last poll that found every task waiting.
+    /// Since when the guest has computed without a break (its last request
+    /// start, or the last poll that found every task waiting), or since
+    /// the pool last refused it a yield.
     computing_since: Arc<Mutex<Instant>>,
 }
 
@@ -344,8 +345,20 @@ impl Activity {
         store.epoch_deadline_callback(move |_| {
             at_tick.store(true, Relaxed);
             let at_tick = at_tick.clone();
-            let sliced = lock(&since).elapsed() >= slice;
-            let resume = sliced.then(|| supervisor.yield_place(id)).flatten();
+            let resume = {
+                let mut since = lock(&since);
+                if since.elapsed() < slice {
+                    None
+                } else {
+                    let resume = supervisor.yield_place(id);
+                    if resume.is_none() {
+                        // Nobody to yield to: ask again a slice later, not
+                        // at every tick.
+                        *since = Instant::now();
+                    }
+                    resume
+                }
+            };
             let since = since.clone();
             Ok(wasmtime::UpdateDeadline::YieldCustom(
                 1,

@@ -1194,7 +1194,7 @@ fn a_suspended_worker_gets_no_jobs_until_it_resumes() {
 #[test]
 fn a_waiting_client_is_not_passed_over_by_suspended_ones() {
     // Three clients with a long computation each take turns on two places;
-    // client 4 comes later and must get a turn too.
+    // client 4 comes later and must not wait for all of them.
     let pool = two_places();
     let t0 = now();
     assert!(matches!(pool.admit(1, t0), Admission::Start(1, 1)));
@@ -1203,20 +1203,40 @@ fn a_waiting_client_is_not_passed_over_by_suspended_ones() {
     let (mut first, starts) = pool.yield_place(1, t0 + MS).expect("yields to client 3");
     assert_eq!(starts, vec![(3, 3)]);
     assert!(matches!(pool.admit(4, t0 + 2 * MS), Admission::Queued(..)));
-    // Worker 1, suspended before client 4 came, goes first.
-    let (_second, starts) = pool.yield_place(2, t0 + 3 * MS).expect("yields");
-    assert!(starts.is_empty());
-    assert!(first.try_recv().is_ok());
-    // Then client 4's job, which waited longer than suspended worker 2.
-    let (_third, starts) = pool.yield_place(3, t0 + 4 * MS).expect("yields");
+    // Client 4, with nothing running or suspended, goes before worker 1,
+    // which waited longer but whose client is taking turns.
+    let (mut second, starts) = pool.yield_place(2, t0 + 3 * MS).expect("yields");
     assert_eq!(starts, vec![(4, 4)]);
+    assert!(first.try_recv().is_err());
     let occupancy = pool.occupancy();
     assert_eq!(
         (occupancy.running, occupancy.suspended, occupancy.queued),
         (2, 2, 0)
     );
-    // A free place goes to the longest suspended of equals: worker 2.
+    // Among equals, the longest suspended goes first: worker 1, then 2.
+    let (_third, starts) = pool.yield_place(3, t0 + 4 * MS).expect("yields");
+    assert!(starts.is_empty());
+    assert!(first.try_recv().is_ok());
     assert!(pool.park(4, t0 + 5 * MS).is_empty());
+    assert!(second.try_recv().is_ok());
     let occupancy = pool.occupancy();
     assert_eq!((occupancy.running, occupancy.suspended), (2, 1));
+}
+
+#[test]
+fn a_suspended_worker_that_withdrew_does_not_advertise_when_it_resumes() {
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let pool = two_places();
+    assert!(matches!(pool.admit(1, now()), Admission::Start(1, 1)));
+    assert!(matches!(pool.admit(11, now()), Admission::Start(2, 11)));
+    assert_eq!(pool.advertise(1, &tx, now()), None);
+    pool.unpark(1);
+    assert!(matches!(pool.admit(2, now()), Admission::Queued(..)));
+    let (mut resume, starts) = pool.yield_place(1, now()).expect("yields to client 2");
+    assert_eq!(starts, vec![(3, 2)]);
+    // It is closing (its request expired) while suspended.
+    pool.withdraw(1);
+    assert!(pool.park(3, now()).is_empty());
+    assert!(resume.try_recv().is_ok());
+    assert_eq!(pool.occupancy().advertised, 0);
 }
