@@ -493,14 +493,7 @@ impl<J: Sheddable> Pool<J> {
                 state.codel.left += 1;
                 let length = state.queue.len();
                 state.codel.shrunk(length);
-                match state.hand_off(queued.job) {
-                    Ok(()) => {}
-                    Err(job) if state.may_start(limits) => {
-                        starts.push((state.start_worker(job.client()), job))
-                    }
-                    // Every advertised mailbox had closed: it waits again.
-                    Err(job) => state.push_front(job, now),
-                }
+                state.start(queued.job, now, limits, &mut starts);
             }
         }
         // Whatever place is still free (the worker woken above had gone).
@@ -782,6 +775,19 @@ impl<J: Sheddable> State<J> {
         Err(job)
     }
 
+    /// Gives `job`, taken from the queue, to an advertised worker or to a
+    /// new one (added to `starts`); with neither (every advertised mailbox
+    /// had closed, and no worker may start) it goes back to the front.
+    fn start(&mut self, job: J, now: Instant, limits: &PoolLimits, starts: &mut Starts<J>) {
+        match self.hand_off(job) {
+            Ok(()) => {}
+            Err(job) if self.may_start(limits) => {
+                starts.push((self.start_worker(job.client()), job));
+            }
+            Err(job) => self.push_front(job, now),
+        }
+    }
+
     /// Gives free running places, while fewer than `max_running` workers
     /// run, to suspended workers and queued jobs some worker can take, in
     /// [turn](Self::next_turn).
@@ -791,18 +797,11 @@ impl<J: Sheddable> State<J> {
             match self.next_turn(self.may_take_one(limits), |_| true) {
                 Some(Turn::Resume(at)) => self.resume(at),
                 Some(Turn::Start(_)) => {
-                    // `None`: every queued job was shed as stale.
-                    let Some(job) = self.next_job(now, limits) else {
-                        continue;
-                    };
-                    match self.hand_off(job) {
-                        Ok(()) => {}
-                        Err(job) if self.may_start(limits) => {
-                            starts.push((self.start_worker(job.client()), job))
-                        }
-                        // Every advertised mailbox had closed, and no worker
-                        // may start: only suspended workers may run now.
-                        Err(job) => self.push_front(job, now),
+                    // `None`: every queued job was shed as stale. A job put
+                    // back leaves the places to suspended workers, as no
+                    // worker can take it.
+                    if let Some(job) = self.next_job(now, limits) {
+                        self.start(job, now, limits, &mut starts);
                     }
                 }
                 None => break,

@@ -1083,6 +1083,15 @@ fn two_places() -> Pool<u64> {
     })
 }
 
+/// [`two_places`], with client 1's jobs 1 and 11 running on workers 1
+/// and 2.
+fn client_1_on_both_places() -> Pool<u64> {
+    let pool = two_places();
+    assert!(matches!(pool.admit(1, now()), Admission::Start(1, 1)));
+    assert!(matches!(pool.admit(11, now()), Admission::Start(2, 11)));
+    pool
+}
+
 #[test]
 fn a_guest_past_its_slice_yields_to_a_client_holding_fewer_places() {
     let pool = two_places();
@@ -1112,9 +1121,7 @@ fn a_guest_past_its_slice_yields_to_a_client_holding_fewer_places() {
 
 #[test]
 fn one_clients_requests_never_suspend_each_other() {
-    let pool = two_places();
-    assert!(matches!(pool.admit(1, now()), Admission::Start(1, 1)));
-    assert!(matches!(pool.admit(11, now()), Admission::Start(2, 11)));
+    let pool = client_1_on_both_places();
     assert!(matches!(pool.admit(21, now()), Admission::Queued(..)));
     assert!(pool.yield_place(1, now()).is_none());
     // Nor does a worker with nothing waiting at all.
@@ -1146,9 +1153,7 @@ fn clients_with_a_place_each_take_turns_with_a_third() {
 
 #[test]
 fn a_suspended_worker_that_exits_leaves_the_line_and_its_place_is_kept() {
-    let pool = two_places();
-    assert!(matches!(pool.admit(1, now()), Admission::Start(1, 1)));
-    assert!(matches!(pool.admit(11, now()), Admission::Start(2, 11)));
+    let pool = client_1_on_both_places();
     assert!(matches!(pool.admit(2, now()), Admission::Queued(..)));
     let (_resume, starts) = pool.yield_place(1, now()).expect("yields to client 2");
     assert_eq!(starts, vec![(3, 2)]);
@@ -1164,9 +1169,7 @@ fn a_suspended_worker_that_exits_leaves_the_line_and_its_place_is_kept() {
 #[test]
 fn a_suspended_worker_gets_no_jobs_until_it_resumes() {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let pool = two_places();
-    assert!(matches!(pool.admit(1, now()), Admission::Start(1, 1)));
-    assert!(matches!(pool.admit(11, now()), Admission::Start(2, 11)));
+    let pool = client_1_on_both_places();
     // Advertised while it waited on I/O, then computing again.
     assert_eq!(pool.advertise(1, &tx, now()), None);
     pool.unpark(1);
@@ -1226,9 +1229,7 @@ fn a_waiting_client_is_not_passed_over_by_suspended_ones() {
 #[test]
 fn a_suspended_worker_that_withdrew_does_not_advertise_when_it_resumes() {
     let (tx, _rx) = mpsc::unbounded_channel();
-    let pool = two_places();
-    assert!(matches!(pool.admit(1, now()), Admission::Start(1, 1)));
-    assert!(matches!(pool.admit(11, now()), Admission::Start(2, 11)));
+    let pool = client_1_on_both_places();
     assert_eq!(pool.advertise(1, &tx, now()), None);
     pool.unpark(1);
     assert!(matches!(pool.admit(2, now()), Admission::Queued(..)));
