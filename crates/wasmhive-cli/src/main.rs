@@ -9,9 +9,10 @@
 //! ([`versions`]), the admin endpoint of [`admin`] and the metrics and logs
 //! of [`telemetry`]; with `--workers N`, the [`supervisor`] runs N such
 //! servers as processes sharing the port. `compile` precompiles a
-//! component.
+//! component. The process allocates with mimalloc ([`allocator`]).
 
 mod admin;
+mod allocator;
 mod args;
 mod clients;
 mod manifest;
@@ -31,6 +32,7 @@ use clap::Parser as _;
 use crate::args::{Cli, Command, CompileArgs};
 
 fn main() -> ExitCode {
+    allocator::init();
     // wasmtime makes `anyhow` errors on routine paths (a client's bad body,
     // a store dropped with a suspended fiber). With RUST_BACKTRACE=1, common
     // in containers, each would capture a backtrace (15% of CPU in a
